@@ -1,0 +1,174 @@
+"""Settings: CLI flags > env (LLM_USAGE_*) > config file (TOML/YAML) > defaults."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+Scope = Literal["ingest", "read", "admin"]
+ExtraLabel = Literal["provider", "team"]
+
+
+class TokenSpec(BaseModel):
+    """A bearer token and what it may do. `name` is what logs show; the token never is."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64)
+    token: str = Field(min_length=16, max_length=512)
+    scopes: list[Scope] = Field(min_length=1)
+
+
+class BudgetSpec(BaseModel):
+    """One spending limit. Empty match fields mean "any"; all empty is a global budget."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    user: str | None = None
+    team: str | None = None
+    api_key_id: str | None = None
+    model: str | None = None
+    window: Literal["day", "week", "month"] = "month"
+    limit_usd: float = Field(gt=0)
+    warn_ratios: list[float] = Field(default_factory=lambda: [0.8])
+
+    @field_validator("warn_ratios")
+    @classmethod
+    def _ratios_in_range(cls, v: list[float]) -> list[float]:
+        if any(not 0 < r < 1 for r in v):
+            raise ValueError("warn ratios must be between 0 and 1 (exclusive)")
+        return sorted(v)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LLM_USAGE_", extra="forbid", validate_default=True
+    )
+
+    # where
+    host: str = "127.0.0.1"
+    port: int = Field(default=9470, ge=0, le=65535)
+    config: Path | None = None
+    data_dir: Path = Path("./data")
+    database_url: str | None = None  # default: sqlite file in data_dir
+    auto_migrate: bool = True
+    insecure: bool = False  # allow a non-loopback bind with no token
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+
+    # security and limits
+    tokens: list[TokenSpec] = Field(default_factory=list)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    max_batch_items: int = Field(default=10_000, ge=1)
+
+    # live metrics
+    extra_labels: list[ExtraLabel] = Field(default_factory=list)
+    max_users: int = Field(default=2000, ge=1)
+    max_models: int = Field(default=500, ge=1)
+    max_operations: int = Field(default=50, ge=1)
+    max_providers: int = Field(default=100, ge=1)
+    max_teams: int = Field(default=500, ge=1)
+    dedupe_cache_size: int = Field(default=200_000, ge=0)
+    duration_buckets: list[float] = Field(
+        default_factory=lambda: [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300]
+    )
+    ttft_buckets: list[float] = Field(
+        default_factory=lambda: [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30]
+    )
+
+    # estimation of incomplete streams (GPUStack semantics)
+    bytes_per_input_token: float = Field(default=4.0, gt=0)
+    tokens_per_output_chunk: float = Field(default=1.0, gt=0)
+
+    # write-ahead log and flush
+    wal_durability: Literal["fsync", "os"] = "fsync"
+    wal_max_bytes: int = Field(default=1024**3, ge=1024)
+    wal_segment_bytes: int = Field(default=16 * 1024**2, ge=1024)
+    flush_interval: float = Field(default=10.0, gt=0)
+    flush_max_reports: int = Field(default=50_000, ge=1)
+    flush_max_backoff: float = Field(default=60.0, gt=0)
+    retention_days: int = Field(default=400, ge=1)
+
+    # pricing and budgets
+    price_file: Path | None = None
+    budgets: list[BudgetSpec] = Field(default_factory=list)
+    budget_refresh_interval: float = Field(default=30.0, gt=0)
+
+    @field_validator("duration_buckets", "ttft_buckets")
+    @classmethod
+    def _buckets_sorted(cls, v: list[float]) -> list[float]:
+        if not v or sorted(set(v)) != v or v[0] <= 0:
+            raise ValueError("buckets must be positive, unique and increasing")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        for kind, names in (
+            ("token", [t.name for t in self.tokens]),
+            ("budget", [b.name for b in self.budgets]),
+        ):
+            if len(names) != len(set(names)):
+                raise ValueError(f"{kind} names must be unique")
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'usage.db').resolve()}"
+
+    @property
+    def wal_dir(self) -> Path:
+        return self.data_dir / "wal"
+
+    def bind_is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return False
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings, layering the config file (named by flag or env) under env and flags."""
+    probe = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    if probe.config is None:
+        return probe
+    path = probe.config
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    file_source: PydanticBaseSettingsSource
+    if path.suffix in (".yaml", ".yml"):
+        file_source = YamlConfigSettingsSource(Settings, yaml_file=path)
+    elif path.suffix == ".toml":
+        file_source = TomlConfigSettingsSource(Settings, toml_file=path)
+    else:
+        raise ValueError(f"config file must be .toml, .yaml or .yml: {path}")
+    from_file = file_source()
+    unknown = set(from_file) - set(Settings.model_fields)
+    if unknown:
+        raise ValueError(f"unknown settings in {path}: {', '.join(sorted(unknown))}")
+    explicit = {k: v for k, v in overrides.items() if v is not None}
+    from_env = Settings().model_dump(exclude_unset=True)
+    return Settings(**{**from_file, **from_env, **explicit})

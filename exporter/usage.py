@@ -1,0 +1,186 @@
+"""The canonical usage report: one model call, validated strictly.
+
+Token semantics follow OpenAI, OpenTelemetry GenAI and genai-prices: `input_tokens` counts ALL
+input, cache reads (`cached_input_tokens`) and cache writes (`cache_creation_input_tokens`)
+included. Adapters convert shapes that report them disjointly (Anthropic).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+MAX_TOKENS = 10**12  # far above any real call; stops overflow games
+MAX_STRING = 256
+MAX_ID = 128
+_MS_THRESHOLD = 100_000_000_000  # numbers above this are unix milliseconds (year 5138 in s)
+
+
+class Operation(StrEnum):
+    CHAT = "chat"
+    COMPLETION = "completion"
+    EMBEDDING = "embedding"
+    RERANK = "rerank"
+    IMAGE_GENERATION = "image_generation"
+    AUDIO_SPEECH = "audio_speech"
+    AUDIO_TRANSCRIPTION = "audio_transcription"
+    RESPONSES = "responses"
+    OTHER = "other"
+
+
+class Status(StrEnum):
+    SUCCESS = "success"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+_OPERATION_ALIASES: dict[str, Operation] = {
+    **{op.value: op for op in Operation},
+    "chat_completion": Operation.CHAT,
+    "chat_completions": Operation.CHAT,
+    "chat.completions": Operation.CHAT,
+    "chat.completion": Operation.CHAT,
+    "messages": Operation.CHAT,
+    "generate_content": Operation.CHAT,
+    "completions": Operation.COMPLETION,
+    "text_completion": Operation.COMPLETION,
+    "embeddings": Operation.EMBEDDING,
+    "create_embedding": Operation.EMBEDDING,
+    "reranking": Operation.RERANK,
+    "image": Operation.IMAGE_GENERATION,
+    "images": Operation.IMAGE_GENERATION,
+    "image_generations": Operation.IMAGE_GENERATION,
+    "images.generations": Operation.IMAGE_GENERATION,
+    "speech": Operation.AUDIO_SPEECH,
+    "tts": Operation.AUDIO_SPEECH,
+    "text_to_speech": Operation.AUDIO_SPEECH,
+    "audio.speech": Operation.AUDIO_SPEECH,
+    "transcription": Operation.AUDIO_TRANSCRIPTION,
+    "transcriptions": Operation.AUDIO_TRANSCRIPTION,
+    "audio_transcriptions": Operation.AUDIO_TRANSCRIPTION,
+    "audio.transcriptions": Operation.AUDIO_TRANSCRIPTION,
+    "speech_to_text": Operation.AUDIO_TRANSCRIPTION,
+    "stt": Operation.AUDIO_TRANSCRIPTION,
+    "response": Operation.RESPONSES,
+}
+
+
+def normalize_operation(value: Any) -> Any:
+    """Map GPUStack, OpenTelemetry and endpoint-style names onto our operations."""
+    if isinstance(value, str):
+        return _OPERATION_ALIASES.get(value.strip().lower(), Operation.OTHER)
+    return value
+
+
+def parse_timestamp(value: Any) -> Any:
+    """RFC 3339 strings, or unix seconds / milliseconds; naive times are UTC."""
+    if isinstance(value, bool):
+        raise ValueError("timestamp must be RFC 3339 text or a unix number, not a boolean")
+    if isinstance(value, int | float):
+        if not 0 <= value < 10**14:
+            raise ValueError("unix timestamp out of range")
+        seconds = value / 1000 if value >= _MS_THRESHOLD else value
+        return datetime.fromtimestamp(seconds, UTC)
+    if isinstance(value, str):
+        if len(value) > 64:
+            raise ValueError("timestamp text too long")
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            raise ValueError("timestamp must be RFC 3339, e.g. 2026-01-31T12:00:00Z") from None
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    return value
+
+
+TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
+Name = Annotated[str, Field(max_length=MAX_STRING)]
+Ident = Annotated[str, Field(max_length=MAX_ID)]
+Timestamp = Annotated[datetime, BeforeValidator(parse_timestamp)]
+Millis = Annotated[float, Field(ge=0, le=7 * 24 * 3600 * 1000)]
+
+
+class UsageReport(BaseModel):
+    """One model call. Unknown fields are rejected so typos don't silently lose data."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=False, validate_assignment=False)
+
+    request_id: Ident = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1)
+    model: Annotated[str, Field(min_length=1, max_length=MAX_STRING)]
+    provider: Name = ""
+    operation: Annotated[Operation, BeforeValidator(normalize_operation)] = Operation.CHAT
+    user: Name = ""
+    team: Name = ""
+    api_key_id: Name = ""
+    trace_id: Ident = ""
+    parent_id: Ident = ""
+    node: Name = ""
+
+    input_tokens: TokenCount = 0
+    output_tokens: TokenCount = 0
+    cached_input_tokens: TokenCount = 0
+    cache_creation_input_tokens: TokenCount = 0
+    reasoning_tokens: TokenCount = 0
+    total_tokens: TokenCount | None = None
+
+    status: Status = Status.SUCCESS
+    error_type: Name = ""
+    stream: bool = False
+    completed: bool = True
+    output_chunk_count: TokenCount | None = None
+    request_content_bytes: Annotated[int, Field(ge=0, le=10**12)] | None = None
+    estimated: bool = False
+
+    started_at: Timestamp | None = None
+    completed_at: Timestamp | None = None
+    duration_ms: Millis | None = None
+    ttft_ms: Millis | None = None
+    cost_usd: Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)] | None = None
+    source: Annotated[str, Field(max_length=32)] = "canonical"
+
+    @model_validator(mode="after")
+    def _check_arithmetic(self) -> UsageReport:
+        cache = self.cached_input_tokens + self.cache_creation_input_tokens
+        if cache > self.input_tokens:
+            raise ValueError(
+                f"cached_input_tokens + cache_creation_input_tokens ({cache}) exceed "
+                f"input_tokens ({self.input_tokens}); input_tokens must include cache tokens"
+            )
+        if self.reasoning_tokens > self.output_tokens:
+            raise ValueError(
+                f"reasoning_tokens ({self.reasoning_tokens}) exceed output_tokens "
+                f"({self.output_tokens})"
+            )
+        total = self.input_tokens + self.output_tokens
+        if self.total_tokens is not None and self.total_tokens != total:
+            raise ValueError(
+                f"total_tokens ({self.total_tokens}) != input_tokens + output_tokens ({total})"
+            )
+        self.total_tokens = total
+        if self.status is not Status.SUCCESS and not self.error_type:
+            self.error_type = self.status.value
+        if self.started_at and self.completed_at and self.duration_ms is None:
+            delta = (self.completed_at - self.started_at).total_seconds() * 1000
+            if delta >= 0:
+                self.duration_ms = delta
+        return self
+
+    def estimate_incomplete_stream(
+        self, bytes_per_input_token: float, tokens_per_output_chunk: float
+    ) -> None:
+        """GPUStack semantics: an unfinished stream has no usage block, so estimate it."""
+        if self.completed or (self.input_tokens and self.output_tokens):
+            return
+        changed = False
+        if not self.input_tokens and self.request_content_bytes:
+            self.input_tokens = round(self.request_content_bytes / bytes_per_input_token)
+            changed = True
+        if not self.output_tokens and self.output_chunk_count:
+            self.output_tokens = round(self.output_chunk_count * tokens_per_output_chunk)
+            changed = True
+        if changed:
+            self.estimated = True
+            self.total_tokens = self.input_tokens + self.output_tokens
