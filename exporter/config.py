@@ -67,6 +67,7 @@ class Settings(BaseSettings):
 
     # security and limits
     tokens: list[TokenSpec] = Field(default_factory=list)
+    metrics_auth: bool = False  # require a `read` token for /metrics too
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     max_batch_items: int = Field(default=10_000, ge=1)
 

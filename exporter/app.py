@@ -1,0 +1,195 @@
+"""The aiohttp app factory: the one place that wires the parts together."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from exporter import __version__
+from exporter.auth import Authenticator
+from exporter.config import Scope, Settings
+from exporter.httputil import error_response, json_response
+from exporter.ingest.dedupe import RecentIds
+from exporter.ingest.handlers import IngestHandlers
+from exporter.ingest.pipeline import Ingestor
+from exporter.live.exposition import Exposition
+from exporter.live.usage_metrics import LabelCaps, UsageMetrics
+from exporter.pricing import Pricer
+from exporter.selfmetrics import SelfMetrics
+from exporter.wal import WriteAheadLog
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+SELF_METRICS = web.AppKey("self_metrics", SelfMetrics)
+USAGE = web.AppKey("usage", UsageMetrics)
+WAL = web.AppKey("wal", WriteAheadLog)
+INGESTOR = web.AppKey("ingestor", Ingestor)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: (method, path prefix) → scope required when tokens are configured. Unlisted paths are open.
+_SCOPES: tuple[tuple[str, str, Scope], ...] = (
+    ("POST", "/v1/usage", "ingest"),
+    ("POST", "/v2/usage/", "ingest"),
+    ("POST", "/v1/traces", "ingest"),
+    ("GET", "/v1/", "read"),
+)
+
+
+def _required_scope(method: str, path: str, metrics_auth: bool) -> Scope | None:
+    if path == "/metrics":
+        return "read" if metrics_auth else None
+    for m, prefix, scope in _SCOPES:
+        if method == m and path.startswith(prefix):
+            return scope
+    return None
+
+
+def _auth_middleware(
+    authn: Authenticator, self_metrics: SelfMetrics, metrics_auth: bool
+) -> Any:  # aiohttp's Middleware protocol; the decorator makes it one
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        scope = _required_scope(request.method, request.path, metrics_auth)
+        if scope is not None and authn.enabled:
+            verdict = authn.check(request.headers.get("Authorization"), scope)
+            if verdict != "ok":
+                if scope == "ingest":
+                    self_metrics.rejected.labels(
+                        "unauthorized" if verdict == "unauthorized" else "forbidden"
+                    ).inc()
+                if verdict == "unauthorized":
+                    return error_response(
+                        401,
+                        "missing or invalid bearer token",
+                        headers={"WWW-Authenticate": 'Bearer realm="llm-usage-exporter"'},
+                    )
+                return error_response(403, f"token lacks the {scope!r} scope")
+        return await handler(request)
+
+    return middleware
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn aiohttp's HTML errors into JSON and make sure a bug never leaks a traceback."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400 and exc.content_type != "application/json":
+            return error_response(exc.status, exc.reason, headers=_keep_headers(exc))
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal error")
+
+
+def _keep_headers(exc: web.HTTPException) -> dict[str, str]:
+    return {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+
+
+_LANDING = """<!doctype html>
+<html><head><meta charset="utf-8"><title>llm-usage-exporter</title></head>
+<body><h1>llm-usage-exporter {version}</h1>
+<p>Who spends what on LLMs.</p>
+<ul>
+<li><a href="/metrics">/metrics</a> Prometheus metrics</li>
+<li><a href="/healthz">/healthz</a> liveness</li>
+<li><a href="/readyz">/readyz</a> readiness (database reachable, WAL not full)</li>
+<li>POST /v1/usage usage reports (JSON object, array or NDJSON; gzip ok)</li>
+<li>POST /v2/usage/gateway-metrics GPUStack gateway metrics</li>
+<li><a href="/v1/budgets">/v1/budgets</a> budgets</li>
+</ul></body></html>
+"""
+
+
+def create_app(settings: Settings) -> web.Application:
+    self_metrics = SelfMetrics()
+    usage = UsageMetrics(
+        extra_labels=settings.extra_labels,
+        caps=LabelCaps(
+            model=settings.max_models,
+            operation=settings.max_operations,
+            user=settings.max_users,
+            provider=settings.max_providers,
+            team=settings.max_teams,
+        ),
+        duration_buckets=settings.duration_buckets,
+        ttft_buckets=settings.ttft_buckets,
+        on_overflow=self_metrics.overflow,
+    )
+    wal = WriteAheadLog(
+        settings.wal_dir,
+        segment_bytes=settings.wal_segment_bytes,
+        max_bytes=settings.wal_max_bytes,
+        durability=settings.wal_durability,
+    )
+    self_metrics.wal_max_bytes.set(settings.wal_max_bytes)
+    ingestor = Ingestor(
+        wal=wal,
+        usage=usage,
+        self_metrics=self_metrics,
+        pricer=Pricer(settings.price_file),
+        recent=RecentIds(settings.dedupe_cache_size),
+        bytes_per_input_token=settings.bytes_per_input_token,
+        tokens_per_output_chunk=settings.tokens_per_output_chunk,
+    )
+    exposition = Exposition(usage, self_metrics)
+    ingest = IngestHandlers(
+        ingestor, self_metrics, settings.max_body_bytes, settings.max_batch_items
+    )
+
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[
+            _error_middleware,
+            _auth_middleware(Authenticator(settings.tokens), self_metrics, settings.metrics_auth),
+        ],
+    )
+    app[SETTINGS] = settings
+    app[SELF_METRICS] = self_metrics
+    app[USAGE] = usage
+    app[WAL] = wal
+    app[INGESTOR] = ingestor
+
+    async def wal_ctx(app: web.Application) -> AsyncIterator[None]:
+        wal.open()
+        wal.start()
+        yield
+        await wal.close()
+
+    app.cleanup_ctx.append(wal_ctx)
+
+    async def metrics(request: web.Request) -> web.Response:
+        self_metrics.pending.set(wal.pending_reports)
+        self_metrics.wal_bytes.set(wal.total_bytes)
+        body, headers = exposition.response(
+            request.headers.get("Accept", ""), request.headers.get("Accept-Encoding", "")
+        )
+        return web.Response(body=body, headers=headers)
+
+    async def landing(request: web.Request) -> web.Response:
+        return web.Response(text=_LANDING.format(version=__version__), content_type="text/html")
+
+    async def healthz(request: web.Request) -> web.Response:
+        return json_response({"status": "ok", "version": __version__})
+
+    async def readyz(request: web.Request) -> web.Response:
+        problems = []
+        if wal.total_bytes >= wal.max_bytes * 0.95:
+            problems.append("write-ahead log is (nearly) full")
+        if problems:
+            return json_response({"status": "not ready", "problems": problems}, status=503)
+        return json_response({"status": "ready"})
+
+    app.router.add_get("/", landing)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_post("/v1/usage", ingest.usage)
+    app.router.add_post("/v2/usage/gateway-metrics", ingest.gateway_metrics)
+    return app

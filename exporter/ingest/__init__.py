@@ -1,0 +1,1 @@
+"""HTTP in: parse → normalize (provider shapes) → validate → accepted UsageReports."""

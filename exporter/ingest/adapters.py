@@ -1,0 +1,289 @@
+"""Provider shapes → the canonical report dict (validated afterwards by UsageReport).
+
+Each adapter only renames and does token arithmetic; types are left for pydantic to judge, so
+a wrong type anywhere surfaces as one clear validation error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+Raw = Mapping[str, Any]
+
+#: Envelope fields we carry over as they are (all canonical field names).
+_ENVELOPE_FIELDS = (
+    "request_id",
+    "model",
+    "provider",
+    "operation",
+    "user",
+    "team",
+    "api_key_id",
+    "trace_id",
+    "parent_id",
+    "node",
+    "status",
+    "error_type",
+    "stream",
+    "completed",
+    "output_chunk_count",
+    "request_content_bytes",
+    "started_at",
+    "completed_at",
+    "duration_ms",
+    "ttft_ms",
+    "cost_usd",
+)
+#: Fields of provider response bodies that carry no usage; accepted and ignored so a gateway
+#: can post the response object as it is.
+_RESPONSE_BODY_FIELDS = frozenset(
+    {
+        "id",
+        "object",
+        "type",
+        "created",
+        "created_at",
+        "choices",
+        "system_fingerprint",
+        "service_tier",
+        "content",
+        "role",
+        "stop_reason",
+        "stop_sequence",
+        "output",
+        "data",
+        "instructions",
+        "metadata",
+        "incomplete_details",
+        "error",
+        "temperature",
+        "top_p",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "previous_response_id",
+        "reasoning",
+        "text",
+        "truncation",
+        "max_output_tokens",
+        "container",
+        "format",
+    }
+)
+_OBJECT_OPERATIONS = {
+    "chat.completion": "chat",
+    "chat.completion.chunk": "chat",
+    "text_completion": "completion",
+    "response": "responses",
+    "list": "embedding",
+    "embedding": "embedding",
+    "message": "chat",
+}
+
+
+class ShapeError(ValueError):
+    """The item matches no known shape, or mixes shapes."""
+
+
+def _int(value: Any) -> Any:
+    """Pass-through that treats a JSON null token count as 0 (providers send null)."""
+    return 0 if value is None else value
+
+
+def _usage_object(raw: Raw) -> Mapping[str, Any]:
+    usage = raw["usage"]
+    if not isinstance(usage, Mapping):
+        raise ShapeError("usage must be an object")
+    return usage
+
+
+def _envelope(raw: Raw, source: str) -> dict[str, Any]:
+    unknown = set(raw) - set(_ENVELOPE_FIELDS) - _RESPONSE_BODY_FIELDS - {"usage"}
+    if unknown:
+        raise ShapeError(f"unknown field(s) for a {source} usage envelope: {sorted(unknown)}")
+    out: dict[str, Any] = {k: raw[k] for k in _ENVELOPE_FIELDS if k in raw}
+    if "request_id" not in out and isinstance(raw.get("id"), str):
+        out["request_id"] = raw["id"]
+    if "operation" not in out:
+        kind = raw.get("object", raw.get("type"))
+        if isinstance(kind, str) and kind in _OBJECT_OPERATIONS:
+            out["operation"] = _OBJECT_OPERATIONS[kind]
+    out["source"] = source
+    return out
+
+
+def _details(usage: Mapping[str, Any], key: str, field: str) -> Any:
+    details = usage.get(key)
+    if details is None:
+        return 0
+    if not isinstance(details, Mapping):
+        raise ShapeError(f"usage.{key} must be an object")
+    return _int(details.get(field))
+
+
+def from_openai_chat(raw: Raw) -> dict[str, Any]:
+    """Chat Completions / Completions / Embeddings `usage`: prompt_tokens include cached."""
+    usage = _usage_object(raw)
+    out = _envelope(raw, "openai")
+    out.setdefault("provider", "openai")
+    out["input_tokens"] = _int(usage.get("prompt_tokens"))
+    out["output_tokens"] = _int(usage.get("completion_tokens"))
+    out["cached_input_tokens"] = _details(usage, "prompt_tokens_details", "cached_tokens")
+    out["reasoning_tokens"] = _details(usage, "completion_tokens_details", "reasoning_tokens")
+    if usage.get("total_tokens") is not None:
+        out["total_tokens"] = usage["total_tokens"]
+    return out
+
+
+def from_openai_responses(raw: Raw) -> dict[str, Any]:
+    """Responses API `usage`: input_tokens include cached ones (input_tokens_details)."""
+    usage = _usage_object(raw)
+    out = _envelope(raw, "openai")
+    out.setdefault("provider", "openai")
+    out.setdefault("operation", "responses")
+    out["input_tokens"] = _int(usage.get("input_tokens"))
+    out["output_tokens"] = _int(usage.get("output_tokens"))
+    out["cached_input_tokens"] = _details(usage, "input_tokens_details", "cached_tokens")
+    out["reasoning_tokens"] = _details(usage, "output_tokens_details", "reasoning_tokens")
+    if usage.get("total_tokens") is not None:
+        out["total_tokens"] = usage["total_tokens"]
+    return out
+
+
+def from_anthropic(raw: Raw) -> dict[str, Any]:
+    """Messages API `usage`: input_tokens EXCLUDE cache reads and writes, so add them back."""
+    usage = _usage_object(raw)
+    out = _envelope(raw, "anthropic")
+    out.setdefault("provider", "anthropic")
+    uncached = _int(usage.get("input_tokens"))
+    created = _int(usage.get("cache_creation_input_tokens"))
+    read = _int(usage.get("cache_read_input_tokens"))
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in (uncached, created, read)):
+        out["input_tokens"] = uncached + created + read
+    else:
+        out["input_tokens"] = uncached  # let validation name the wrong type
+    out["cached_input_tokens"] = read
+    out["cache_creation_input_tokens"] = created
+    out["output_tokens"] = _int(usage.get("output_tokens"))
+    return out
+
+
+_GPUSTACK_FIELDS = {
+    "model": "model",
+    "provider": "provider",
+    "operation": "operation",
+    "request_id": "request_id",
+    "user_id": "user",
+    "user": "user",
+    "team": "team",
+    "input_token": "input_tokens",
+    "output_token": "output_tokens",
+    "total_token": "total_tokens",
+    "input_cached_token": "cached_input_tokens",
+    "output_chunk_count": "output_chunk_count",
+    "request_content_bytes": "request_content_bytes",
+    "completed": "completed",
+    "stream": "stream",
+    "started_at": "started_at",
+    "completed_at": "completed_at",
+    "status": "status",
+    "error_type": "error_type",
+}
+_GPUSTACK_IGNORED = frozenset(
+    {"id", "model_id", "model_name", "cluster_id", "provider_id", "route", "worker_id"}
+)
+
+
+def from_gpustack(raw: Raw, key_alias: Callable[[str], str]) -> dict[str, Any]:
+    """GPUStack gateway-metrics body. `access_key` is replaced by a short, stable alias."""
+    unknown = set(raw) - set(_GPUSTACK_FIELDS) - _GPUSTACK_IGNORED - {"access_key", "request_count"}
+    if unknown:
+        raise ShapeError(f"unknown field(s) for a GPUStack gateway-metrics body: {sorted(unknown)}")
+    out: dict[str, Any] = {canon: raw[key] for key, canon in _GPUSTACK_FIELDS.items() if key in raw}
+    for tokens in ("input_tokens", "output_tokens", "cached_input_tokens"):
+        if tokens in out:
+            out[tokens] = _int(out[tokens])
+    if out.get("total_tokens") is None or out.get("total_tokens") == 0:
+        out.pop("total_tokens", None)  # GPUStack sends 0 for unfinished streams
+    count = raw.get("request_count", 1)
+    if count != 1:
+        raise ShapeError("request_count must be 1: send one report per model call")
+    key = raw.get("access_key")
+    if key is not None:
+        if not isinstance(key, str) or not key:
+            raise ShapeError("access_key must be a non-empty string")
+        out["api_key_id"] = key_alias(key)
+    if "completed" in out and out["completed"] is False and "stream" not in out:
+        out["stream"] = True
+    out["source"] = "gpustack"
+    return out
+
+
+_OTEL_FIELDS = {
+    "gen_ai.request.model": "model",
+    "gen_ai.response.model": "model",
+    "gen_ai.provider.name": "provider",
+    "gen_ai.system": "provider",
+    "gen_ai.operation.name": "operation",
+    "gen_ai.usage.input_tokens": "input_tokens",
+    "gen_ai.usage.output_tokens": "output_tokens",
+    "gen_ai.usage.cache_read.input_tokens": "cached_input_tokens",
+    "gen_ai.usage.cache_read_input_tokens": "cached_input_tokens",
+    "gen_ai.usage.cache_creation.input_tokens": "cache_creation_input_tokens",
+    "gen_ai.usage.cache_creation_input_tokens": "cache_creation_input_tokens",
+    "gen_ai.usage.reasoning_tokens": "reasoning_tokens",
+    "gen_ai.usage.reasoning.output_tokens": "reasoning_tokens",
+    "gen_ai.response.id": "request_id",
+    "gen_ai.conversation.id": "trace_id",
+    "gen_ai.agent.name": "node",
+    "error.type": "error_type",
+    "user.id": "user",
+    "enduser.id": "user",
+}
+
+
+def from_otel_attributes(raw: Raw) -> dict[str, Any]:
+    """A flat dict of OpenTelemetry GenAI span attributes (semconv `gen_ai.*`)."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        canon = _OTEL_FIELDS.get(key)
+        if canon is not None:
+            if canon == "model" and "model" in out and key == "gen_ai.request.model":
+                continue  # the response model is the more precise one
+            out[canon] = value
+        elif key in _ENVELOPE_FIELDS:
+            out[key] = value
+        elif not key.startswith(("gen_ai.", "server.", "http.", "url.")):
+            raise ShapeError(f"unknown attribute for an OpenTelemetry GenAI item: {key!r}")
+    if out.get("error_type"):
+        out.setdefault("status", "error")
+    out["source"] = "otel"
+    return out
+
+
+def adapt(raw: Any, key_alias: Callable[[str], str]) -> dict[str, Any]:
+    """Recognize an item's shape and return the canonical dict."""
+    if not isinstance(raw, Mapping):
+        raise ShapeError("each report must be a JSON object")
+    if "usage" in raw:
+        usage = _usage_object(raw)
+        if "prompt_tokens" in usage or "completion_tokens" in usage:
+            return from_openai_chat(raw)
+        if "cache_creation_input_tokens" in usage or "cache_read_input_tokens" in usage:
+            return from_anthropic(raw)
+        if "input_tokens_details" in usage or "output_tokens_details" in usage:
+            return from_openai_responses(raw)
+        provider = str(raw.get("provider", "")).lower()
+        kind = raw.get("type")
+        model = str(raw.get("model", "")).lower()
+        if provider == "anthropic" or kind == "message" or model.startswith("claude"):
+            return from_anthropic(raw)
+        return from_openai_responses(raw)
+    if any(k in raw for k in ("input_token", "output_token", "access_key", "request_count")):
+        return from_gpustack(raw, key_alias)
+    if any(isinstance(k, str) and k.startswith("gen_ai.") for k in raw):
+        return from_otel_attributes(raw)
+    if "access_key" in raw:
+        raise ShapeError("access_key is only accepted in GPUStack bodies")
+    return dict(raw)

@@ -1,0 +1,79 @@
+"""POST /v1/usage and POST /v2/usage/gateway-metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from aiohttp import web
+
+from exporter.httputil import error_response, json_response
+from exporter.ingest.body import BodyError, ParsedBody, decompress, parse_items
+from exporter.ingest.pipeline import Backpressure, Ingestor, IngestResult
+from exporter.selfmetrics import SelfMetrics
+
+log = logging.getLogger(__name__)
+
+
+class IngestHandlers:
+    def __init__(
+        self, ingestor: Ingestor, self_metrics: SelfMetrics, max_body_bytes: int, max_items: int
+    ) -> None:
+        self._ingestor = ingestor
+        self._m = self_metrics
+        self._max_body = max_body_bytes
+        self._max_items = max_items
+        self._last_backpressure_log = 0.0
+
+    async def _read(self, request: web.Request) -> bytes:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise BodyError(413, "too_large", f"body exceeds {self._max_body} bytes") from None
+        return decompress(raw, request.headers.get("Content-Encoding", ""), self._max_body)
+
+    def _reject(self, exc: BodyError) -> web.Response:
+        self._m.rejected.labels(exc.reason).inc()
+        return error_response(exc.status, str(exc))
+
+    async def _ingest(self, parsed: ParsedBody) -> web.Response:
+        try:
+            result = await self._ingestor.ingest(parsed.items, parsed.line_errors)
+        except Backpressure as exc:
+            now = time.monotonic()
+            if now - self._last_backpressure_log > 60:
+                self._last_backpressure_log = now
+                log.warning("ingest: answering 503 (backpressure): %s", exc)
+            return error_response(
+                503,
+                "write-ahead log is full or closing; retry later",
+                headers={"Retry-After": str(exc.retry_after)},
+            )
+        return json_response(result.as_json(), status=_status(result))
+
+    async def usage(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._read(request)
+            parsed = parse_items(body, request.headers.get("Content-Type", ""), self._max_items)
+        except BodyError as exc:
+            return self._reject(exc)
+        return await self._ingest(parsed)
+
+    async def gateway_metrics(self, request: web.Request) -> web.Response:
+        """GPUStack's gateway sends exactly one JSON object per call."""
+        try:
+            body = await self._read(request)
+            parsed = parse_items(body, request.headers.get("Content-Type", ""), 1)
+        except BodyError as exc:
+            return self._reject(exc)
+        if parsed.line_errors or not isinstance(parsed.items[0], dict):
+            return self._reject(BodyError(400, "bad_body", "body must be one JSON object"))
+        if not any(k in parsed.items[0] for k in ("input_token", "output_token", "access_key")):
+            parsed.items[0].setdefault("request_count", 1)  # route to the GPUStack adapter
+        return await self._ingest(parsed)
+
+
+def _status(result: IngestResult) -> int:
+    if result.accepted or result.duplicates or not result.errors:
+        return 202
+    return 422

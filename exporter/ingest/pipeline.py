@@ -1,0 +1,195 @@
+"""Validated items → durable (WAL) → counted live. The one path every report takes."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import orjson
+from pydantic import ValidationError
+
+from exporter.ingest.adapters import ShapeError, adapt
+from exporter.ingest.dedupe import RecentIds
+from exporter.live.usage_metrics import UsageMetrics
+from exporter.selfmetrics import SelfMetrics
+from exporter.usage import UsageReport
+from exporter.wal import WalClosed, WalFull, WriteAheadLog
+
+log = logging.getLogger(__name__)
+_MAX_ERRORS_PER_ITEM = 5
+
+
+class Pricer(Protocol):
+    def cost(
+        self,
+        provider: str,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int,
+        cache_creation_input_tokens: int,
+    ) -> float | None: ...
+
+
+class Backpressure(Exception):
+    """Nothing was accepted; the client should retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class IngestResult:
+    accepted: int = 0
+    duplicates: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "rejected": len(self.errors),
+            "errors": self.errors,
+        }
+
+
+def key_alias(raw_key: str) -> str:
+    """A short, stable, non-reversible alias for a raw API key (never stored or logged)."""
+    digest = hashlib.blake2b(raw_key.encode(), digest_size=6, person=b"llm-usage-key").hexdigest()
+    return f"key-{digest}"
+
+
+def describe(exc: ValidationError) -> str:
+    """Field paths and messages only: pydantic's `input` may echo a secret back."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False)[:_MAX_ERRORS_PER_ITEM]:
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    more = exc.error_count() - _MAX_ERRORS_PER_ITEM
+    if more > 0:
+        parts.append(f"(+{more} more)")
+    return "; ".join(parts)
+
+
+class Ingestor:
+    """Owns the accept path; the HTTP handlers only decode bodies and encode answers."""
+
+    def __init__(
+        self,
+        *,
+        wal: WriteAheadLog,
+        usage: UsageMetrics,
+        self_metrics: SelfMetrics,
+        pricer: Pricer | None,
+        recent: RecentIds,
+        bytes_per_input_token: float,
+        tokens_per_output_chunk: float,
+        retry_after: int = 5,
+    ) -> None:
+        self._wal = wal
+        self._usage = usage
+        self._m = self_metrics
+        self._pricer = pricer
+        self._recent = recent
+        self._bytes_per_token = bytes_per_input_token
+        self._tokens_per_chunk = tokens_per_output_chunk
+        self._retry_after = retry_after
+        self._unpriced_logged: set[str] = set()
+        #: called with (wal segment seq, reports) once reports are durable
+        self.on_durable: list[Callable[[int, Sequence[UsageReport]], None]] = []
+
+    def validate(self, raw: Any, now: datetime) -> UsageReport:
+        report = UsageReport.model_validate(adapt(raw, key_alias))
+        if report.completed_at is None:
+            report.completed_at = now
+        if not report.completed:
+            report.estimate_incomplete_stream(self._bytes_per_token, self._tokens_per_chunk)
+        if report.cost_usd is None:
+            report.cost_usd = self._price(report)
+        return report
+
+    def _price(self, r: UsageReport) -> float:
+        if self._pricer is None:
+            return 0.0
+        cost = self._pricer.cost(
+            r.provider,
+            r.model,
+            r.input_tokens,
+            r.output_tokens,
+            r.cached_input_tokens,
+            r.cache_creation_input_tokens,
+        )
+        if cost is None:
+            self._m.unpriced.inc()
+            if r.model not in self._unpriced_logged and len(self._unpriced_logged) < 1000:
+                self._unpriced_logged.add(r.model)
+                log.warning(
+                    "no price for model %r (provider %r): cost counted as 0; "
+                    "add it to the price file",
+                    r.model,
+                    r.provider,
+                )
+            return 0.0
+        return cost
+
+    async def ingest(
+        self, items: list[Any], pre_errors: dict[int, str] | None = None
+    ) -> IngestResult:
+        result = IngestResult()
+        now = datetime.now(UTC)
+        accepted: list[UsageReport] = []
+        batch_ids: set[str] = set()
+        for i, raw in enumerate(items):
+            if pre_errors and i in pre_errors:
+                result.errors.append({"index": i, "error": pre_errors[i]})
+                continue
+            try:
+                report = self.validate(raw, now)
+            except ValidationError as exc:
+                result.errors.append({"index": i, "error": describe(exc)})
+                continue
+            except ShapeError as exc:
+                result.errors.append({"index": i, "error": str(exc)})
+                continue
+            rid = report.request_id
+            if rid in self._recent or rid in batch_ids:
+                result.duplicates += 1
+                continue
+            batch_ids.add(rid)
+            accepted.append(report)
+        if result.errors:
+            self._m.rejected.labels("invalid").inc(len(result.errors))
+        if result.duplicates:
+            self._m.duplicates.inc(result.duplicates)
+        if accepted:
+            await self._make_durable(accepted)
+            result.accepted = len(accepted)
+        return result
+
+    async def _make_durable(self, accepted: list[UsageReport]) -> None:
+        # Claim the ids before awaiting, so a concurrent retry of the same id is a duplicate.
+        for r in accepted:
+            self._recent.add(r.request_id)
+        payload = orjson.dumps([r.__dict__ for r in accepted])
+        try:
+            seq = await self._wal.append(payload, len(accepted))
+        except (WalFull, WalClosed, OSError) as exc:
+            for r in accepted:
+                self._recent.discard(r.request_id)
+            self._m.rejected.labels("backpressure").inc(len(accepted))
+            raise Backpressure(str(exc), self._retry_after) from exc
+        estimated = 0
+        for r in accepted:
+            self._usage.observe(r)
+            estimated += r.estimated
+        self._m.received.inc(len(accepted))
+        if estimated:
+            self._m.estimated.inc(estimated)
+        for listener in self.on_durable:
+            listener(seq, accepted)

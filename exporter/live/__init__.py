@@ -1,0 +1,1 @@
+"""Live Prometheus counters: bounded label sets and a fast text renderer."""
