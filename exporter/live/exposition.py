@@ -38,12 +38,12 @@ class Exposition:
     def render(self, openmetrics: bool) -> bytes:
         usage = self._usage_part(openmetrics)
         if openmetrics:
-            own = generate_openmetrics(self._self.registry)
+            own: bytes = generate_openmetrics(self._self.registry)  # type: ignore[no-untyped-call]
             if own.endswith(_EOF):
                 own = own[: -len(_EOF)]
             return usage + own + _EOF
-        own_text: bytes = generate_latest(self._self.registry)  # type: ignore[no-untyped-call]
-        return usage + own_text
+        text: bytes = generate_latest(self._self.registry)
+        return usage + text
 
     def response(self, accept: str, accept_encoding: str) -> tuple[bytes, dict[str, str]]:
         openmetrics = wants_openmetrics(accept)
