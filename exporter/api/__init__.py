@@ -1,0 +1,1 @@
+"""Read API: budgets (state and enforcement checks)."""
