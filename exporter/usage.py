@@ -73,7 +73,31 @@ def normalize_operation(value: Any) -> Any:
     """Map GPUStack, OpenTelemetry and endpoint-style names onto our operations."""
     if isinstance(value, str):
         return _OPERATION_ALIASES.get(value.strip().lower(), Operation.OTHER)
+    if not isinstance(value, Operation):
+        raise ValueError("operation must be a string, e.g. 'chat' or 'embedding'")
     return value
+
+
+_STATUS_ALIASES: dict[str, Status] = {
+    **{s.value: s for s in Status},
+    "ok": Status.SUCCESS,
+    "completed": Status.SUCCESS,
+    "succeeded": Status.SUCCESS,
+    "failed": Status.ERROR,
+    "failure": Status.ERROR,
+    "canceled": Status.CANCELLED,
+}
+
+
+def normalize_status(value: Any) -> Any:
+    """JSON text → Status (strict mode alone would only accept enum instances)."""
+    if isinstance(value, Status):
+        return value
+    if isinstance(value, str):
+        status = _STATUS_ALIASES.get(value.strip().lower())
+        if status is not None:
+            return status
+    raise ValueError("status must be one of 'success', 'error', 'cancelled'")
 
 
 def parse_timestamp(value: Any) -> Any:
@@ -92,7 +116,10 @@ def parse_timestamp(value: Any) -> Any:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
         except ValueError:
             raise ValueError("timestamp must be RFC 3339, e.g. 2026-01-31T12:00:00Z") from None
-        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+        try:
+            return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+        except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00 lies before year 1 in UTC
+            raise ValueError("timestamp out of range") from None
     return value
 
 
@@ -126,7 +153,7 @@ class UsageReport(BaseModel):
     reasoning_tokens: TokenCount = 0
     total_tokens: TokenCount | None = None
 
-    status: Status = Status.SUCCESS
+    status: Annotated[Status, BeforeValidator(normalize_status)] = Status.SUCCESS
     error_type: Name = ""
     stream: bool = False
     completed: bool = True
@@ -176,10 +203,14 @@ class UsageReport(BaseModel):
             return
         changed = False
         if not self.input_tokens and self.request_content_bytes:
-            self.input_tokens = round(self.request_content_bytes / bytes_per_input_token)
+            self.input_tokens = round(
+                min(MAX_TOKENS, self.request_content_bytes / bytes_per_input_token)
+            )
             changed = True
         if not self.output_tokens and self.output_chunk_count:
-            self.output_tokens = round(self.output_chunk_count * tokens_per_output_chunk)
+            self.output_tokens = round(
+                min(MAX_TOKENS, self.output_chunk_count * tokens_per_output_chunk)
+            )
             changed = True
         if changed:
             self.estimated = True

@@ -69,6 +69,17 @@ _RESPONSE_BODY_FIELDS = frozenset(
         "max_output_tokens",
         "container",
         "format",
+        # Responses API objects carry these too (documented response shape)
+        "store",
+        "background",
+        "max_tool_calls",
+        "top_logprobs",
+        "prompt",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "safety_identifier",
+        "conversation",
+        "billing",
     }
 )
 _OBJECT_OPERATIONS = {
@@ -102,7 +113,8 @@ def _envelope(raw: Raw, source: str) -> dict[str, Any]:
     unknown = set(raw) - set(_ENVELOPE_FIELDS) - _RESPONSE_BODY_FIELDS - {"usage"}
     if unknown:
         raise ShapeError(f"unknown field(s) for a {source} usage envelope: {sorted(unknown)}")
-    out: dict[str, Any] = {k: raw[k] for k in _ENVELOPE_FIELDS if k in raw}
+    # providers send null for absent values (a Responses object has "user": null)
+    out: dict[str, Any] = {k: raw[k] for k in _ENVELOPE_FIELDS if raw.get(k) is not None}
     if "request_id" not in out and isinstance(raw.get("id"), str):
         out["request_id"] = raw["id"]
     if "operation" not in out:
@@ -142,6 +154,8 @@ def from_openai_responses(raw: Raw) -> dict[str, Any]:
     out = _envelope(raw, "openai")
     out.setdefault("provider", "openai")
     out.setdefault("operation", "responses")
+    if out.get("status") == "incomplete":
+        out["status"] = "success"  # stopped at max_output_tokens or a filter: still billed
     out["input_tokens"] = _int(usage.get("input_tokens"))
     out["output_tokens"] = _int(usage.get("output_tokens"))
     out["cached_input_tokens"] = _details(usage, "input_tokens_details", "cached_tokens")

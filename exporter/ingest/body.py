@@ -12,10 +12,12 @@ import orjson
 class BodyError(ValueError):
     """The body as a whole is unusable (HTTP 400, 413 or 415)."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
+        #: the connection is unusable (the body was not fully read): tell the client
+        self.close = close
 
 
 @dataclass
@@ -45,6 +47,12 @@ def decompress(data: bytes, encoding: str, limit: int) -> bytes:
         encoding = "gzip"  # clients that forget the header
     if encoding not in ("gzip", "x-gzip", "deflate"):
         raise BodyError(415, "unsupported_media_type", f"unsupported Content-Encoding {encoding!r}")
+    # aiohttp's server inflates `gzip` and `deflate` bodies itself (bounded by client_max_size)
+    # and leaves the header in place: inflating again would reject every compressed body.
+    if encoding == "deflate" and not _is_zlib(data):
+        return data
+    if encoding != "deflate" and data[:2] != b"\x1f\x8b":
+        return data
     wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS
     inflater = zlib.decompressobj(wbits)
     try:
@@ -56,6 +64,11 @@ def decompress(data: bytes, encoding: str, limit: int) -> bytes:
     if not inflater.eof:
         raise BodyError(400, "bad_body", f"{encoding} body is truncated")
     return out
+
+
+def _is_zlib(data: bytes) -> bool:
+    """RFC 1950 header: method 8 and a header checksum (JSON text never starts like that)."""
+    return len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
 
 
 def _json_error(exc: orjson.JSONDecodeError) -> str:

@@ -26,15 +26,26 @@ class IngestHandlers:
         self._last_backpressure_log = 0.0
 
     async def _read(self, request: web.Request) -> bytes:
+        encoding = request.headers.get("Content-Encoding", "")
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise BodyError(413, "too_large", f"body exceeds {self._max_body} bytes") from None
-        return decompress(raw, request.headers.get("Content-Encoding", ""), self._max_body)
+        except web.RequestPayloadError:
+            # aiohttp inflates gzip/deflate itself and fails here on corrupt or cut-off data
+            raise BodyError(
+                400,
+                "bad_body",
+                f"body could not be read: not valid {encoding or 'data'} or cut short",
+                close=True,
+            ) from None
+        return decompress(raw, encoding, self._max_body)
 
     def _reject(self, exc: BodyError) -> web.Response:
         self._m.rejected.labels(exc.reason).inc()
-        return error_response(exc.status, str(exc))
+        return error_response(
+            exc.status, str(exc), headers={"Connection": "close"} if exc.close else None
+        )
 
     async def _ingest(self, parsed: ParsedBody) -> web.Response:
         try:

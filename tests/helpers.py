@@ -1,0 +1,225 @@
+"""Shared helpers for the receiver tests: settings, ports, /metrics parsing, a real subprocess.
+
+Nothing here fakes what the product talks to: apps run on real loopback sockets, data goes to
+real temporary directories, and `ServiceProcess` starts the installed console script.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.config import Settings
+
+INGEST_TOKEN = "ingest-token-0123456789abcdef"
+READ_TOKEN = "read-token-0123456789abcdef"
+ADMIN_TOKEN = "admin-token-0123456789abcdef"
+
+#: Counter families of the usage contract, by the canonical report field they sum.
+TOKEN_FAMILIES = {
+    "llm_input_tokens_total": "input_tokens",
+    "llm_output_tokens_total": "output_tokens",
+    "llm_cached_input_tokens_total": "cached_input_tokens",
+    "llm_cache_creation_input_tokens_total": "cache_creation_input_tokens",
+    "llm_reasoning_tokens_total": "reasoning_tokens",
+}
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings with an isolated data dir; anything else as given."""
+    data_dir = overrides.pop("data_dir", tmp_path / "data")
+    return Settings(data_dir=data_dir, **overrides)
+
+
+def token_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    tokens = [
+        {"name": "gateway", "token": INGEST_TOKEN, "scopes": ["ingest"]},
+        {"name": "grafana", "token": READ_TOKEN, "scopes": ["read"]},
+        {"name": "ops", "token": ADMIN_TOKEN, "scopes": ["admin"]},
+    ]
+    return make_settings(tmp_path, tokens=tokens, **overrides)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- /metrics ---------------------------------------------------------------------------------
+
+Key = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def parse_metrics(text: str) -> dict[Key, float]:
+    """Every sample of a text-format scrape, keyed by (sample name, sorted labels)."""
+    out: dict[Key, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = (s.name, tuple(sorted(s.labels.items())))
+            assert key not in out, f"duplicate sample {key}"
+            out[key] = s.value
+    return out
+
+
+def select(samples: Mapping[Key, float], name: str, **labels: str) -> dict[Key, float]:
+    return {
+        k: v
+        for k, v in samples.items()
+        if k[0] == name and all(dict(k[1]).get(n) == val for n, val in labels.items())
+    }
+
+
+def total(samples: Mapping[Key, float], name: str, **labels: str) -> float:
+    """Sum of a sample name over all series matching `labels` (0 when there is none)."""
+    return sum(select(samples, name, **labels).values())
+
+
+def value(samples: Mapping[Key, float], name: str, **labels: str) -> float:
+    """The one series with exactly these labels; fails when it is absent."""
+    key = (name, tuple(sorted(labels.items())))
+    assert key in samples, (
+        f"no sample {name}{labels}; have {sorted(k for k in samples if k[0] == name)}"
+    )
+    return samples[key]
+
+
+async def scrape(client: Any, headers: Mapping[str, str] | None = None) -> dict[Key, float]:
+    resp = await client.get("/metrics", headers=dict(headers or {}))
+    assert resp.status == 200, await resp.text()
+    return parse_metrics(await resp.text())
+
+
+def report(**fields: Any) -> dict[str, Any]:
+    """A canonical report with sensible defaults."""
+    base: dict[str, Any] = {"model": "test-model", "user": "alice", "input_tokens": 10}
+    base.update(fields)
+    return base
+
+
+def no_5xx(statuses: Iterable[int]) -> None:
+    bad = [s for s in statuses if s >= 500]
+    assert not bad, f"server errors: {bad}"
+
+
+# -- the real CLI as a subprocess -------------------------------------------------------------
+
+
+def cli_command() -> list[str]:
+    """The installed console script (next to this interpreter), else `python -m exporter`."""
+    script = Path(sys.executable).with_name("llm-usage-exporter")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("llm-usage-exporter")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "exporter"]
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_USAGE_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def http(
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 5.0,
+) -> tuple[int, bytes, dict[str, str]]:
+    """A plain blocking HTTP request (urllib) that returns errors instead of raising."""
+    req = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), dict(exc.headers)
+
+
+@dataclass
+class ServiceProcess:
+    proc: subprocess.Popen[bytes]
+    host: str
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Send `sig` and wait; returns the exit code (kills and fails on a hang)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(
+                f"service did not exit within {timeout}s of signal {sig}; logs:\n{self.logs()}"
+            ) from None
+
+
+def start_service(
+    args: Sequence[str],
+    log_path: Path,
+    *,
+    port: int,
+    host: str = "127.0.0.1",
+    env: Mapping[str, str] | None = None,
+    wait: bool = True,
+    timeout: float = 30.0,
+) -> ServiceProcess:
+    """Start `llm-usage-exporter <args>`, stdout+stderr to `log_path`, wait for /healthz."""
+    log_file = log_path.open("wb")
+    proc = subprocess.Popen(
+        [*cli_command(), *args],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=clean_env(env),
+    )
+    log_file.close()
+    service = ServiceProcess(proc, host, port, log_path)
+    if not wait:
+        return service
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"service exited early with {proc.returncode}; logs:\n{service.logs()}"
+            )
+        try:
+            status, _, _ = http("GET", f"{service.url}/healthz", timeout=1)
+            if status == 200:
+                return service
+        except OSError:
+            pass
+        time.sleep(0.05)
+    service.stop(signal.SIGKILL)
+    raise AssertionError(f"service not healthy within {timeout}s; logs:\n{service.logs()}")
