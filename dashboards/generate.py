@@ -1116,7 +1116,8 @@ def health() -> Board:
         "Time since last successful flush",
         "Seconds since each replica last committed a flush "
         "(time() - llm_usage_last_flush_success_timestamp_seconds). The flush interval is "
-        "10 s by default; minutes here mean the database is unreachable or slow.",
+        "10 s by default; minutes here mean the database is unreachable or slow. 'never' "
+        "means no flush has succeeded since the replica started.",
         [
             prom(
                 "time() - max by (instance) "
@@ -1126,6 +1127,17 @@ def health() -> Board:
         ],
         unit="s",
         thresholds=(("green", None), ("orange", 60), ("red", 300)),
+        # the gauge is 0 until the first flush: time() - 0 is decades, not a real age
+        mappings=[
+            {
+                "type": "range",
+                "options": {
+                    "from": 1e9,
+                    "to": None,
+                    "result": {"text": "never", "color": "red", "index": 0},
+                },
+            }
+        ],
         w=8,
         options={**_default_options("stat"), "graphMode": "none"},
     )

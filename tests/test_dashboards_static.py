@@ -471,13 +471,19 @@ class Postgres:
     """A throwaway cluster on a private Unix socket, run as `postgres` when we are root."""
 
     def __init__(self) -> None:
-        initdb = shutil.which("initdb") or next(
-            iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)), None
+        candidates = [Path(os.environ["PG_BIN"]) / "initdb"] if os.environ.get("PG_BIN") else []
+        candidates += sorted(
+            Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+            key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+            reverse=True,
         )
+        found = shutil.which("initdb")
+        candidates += [Path(found)] if found else []
+        initdb = next((c for c in candidates if c.is_file()), None)
         if initdb is None:
             pytest.fail(
-                "PostgreSQL server binaries not found (Debian: apt-get install postgresql); "
-                "the billing SQL must run on a real Postgres",
+                "PostgreSQL server binaries not found (Debian: apt-get install postgresql; "
+                "or set PG_BIN); the billing SQL must run on a real Postgres",
                 pytrace=False,
             )
         self.bindir = Path(initdb).resolve().parent
@@ -485,7 +491,8 @@ class Postgres:
         self.as_user: list[str] = []
         if os.geteuid() == 0:  # initdb refuses root
             shutil.chown(self.dir, "postgres", "postgres")
-            self.as_user = ["runuser", "-u", "postgres", "--"]
+            runuser = shutil.which("runuser") or "/usr/sbin/runuser"
+            self.as_user = [runuser, "-u", "postgres", "--"]
         self.data = self.dir / "data"
         self.port = "5432"
 
