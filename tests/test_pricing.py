@@ -15,10 +15,11 @@ from decimal import Decimal
 from pathlib import Path
 
 import genai_prices
+import genai_prices.data_snapshot
 import pytest
 from genai_prices import Usage, calc_price
 from genai_prices.data_snapshot import get_snapshot
-from genai_prices.types import ModelPrice, TieredPrices
+from genai_prices.types import ModelPrice, StartDateConstraint, TieredPrices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -90,7 +91,7 @@ def _expected(
 
 def _pricer_at(at: datetime, price_file: Path | None = None) -> Pricer:
     pricer = Pricer(price_file)
-    pricer._clock = at.timestamp  # type: ignore[method-assign]
+    pricer._clock = at.timestamp
     return pricer
 
 
@@ -229,12 +230,16 @@ def test_start_date_price_change_is_followed() -> None:
     provider = next(p for p in get_snapshot().providers if p.id == "openai")
     model = next(m for m in provider.models if m.id == "o3")
     assert not isinstance(model.prices, ModelPrice)
-    starts = [c.constraint.start_date for c in model.prices if c.constraint is not None]  # type: ignore[union-attr]
+    starts = [
+        c.constraint.start_date
+        for c in model.prices
+        if isinstance(c.constraint, StartDateConstraint)
+    ]
     start = datetime.combine(min(starts), datetime.min.time(), UTC)
     before = start.timestamp() - 1
     clock = [before]
     pricer = Pricer()
-    pricer._clock = lambda: clock[0]  # type: ignore[method-assign]
+    pricer._clock = lambda: clock[0]
     mix = (10_000, 1_000, 2_000, 0)
     old = pricer.cost("openai", "o3", *mix)
     _assert_close(old, _expected("openai", "o3", mix, datetime.fromtimestamp(before, UTC)), before)
@@ -249,7 +254,7 @@ def test_time_of_day_price_is_followed() -> None:
     day = datetime(2025, 3, 3, tzinfo=UTC)
     clock = [day.timestamp()]
     pricer = Pricer()
-    pricer._clock = lambda: clock[0]  # type: ignore[method-assign]
+    pricer._clock = lambda: clock[0]
     mix = (10_000, 1_000, 2_000, 0)
     seen: set[float] = set()
     for step in range(48 * 2):
@@ -275,7 +280,7 @@ def test_hot_path_makes_no_library_call(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setattr(genai_prices, "calc_price", boom)
     monkeypatch.setattr(pricing, "_resolve_genai", boom)
-    monkeypatch.setattr(pricing.data_snapshot, "get_snapshot", boom)
+    monkeypatch.setattr(genai_prices.data_snapshot, "get_snapshot", boom)
     for _ in range(1000):
         assert pricer.cost("", "gpt-4o", 100, 10, 0, 0) is not None
         assert pricer.cost("", "no-such-model-xyz", 100, 10, 0, 0) is None  # misses cached too
