@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from aiohttp import web
 
 from exporter import __version__
+from exporter.api.budgets import BudgetHandlers
 from exporter.auth import Authenticator
-from exporter.config import Scope, Settings
+from exporter.budgets import BudgetTracker
+from exporter.config import BudgetSpec, Scope, Settings
 from exporter.httputil import error_response, json_response
 from exporter.ingest.dedupe import RecentIds
 from exporter.ingest.handlers import IngestHandlers
@@ -19,6 +25,8 @@ from exporter.live.exposition import Exposition
 from exporter.live.usage_metrics import LabelCaps, UsageMetrics
 from exporter.pricing import Pricer
 from exporter.selfmetrics import SelfMetrics
+from exporter.store import Store
+from exporter.store.db import redact_text
 from exporter.wal import WriteAheadLog
 
 log = logging.getLogger(__name__)
@@ -28,6 +36,8 @@ SELF_METRICS = web.AppKey("self_metrics", SelfMetrics)
 USAGE = web.AppKey("usage", UsageMetrics)
 WAL = web.AppKey("wal", WriteAheadLog)
 INGESTOR = web.AppKey("ingestor", Ingestor)
+STORE = web.AppKey("store", Store)
+BUDGETS = web.AppKey("budgets", BudgetTracker)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -139,6 +149,13 @@ def create_app(settings: Settings) -> web.Application:
         tokens_per_output_chunk=settings.tokens_per_output_chunk,
     )
     exposition = Exposition(usage, self_metrics)
+    store = Store.from_url(settings.effective_database_url)
+
+    async def stored_spend(spec: BudgetSpec, since: datetime, until: datetime) -> Decimal:
+        return await store.spend(since, until, spec.user, spec.team, spec.api_key_id, spec.model)
+
+    budgets = BudgetTracker(settings.budgets, self_metrics, stored_spend)
+    ingestor.on_durable.append(budgets.on_durable)
     ingest = IngestHandlers(
         ingestor, self_metrics, settings.max_body_bytes, settings.max_batch_items
     )
@@ -155,6 +172,9 @@ def create_app(settings: Settings) -> web.Application:
     app[USAGE] = usage
     app[WAL] = wal
     app[INGESTOR] = ingestor
+    app[STORE] = store
+    app[BUDGETS] = budgets
+    ready = {"migrated": False}
 
     async def wal_ctx(app: web.Application) -> AsyncIterator[None]:
         wal.open()
@@ -162,7 +182,51 @@ def create_app(settings: Settings) -> web.Application:
         yield
         await wal.close()
 
+    stopping = asyncio.Event()
+
+    async def migrate_until_done() -> bool:
+        """Keep ingesting into the WAL while the database is unreachable at start-up."""
+        delay = 1.0
+        while not stopping.is_set():
+            try:
+                if settings.auto_migrate:
+                    revision = await store.upgrade()
+                    log.info("database %s at schema %s", store.safe_url, revision)
+                ready["migrated"] = True
+                return True
+            except Exception as exc:
+                log.warning(
+                    "database %s not ready (%s: %s); retrying in %.0fs",
+                    store.safe_url,
+                    type(exc).__name__,
+                    redact_text(str(exc))[:300],
+                    delay,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), delay)
+                delay = min(delay * 2, settings.flush_max_backoff)
+        return False
+
+    async def background_ctx(app: web.Application) -> AsyncIterator[None]:
+        async def main() -> None:
+            if not await migrate_until_done():
+                return
+            jobs = []
+            if budgets.enabled:
+                jobs.append(budgets.run(settings.budget_refresh_interval, stopping))
+            await asyncio.gather(*jobs)
+
+        task = asyncio.get_running_loop().create_task(main(), name="storage")
+        yield
+        stopping.set()
+        try:
+            await asyncio.wait_for(task, timeout=30)
+        except TimeoutError:
+            log.error("background jobs did not stop within 30s")
+        await store.close()
+
     app.cleanup_ctx.append(wal_ctx)
+    app.cleanup_ctx.append(background_ctx)
 
     async def metrics(request: web.Request) -> web.Response:
         self_metrics.pending.set(wal.pending_reports)
@@ -182,6 +246,10 @@ def create_app(settings: Settings) -> web.Application:
         problems = []
         if wal.total_bytes >= wal.max_bytes * 0.95:
             problems.append("write-ahead log is (nearly) full")
+        if not ready["migrated"]:
+            problems.append("database schema not migrated yet")
+        elif not await store.ping():
+            problems.append("database not reachable")
         if problems:
             return json_response({"status": "not ready", "problems": problems}, status=503)
         return json_response({"status": "ready"})
@@ -192,4 +260,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/v1/usage", ingest.usage)
     app.router.add_post("/v2/usage/gateway-metrics", ingest.gateway_metrics)
+    budget_api = BudgetHandlers(budgets)
+    app.router.add_get("/v1/budgets", budget_api.list)
+    app.router.add_get("/v1/budgets/check", budget_api.check)
     return app

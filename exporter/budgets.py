@@ -8,6 +8,7 @@ after commit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -198,10 +199,12 @@ class BudgetTracker:
             self._m.budget_ratio.labels(name).set(state.ratio)
             self._m.budget_window_end.labels(name).set(state.window_end.timestamp())
 
-    async def run(self, interval: float) -> None:
-        while True:
+    async def run(self, interval: float, stop: asyncio.Event) -> None:
+        """Refresh until `stop` is set; never cancelled mid-query (that upsets DB drivers)."""
+        while not stop.is_set():
             await self.refresh()
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
 
     # -- read side ---------------------------------------------------------------------------
     def states(self) -> list[BudgetState]:

@@ -116,10 +116,17 @@ def _serve(settings: Settings) -> int:
 def _db_upgrade(settings: Settings) -> int:
     import asyncio
 
-    from exporter.store.db import upgrade
+    from exporter.store import Store
 
-    asyncio.run(upgrade(settings.effective_database_url))
-    log.info("database is at the latest schema")
+    async def run() -> str | None:
+        store = Store.from_url(settings.effective_database_url)
+        try:
+            return await store.upgrade()
+        finally:
+            await store.close()
+
+    revision = asyncio.run(run())
+    log.info("database is at schema %s", revision)
     return 0
 
 
