@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -18,11 +18,40 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.helpers import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+_DURATION = re.compile(r"(?<![\w])(\d+)([smhd])(?![\w])")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def scale_durations(text: str, factor: float) -> str:
+    """`[5m]` → `[5s]` for factor 1/60: run hour-long rule windows in a test of seconds."""
+
+    def one(m: re.Match[str]) -> str:
+        seconds = max(1, round(int(m.group(1)) * _SECONDS[m.group(2)] * factor))
+        return f"{seconds}s"
+
+    def in_brackets(m: re.Match[str]) -> str:
+        return _DURATION.sub(one, m.group(0))
+
+    return re.sub(r"\[[^\]]*\]", in_brackets, text)
+
+
+def scaled_rule_files(src: Sequence[Path], dest: Path, factor: float) -> list[Path]:
+    """Copies of rule files with every range and `for:` duration multiplied by `factor`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for path in src:
+        doc = yaml.safe_load(path.read_text())
+        for group in doc["groups"]:
+            for rule in group["rules"]:
+                rule["expr"] = scale_durations(str(rule["expr"]), factor)
+                if "for" in rule:
+                    rule["for"] = scale_durations(f"[{rule['for']}]", factor)[1:-1]
+        target = dest / path.name
+        target.write_text(yaml.safe_dump(doc))
+        out.append(target)
+    return out
 
 
 def require_binary(name: str) -> str:
