@@ -1,0 +1,270 @@
+"""Moves accepted reports from the WAL into the database, exactly once, whatever happens.
+
+Every `flush_interval` (or sooner when `nudge()` sees a large backlog) the flusher seals the
+active WAL segment and writes the sealed segments, oldest first, in transactions of about
+`flush_max_reports` reports. A segment is dropped only after the transaction holding its
+reports has committed; if the process dies in between, the replay is de-duplicated by the
+database (details are unique by request_id and rollups only add what was really inserted).
+
+A failing database keeps everything in the WAL: the flusher retries with exponential backoff
+(capped at `flush_max_backoff`), counts each failure, logs the outage once and its end once,
+and reads segments from disk per attempt, so memory stays flat however long the outage lasts.
+Ingest pushes back with 503 when the WAL reaches its size cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+
+from exporter.config import Settings
+from exporter.selfmetrics import SelfMetrics
+from exporter.store.db import redact_text
+from exporter.store.retention import purge_details, retention_cutoff
+from exporter.store.writer import StoreWriter
+from exporter.wal import Segment, WriteAheadLog
+
+log = logging.getLogger(__name__)
+
+RETENTION_INTERVAL_S = 3600.0
+RETENTION_MAX_BATCHES = 200  # per run: a huge first purge never starves the flush for long
+STOP_TIMEOUT_S = 30.0
+
+
+def describe_error(exc: BaseException, limit: int = 500) -> str:
+    """Error class and message for logs: driver message only, no SQL/parameters/passwords."""
+    orig = getattr(exc, "orig", None)  # SQLAlchemy wraps driver errors with the SQL text
+    err = orig if isinstance(orig, BaseException) else exc
+    message = " ".join(str(err).split())
+    if len(message) > limit:
+        message = message[:limit] + "…"
+    return redact_text(f"{type(err).__module__}.{type(err).__qualname__}: {message}")
+
+
+def _read_payloads(wal: WriteAheadLog, segments: Sequence[Segment]) -> list[bytes]:
+    return [record.payload for seg in segments for record in wal.read(seg)]
+
+
+class Flusher:
+    """The periodic WAL → database flush; one per process, owned by the app's cleanup_ctx.
+
+    Wiring: `run()` as a task after the WAL is open; `nudge()` after each WAL append;
+    `await stop()` on shutdown *before* `wal.close()` (stop seals and flushes the WAL).
+    """
+
+    def __init__(
+        self,
+        wal: WriteAheadLog,
+        store_writer: StoreWriter,
+        self_metrics: SelfMetrics,
+        settings: Settings,
+        *,
+        on_dropped: Callable[[int], None] | None = None,
+        retention_interval: float = RETENTION_INTERVAL_S,
+    ) -> None:
+        self.wal = wal
+        self.writer = store_writer
+        self.metrics = self_metrics
+        self.interval = settings.flush_interval
+        self.max_reports = settings.flush_max_reports
+        self.max_backoff = settings.flush_max_backoff
+        self.retention_days = settings.retention_days
+        self.retention_interval = retention_interval
+        self.on_dropped = on_dropped
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._run_task: asyncio.Task[None] | None = None
+        self._failures = 0  # consecutive
+        self._failing_since: float | None = None
+        self._next_retention = time.monotonic()
+        self.metrics.wal_max_bytes.set(wal.max_bytes)
+
+    # -- ingest side -------------------------------------------------------------------------
+    def nudge(self) -> None:
+        """Cheap: refresh the gauges; wake the loop early when the backlog is large."""
+        pending = self.wal.pending_reports
+        self.metrics.pending.set(pending)
+        self.metrics.wal_bytes.set(self.wal.total_bytes)
+        if pending >= self.max_reports and self._failing_since is None:
+            self._wake.set()
+
+    @property
+    def failing(self) -> bool:
+        return self._failing_since is not None
+
+    # -- flushing ----------------------------------------------------------------------------
+    def _update_gauges(self) -> None:
+        self.metrics.pending.set(self.wal.pending_reports)
+        self.metrics.wal_bytes.set(self.wal.total_bytes)
+
+    def _groups(self, segments: Sequence[Segment]) -> list[list[Segment]]:
+        """Consecutive segments, ~max_reports per transaction (a big segment goes alone)."""
+        groups: list[list[Segment]] = []
+        current: list[Segment] = []
+        count = 0
+        for seg in segments:
+            if current and count + seg.reports > self.max_reports:
+                groups.append(current)
+                current, count = [], 0
+            current.append(seg)
+            count += seg.reports
+        if current:
+            groups.append(current)
+        return groups
+
+    async def flush_once(self) -> int:
+        """Flush what the WAL holds now; returns the reports taken out of the WAL.
+
+        Raises on failure (after counting and logging it); what was not committed stays in
+        the WAL for the next attempt.
+        """
+        async with self._lock:
+            try:
+                flushed = await self._flush_locked()
+            except Exception as exc:
+                self._on_failure(exc)
+                raise
+            finally:
+                self._update_gauges()
+            self._on_success(flushed)
+            return flushed
+
+    async def _flush_locked(self) -> int:
+        await self.wal.seal()
+        loop = asyncio.get_running_loop()
+        flushed = 0
+        for group in self._groups(self.wal.sealed_segments()):
+            # Disk reads off the event loop; only this group's records are in memory.
+            payloads = await loop.run_in_executor(None, _read_payloads, self.wal, group)
+            started = time.perf_counter()
+            result = await self.writer.write_payloads(payloads)
+            self.metrics.flush_duration.observe(time.perf_counter() - started)
+            inserted = result.inserted
+            self.metrics.flushed.inc(inserted)
+            for seg in group:  # committed: now, and only now, the segments may go
+                self.wal.drop(seg)
+                flushed += seg.reports
+                if self.on_dropped is not None:
+                    try:
+                        self.on_dropped(seg.seq)
+                    except Exception:
+                        log.exception("flush: on_dropped hook failed for segment %d", seg.seq)
+            log.debug(
+                "flush: committed %d segment(s), %d report(s), %d new",
+                len(group),
+                sum(s.reports for s in group),
+                inserted,
+            )
+        self.metrics.last_flush_success.set(time.time())
+        return flushed
+
+    def _on_failure(self, exc: BaseException) -> None:
+        self.metrics.flush_failures.inc()
+        self._failures += 1
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            log.error(
+                "flush failed, keeping %d report(s) in the WAL (%d bytes) and retrying with "
+                "backoff up to %.0fs: %s",
+                self.wal.pending_reports,
+                self.wal.total_bytes,
+                self.max_backoff,
+                describe_error(exc),
+            )
+        else:
+            log.debug("flush failed again (%d in a row): %s", self._failures, describe_error(exc))
+
+    def _on_success(self, flushed: int) -> None:
+        if self._failing_since is not None:
+            log.warning(
+                "flush recovered after %d failed attempt(s) over %.1fs; %d report(s) flushed",
+                self._failures,
+                time.monotonic() - self._failing_since,
+                flushed,
+            )
+        self._failing_since = None
+        self._failures = 0
+
+    def backoff_delay(self) -> float:
+        """Next retry delay: doubling from min(1 s, interval), capped, with ±20% jitter."""
+        base = min(1.0, self.interval)
+        delay = min(self.max_backoff, base * 2 ** max(0, self._failures - 1))
+        return float(delay * random.uniform(0.8, 1.2))
+
+    # -- retention ---------------------------------------------------------------------------
+    async def run_retention(self) -> int:
+        """Delete details past retention (bounded work per call); rollups are kept."""
+        return await purge_details(
+            self.writer.engine,
+            retention_cutoff(self.retention_days),
+            max_batches=RETENTION_MAX_BATCHES,
+        )
+
+    async def _maybe_retention(self) -> None:
+        if time.monotonic() < self._next_retention:
+            return
+        self._next_retention = time.monotonic() + self.retention_interval
+        try:
+            await self.run_retention()
+        except Exception as exc:
+            log.warning("retention failed (will retry in %.0fs): %s",
+                        self.retention_interval, describe_error(exc))  # fmt: skip
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        """The loop: flush now (startup replay), then every interval or when nudged."""
+        self._run_task = asyncio.current_task()
+        first = True
+        while not self._stopping:
+            if not first:
+                if self.failing:
+                    await self._sleep(self.backoff_delay())
+                else:
+                    await self._sleep(self.interval, wake_on_nudge=True)
+                if self._stopping:
+                    break
+            first = False
+            self._wake.clear()
+            if self.wal.pending_reports:
+                try:
+                    await self.flush_once()
+                except Exception as exc:  # counted and logged once by flush_once
+                    log.debug("flush: will retry after backoff (%s)", type(exc).__name__)
+                    continue
+            await self._maybe_retention()
+
+    async def _sleep(self, seconds: float, *, wake_on_nudge: bool = False) -> None:
+        if not wake_on_nudge:
+            self._wake.clear()  # during backoff only stop() may cut the sleep short
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    async def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:  # noqa: ASYNC109
+        """Final flush (SIGTERM), bounded by `timeout`; what misses it is replayed at start."""
+        self._stopping = True
+        self._wake.set()
+        try:
+            async with asyncio.timeout(timeout):
+                task = self._run_task
+                if task is not None and task is not asyncio.current_task() and not task.done():
+                    await task
+                if self.wal.pending_reports:
+                    await self.flush_once()
+        except TimeoutError:
+            log.warning(
+                "final flush did not finish within %.0fs; %d report(s) stay in the WAL and "
+                "are flushed at the next start",
+                timeout,
+                self.wal.pending_reports,
+            )
+        except Exception:
+            log.warning(
+                "final flush failed; %d report(s) stay in the WAL and are flushed at the next "
+                "start",
+                self.wal.pending_reports,
+            )

@@ -1,0 +1,71 @@
+"""Durable storage: tables, migrations, the exactly-once flush write, queries, retention.
+
+`Store` bundles one engine with what the app needs from it; the pieces stay usable alone
+(`StoreWriter(engine)`, `queries.spend(engine, …)`, `retention.purge_details(engine, …)`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from exporter.store import migrate, queries, retention
+from exporter.store.db import backend_name, create_engine, ping, redact_url
+from exporter.store.writer import StoreWriter, WriteResult
+
+__all__ = ["Store", "StoreWriter", "WriteResult", "create_engine", "redact_url"]
+
+
+class Store:
+    """One database: engine, writer, migrations, health, spend and retention."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.backend = backend_name(engine.url)
+        self.writer = StoreWriter(engine)
+
+    @classmethod
+    def from_url(cls, url: str | URL, *, pool_size: int = 5) -> Store:
+        return cls(create_engine(url, pool_size=pool_size))
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without password, for logs."""
+        return redact_url(self.engine.url)
+
+    async def upgrade(self, revision: str = "head") -> str | None:
+        return await migrate.upgrade(self.engine, revision)
+
+    async def current_revision(self) -> str | None:
+        return await migrate.current_revision(self.engine)
+
+    async def ping(self, within: float = 2.0) -> bool:
+        """True if the database answers within `within` seconds (for /readyz)."""
+        return await ping(self.engine, within)
+
+    async def write(self, reports: Iterable[Mapping[str, Any]]) -> WriteResult:
+        return await self.writer.write(reports)
+
+    async def spend(
+        self,
+        since: datetime,
+        until: datetime,
+        user: str | None = None,
+        team: str | None = None,
+        api_key_id: str | None = None,
+        model: str | None = None,
+    ) -> Decimal:
+        return await queries.spend(self.engine, since, until, user, team, api_key_id, model)
+
+    async def purge_details(self, retention_days: int) -> int:
+        return await retention.purge_details(
+            self.engine, retention.retention_cutoff(retention_days)
+        )
+
+    async def close(self) -> None:
+        await self.engine.dispose()

@@ -1,0 +1,194 @@
+"""The two tables: per-request audit details and additive hour/day rollups.
+
+The rollup table is a contract (the Grafana billing board queries it directly): keep its
+columns and key exactly. Absent key parts are '' (never NULL) so the primary key holds.
+Costs are exact decimals: NUMERIC(20,10) in Postgres; in SQLite, which has no decimal type,
+canonical decimal TEXT that the writer adds with an exact SQL function (`dec_add`).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    Double,
+    Index,
+    MetaData,
+    Numeric,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+COST_SCALE = 10
+COST_QUANTUM = Decimal(1).scaleb(-COST_SCALE)  # 1e-10 USD
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """TIMESTAMPTZ in Postgres; in SQLite a fixed-width UTC text that sorts like time.
+
+    Values come back timezone-aware in UTC on both backends, and naive input is taken as UTC.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Money(TypeDecorator[Decimal]):
+    """NUMERIC(20,10) in Postgres; exact decimal TEXT in SQLite (its NUMERIC is a float)."""
+
+    impl = Numeric(20, COST_SCALE, asdecimal=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(Text())
+        return dialect.type_descriptor(Numeric(20, COST_SCALE, asdecimal=True))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        dec = to_decimal(value)
+        return decimal_text(dec) if dialect.name == "sqlite" else dec
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        return to_decimal(value)
+
+
+def to_decimal(value: Any) -> Decimal:
+    """Exact cost: floats go through their shortest repr (0.1 → 0.1, not 0.1000…0555)."""
+    if isinstance(value, Decimal):
+        dec = value
+    elif isinstance(value, float):
+        dec = Decimal(repr(value))
+    else:
+        dec = Decimal(str(value))
+    return dec.quantize(COST_QUANTUM)
+
+
+def decimal_text(value: Decimal) -> str:
+    """Fixed-point text (never exponent notation) for SQLite's exact cost columns."""
+    return format(value, "f")
+
+
+# Identifiers compare byte-wise in Postgres: a cheaper unique index than a linguistic
+# collation, and the same order on every server. SQLite's default is byte-wise already.
+ID_TEXT = Text(collation="C").with_variant(Text(), "sqlite")
+
+
+def _key_text(name: str) -> Column[str]:
+    return Column(name, Text, nullable=False, server_default=text("''"))
+
+
+def _count(name: str) -> Column[int]:
+    return Column(name, BigInteger, nullable=False, server_default=text("0"))
+
+
+usage_details = Table(
+    "usage_details",
+    metadata,
+    Column("request_id", ID_TEXT, nullable=False),
+    Column("model", Text, nullable=False),
+    _key_text("provider"),
+    Column("operation", Text, nullable=False),
+    _key_text("user"),
+    _key_text("team"),
+    _key_text("api_key_id"),
+    Column("trace_id", ID_TEXT, nullable=False, server_default=text("''")),
+    _key_text("parent_id"),
+    _key_text("node"),
+    _count("input_tokens"),
+    _count("output_tokens"),
+    _count("cached_input_tokens"),
+    _count("cache_creation_input_tokens"),
+    _count("reasoning_tokens"),
+    _count("total_tokens"),
+    # NULL: the report carried no cost and pricing gave none; rollups count it as 0.
+    Column("cost_usd", Money(), nullable=True),
+    Column("status", Text, nullable=False),
+    _key_text("error_type"),
+    Column("stream", Boolean, nullable=False, server_default=text("false")),
+    Column("completed", Boolean, nullable=False, server_default=text("true")),
+    Column("estimated", Boolean, nullable=False, server_default=text("false")),
+    Column("output_chunk_count", BigInteger, nullable=True),
+    Column("request_content_bytes", BigInteger, nullable=True),
+    Column("started_at", UTCDateTime(), nullable=True),
+    Column("completed_at", UTCDateTime(), nullable=False),
+    Column("duration_ms", Double, nullable=True),
+    Column("ttft_ms", Double, nullable=True),
+    _key_text("source"),
+    Column("inserted_at", UTCDateTime(), nullable=False, server_default=func.current_timestamp()),
+    PrimaryKeyConstraint("request_id"),
+    Index(None, "completed_at"),
+    Index(None, "user", "completed_at"),
+    Index(None, "team", "completed_at"),
+    Index(None, "trace_id"),
+    # Every index here costs ~15% of flush throughput; per-API-key spend comes from the
+    # rollups' (granularity, api_key_id, bucket_start) index instead.
+)
+
+ROLLUP_KEY = ("granularity", "bucket_start", "model", "provider", "operation", "user", "team",
+              "api_key_id")  # fmt: skip
+ROLLUP_SUMS = ("requests", "errors", "input_tokens", "output_tokens", "cached_input_tokens",
+               "cache_creation_input_tokens", "reasoning_tokens", "cost_usd",
+               "duration_ms_sum")  # fmt: skip
+
+usage_rollups = Table(
+    "usage_rollups",
+    metadata,
+    Column("granularity", Text, nullable=False),  # 'hour' | 'day'
+    Column("bucket_start", UTCDateTime(), nullable=False),
+    Column("model", Text, nullable=False),
+    Column("provider", Text, nullable=False),
+    Column("operation", Text, nullable=False),
+    Column("user", Text, nullable=False),
+    Column("team", Text, nullable=False),
+    Column("api_key_id", Text, nullable=False),
+    _count("requests"),
+    _count("errors"),
+    _count("input_tokens"),
+    _count("output_tokens"),
+    _count("cached_input_tokens"),
+    _count("cache_creation_input_tokens"),
+    _count("reasoning_tokens"),
+    Column("cost_usd", Money(), nullable=False, server_default=text("0")),
+    Column("duration_ms_sum", Double, nullable=False, server_default=text("0")),
+    PrimaryKeyConstraint(*ROLLUP_KEY),
+    Index(None, "granularity", "user", "bucket_start"),
+    Index(None, "granularity", "team", "bucket_start"),
+    Index(None, "granularity", "api_key_id", "bucket_start"),
+)
