@@ -42,7 +42,9 @@ def describe_error(exc: BaseException, limit: int = 500) -> str:
     message = " ".join(str(err).split())
     if len(message) > limit:
         message = message[:limit] + "…"
-    return redact_text(f"{type(err).__module__}.{type(err).__qualname__}: {message}")
+    module = type(err).__module__
+    name = type(err).__qualname__ if module == "builtins" else f"{module}.{type(err).__qualname__}"
+    return redact_text(f"{name}: {message}")
 
 
 def _read_payloads(wal: WriteAheadLog, segments: Sequence[Segment]) -> list[bytes]:
@@ -170,7 +172,7 @@ class Flusher:
             self._failing_since = time.monotonic()
             log.error(
                 "flush failed, keeping %d report(s) in the WAL (%d bytes) and retrying with "
-                "backoff up to %.0fs: %s",
+                "backoff up to %gs: %s",
                 self.wal.pending_reports,
                 self.wal.total_bytes,
                 self.max_backoff,
@@ -206,7 +208,7 @@ class Flusher:
         )
 
     async def _maybe_retention(self) -> None:
-        if time.monotonic() < self._next_retention:
+        if self.failing or time.monotonic() < self._next_retention:
             return
         self._next_retention = time.monotonic() + self.retention_interval
         try:
