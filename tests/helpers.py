@@ -6,6 +6,7 @@ real temporary directories, and `ServiceProcess` starts the installed console sc
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -105,6 +106,19 @@ async def scrape(client: Any, headers: Mapping[str, str] | None = None) -> dict[
     resp = await client.get("/metrics", headers=dict(headers or {}))
     assert resp.status == 200, await resp.text()
     return parse_metrics(await resp.text())
+
+
+async def wait_ready(client: Any, timeout: float = 15.0) -> dict[str, Any]:
+    """Poll /readyz until 200 (start-up work such as migrations runs in the background)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        resp = await client.get("/readyz")
+        body: dict[str, Any] = await resp.json()
+        if resp.status == 200:
+            return body
+        assert resp.status == 503, (resp.status, body)
+        assert asyncio.get_running_loop().time() < deadline, f"not ready in {timeout}s: {body}"
+        await asyncio.sleep(0.05)
 
 
 def report(**fields: Any) -> dict[str, Any]:

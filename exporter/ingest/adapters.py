@@ -97,6 +97,13 @@ class ShapeError(ValueError):
     """The item matches no known shape, or mixes shapes."""
 
 
+def _names(keys: set[str], limit: int = 10) -> str:
+    """Field names for an error message, bounded: a hostile body must not echo megabytes."""
+    shown = [k if len(k) <= 64 else k[:64] + "…" for k in sorted(keys)[:limit]]
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return f"{shown}{more}"
+
+
 def _int(value: Any) -> Any:
     """Pass-through that treats a JSON null token count as 0 (providers send null)."""
     return 0 if value is None else value
@@ -112,7 +119,7 @@ def _usage_object(raw: Raw) -> Mapping[str, Any]:
 def _envelope(raw: Raw, source: str) -> dict[str, Any]:
     unknown = set(raw) - set(_ENVELOPE_FIELDS) - _RESPONSE_BODY_FIELDS - {"usage"}
     if unknown:
-        raise ShapeError(f"unknown field(s) for a {source} usage envelope: {sorted(unknown)}")
+        raise ShapeError(f"unknown field(s) for a {source} usage envelope: {_names(unknown)}")
     # providers send null for absent values (a Responses object has "user": null)
     out: dict[str, Any] = {k: raw[k] for k in _ENVELOPE_FIELDS if raw.get(k) is not None}
     if "request_id" not in out and isinstance(raw.get("id"), str):
@@ -213,7 +220,7 @@ def from_gpustack(raw: Raw, key_alias: Callable[[str], str]) -> dict[str, Any]:
     """GPUStack gateway-metrics body. `access_key` is replaced by a short, stable alias."""
     unknown = set(raw) - set(_GPUSTACK_FIELDS) - _GPUSTACK_IGNORED - {"access_key", "request_count"}
     if unknown:
-        raise ShapeError(f"unknown field(s) for a GPUStack gateway-metrics body: {sorted(unknown)}")
+        raise ShapeError(f"unknown field(s) for a GPUStack gateway-metrics body: {_names(unknown)}")
     out: dict[str, Any] = {canon: raw[key] for key, canon in _GPUSTACK_FIELDS.items() if key in raw}
     for tokens in ("input_tokens", "output_tokens", "cached_input_tokens"):
         if tokens in out:
@@ -269,7 +276,7 @@ def from_otel_attributes(raw: Raw) -> dict[str, Any]:
         elif key in _ENVELOPE_FIELDS:
             out[key] = value
         elif not key.startswith(("gen_ai.", "server.", "http.", "url.")):
-            raise ShapeError(f"unknown attribute for an OpenTelemetry GenAI item: {key!r}")
+            raise ShapeError(f"unknown attribute for an OpenTelemetry GenAI item: {_names({key})}")
     if out.get("error_type"):
         out.setdefault("status", "error")
     out["source"] = "otel"

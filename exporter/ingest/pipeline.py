@@ -68,7 +68,7 @@ def describe(exc: ValidationError) -> str:
     """Field paths and messages only: pydantic's `input` may echo a secret back."""
     parts = []
     for err in exc.errors(include_url=False, include_input=False)[:_MAX_ERRORS_PER_ITEM]:
-        loc = ".".join(str(p) for p in err["loc"])
+        loc = ".".join(str(p) if len(str(p)) <= 64 else f"{str(p)[:64]}…" for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
     more = exc.error_count() - _MAX_ERRORS_PER_ITEM
