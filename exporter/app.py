@@ -17,6 +17,7 @@ from exporter.api.budgets import BudgetHandlers
 from exporter.auth import Authenticator
 from exporter.budgets import BudgetTracker
 from exporter.config import BudgetSpec, Scope, Settings
+from exporter.flusher import Flusher
 from exporter.httputil import error_response, json_response
 from exporter.ingest.dedupe import RecentIds
 from exporter.ingest.handlers import IngestHandlers
@@ -38,6 +39,7 @@ WAL = web.AppKey("wal", WriteAheadLog)
 INGESTOR = web.AppKey("ingestor", Ingestor)
 STORE = web.AppKey("store", Store)
 BUDGETS = web.AppKey("budgets", BudgetTracker)
+FLUSHER = web.AppKey("flusher", Flusher)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -156,6 +158,8 @@ def create_app(settings: Settings) -> web.Application:
 
     budgets = BudgetTracker(settings.budgets, self_metrics, stored_spend)
     ingestor.on_durable.append(budgets.on_durable)
+    flusher = Flusher(wal, store.writer, self_metrics, settings, on_dropped=budgets.on_dropped)
+    ingestor.on_durable.append(lambda _seq, _reports: flusher.nudge())
     ingest = IngestHandlers(
         ingestor, self_metrics, settings.max_body_bytes, settings.max_batch_items
     )
@@ -174,6 +178,7 @@ def create_app(settings: Settings) -> web.Application:
     app[INGESTOR] = ingestor
     app[STORE] = store
     app[BUDGETS] = budgets
+    app[FLUSHER] = flusher
     ready = {"migrated": False}
 
     async def wal_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -190,8 +195,7 @@ def create_app(settings: Settings) -> web.Application:
         while not stopping.is_set():
             try:
                 if settings.auto_migrate:
-                    revision = await store.upgrade()
-                    log.info("database %s at schema %s", store.safe_url, revision)
+                    await store.upgrade()
                 ready["migrated"] = True
                 return True
             except Exception as exc:
@@ -211,7 +215,7 @@ def create_app(settings: Settings) -> web.Application:
         async def main() -> None:
             if not await migrate_until_done():
                 return
-            jobs = []
+            jobs = [flusher.run()]
             if budgets.enabled:
                 jobs.append(budgets.run(settings.budget_refresh_interval, stopping))
             await asyncio.gather(*jobs)
@@ -219,6 +223,8 @@ def create_app(settings: Settings) -> web.Application:
         task = asyncio.get_running_loop().create_task(main(), name="storage")
         yield
         stopping.set()
+        if ready["migrated"]:
+            await flusher.stop()  # SIGTERM: flush what is pending before exit
         try:
             await asyncio.wait_for(task, timeout=30)
         except TimeoutError:
