@@ -213,7 +213,7 @@ def create_app(settings: Settings) -> web.Application:
 
     async def background_ctx(app: web.Application) -> AsyncIterator[None]:
         async def main() -> None:
-            if not await migrate_until_done():
+            if not await migrate_until_done() or stopping.is_set():
                 return
             jobs = [flusher.run()]
             if budgets.enabled:
