@@ -22,6 +22,7 @@ exact `dec_add` for costs.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -372,6 +373,13 @@ _SQLITE_ADDITIVE = ", ".join(
 )
 
 
+def _prepare(payloads: Sequence[bytes]) -> tuple[int, list[Row]]:
+    batch = Batch()
+    for payload in payloads:
+        batch.add_payload(payload)
+    return batch.received, batch.sorted_rows()
+
+
 async def _sqlite_write(conn: AsyncConnection, rows: list[Row]) -> tuple[set[str], list[Row]]:
     width = len(DETAIL_COLUMNS)
     inserted: set[str] = set()
@@ -385,7 +393,7 @@ async def _sqlite_write(conn: AsyncConnection, rows: list[Row]) -> tuple[set[str
         result = await conn.exec_driver_sql(sql, tuple(params))
         inserted.update(r[0] for r in result.fetchall())
     new_rows = rows if len(inserted) == len(rows) else [r for r in rows if r[0] in inserted]
-    rollups = aggregate(new_rows)
+    rollups = await asyncio.to_thread(aggregate, new_rows)
     width = len(ROLLUP_COLUMNS)
     for chunk in _chunks(rollups, width):
         sql = (
@@ -418,15 +426,13 @@ class StoreWriter:
         """Store WAL record payloads (orjson arrays of report dicts) in one transaction."""
         if self.backend == "postgresql":
             return await self._write_postgres(payloads)
-        batch = Batch()
-        for payload in payloads:
-            batch.add_payload(payload)
-        rows = batch.sorted_rows()
+        # Per-report Python work runs in a thread, so the event loop keeps serving ingest.
+        received, rows = await asyncio.to_thread(_prepare, payloads)
         if not rows:
-            return WriteResult(batch.received, 0, 0)
+            return WriteResult(received, 0, 0)
         async with self.engine.begin() as conn:
             inserted, rollups = await _sqlite_write(conn, rows)
-        return WriteResult(batch.received, len(inserted), len(rollups))
+        return WriteResult(received, len(inserted), len(rollups))
 
     async def _write_postgres(self, payloads: Sequence[bytes]) -> WriteResult:
         docs = [(_clean_payload(p) if b"\\u0000" in p else p).decode() for p in payloads]
