@@ -17,9 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import orjson
+from sqlalchemy.exc import DataError, IntegrityError
 
 from exporter.config import Settings
 from exporter.selfmetrics import SelfMetrics
@@ -45,6 +50,20 @@ def describe_error(exc: BaseException, limit: int = 500) -> str:
     module = type(err).__module__
     name = type(err).__qualname__ if module == "builtins" else f"{module}.{type(err).__qualname__}"
     return redact_text(f"{name}: {message}")
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """True when the database refuses the data itself (retrying cannot help), as opposed to
+    being unreachable, overloaded or mid-restart: SQLSTATE classes 22 (data exception) and
+    23 (integrity), and the Python-side equivalents raised while preparing SQLite rows."""
+    orig = getattr(exc, "orig", None)
+    for err in (exc, orig, getattr(orig, "__cause__", None)):
+        state = getattr(err, "sqlstate", None) or getattr(err, "pgcode", None)
+        if isinstance(state, str) and state[:2] in ("22", "23"):
+            return True
+    if isinstance(exc, DataError | IntegrityError):
+        return True
+    return isinstance(exc, ValueError | TypeError | OverflowError | KeyError)
 
 
 def _read_payloads(wal: WriteAheadLog, segments: Sequence[Segment]) -> list[bytes]:
@@ -84,6 +103,7 @@ class Flusher:
         self._failures = 0  # consecutive
         self._failing_since: float | None = None
         self._next_retention = time.monotonic()
+        self.quarantine_dir = wal.directory.parent / "quarantine"
         self.metrics.wal_max_bytes.set(wal.max_bytes)
 
     # -- ingest side -------------------------------------------------------------------------
@@ -144,9 +164,15 @@ class Flusher:
             # Disk reads off the event loop; only this group's records are in memory.
             payloads = await loop.run_in_executor(None, _read_payloads, self.wal, group)
             started = time.perf_counter()
-            result = await self.writer.write_payloads(payloads)
-            self.metrics.flush_duration.observe(time.perf_counter() - started)
-            inserted = result.inserted
+            try:
+                result = await self.writer.write_payloads(payloads)
+            except Exception as exc:
+                if not is_data_error(exc):
+                    raise
+                inserted = await self._isolate(group, payloads, exc)
+            else:
+                self.metrics.flush_duration.observe(time.perf_counter() - started)
+                inserted = result.inserted
             self.metrics.flushed.inc(inserted)
             for seg in group:  # committed: now, and only now, the segments may go
                 self.wal.drop(seg)
@@ -164,6 +190,69 @@ class Flusher:
             )
         self.metrics.last_flush_success.set(time.time())
         return flushed
+
+    # -- poison reports ----------------------------------------------------------------------
+    async def _isolate(
+        self, group: Sequence[Segment], payloads: Sequence[bytes], first: BaseException
+    ) -> int:
+        """The database refuses the batch for its data, not its health (e.g. a rollup cost
+        past NUMERIC(20,10)): retrying would fail forever and the WAL would fill up. Bisect
+        down to the reports it refuses, commit the rest, and set those few aside on disk;
+        return how many reports were new. A connection error in here propagates: the group
+        is retried later, and what was already stored is de-duplicated then.
+        """
+        log.warning("flush: batch refused for its data (%s); isolating the reports it refuses",
+                    describe_error(first))  # fmt: skip
+        refused: list[tuple[dict[str, object], str]] = []
+
+        async def store(payloads: Sequence[bytes], whole_records: bool) -> int:
+            """Bisect: halves that the database accepts are committed as they are."""
+            try:
+                return (await self.writer.write_payloads(payloads)).inserted
+            except Exception as exc:
+                if not is_data_error(exc):
+                    raise
+                if len(payloads) > 1:
+                    mid = len(payloads) // 2
+                    return await store(payloads[:mid], whole_records) + await store(
+                        payloads[mid:], whole_records
+                    )
+                try:
+                    reports = orjson.loads(payloads[0])
+                except ValueError:
+                    refused.append(({"raw": payloads[0].decode(errors="replace")}, "bad JSON"))
+                    return 0
+                if whole_records and len(reports) > 1:  # one record: now its reports
+                    return await store([orjson.dumps([r]) for r in reports], False)
+                refused.extend((r, describe_error(exc)) for r in reports)
+                return 0
+
+        inserted = await store(payloads, True)
+        if refused:
+            path = await asyncio.to_thread(self._quarantine, group, refused)
+            self.metrics.flush_failures.inc()
+            log.error(
+                "flush: the database refused %d report(s); they are kept in %s (not counted "
+                "in the rollups), first error: %s",
+                len(refused),
+                path,
+                refused[0][1],
+            )
+        return inserted
+
+    def _quarantine(
+        self, group: Sequence[Segment], refused: Sequence[tuple[dict[str, object], str]]
+    ) -> Path:
+        """Append the refused reports (and why) to an NDJSON file, durably, before the WAL
+        segments holding them are dropped."""
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        path = self.quarantine_dir / f"refused-{group[0].seq:016d}-{group[-1].seq:016d}.ndjson"
+        with path.open("ab") as f:
+            for report, error in refused:
+                f.write(orjson.dumps({"error": error, "report": report}) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return path
 
     def _on_failure(self, exc: BaseException) -> None:
         self.metrics.flush_failures.inc()

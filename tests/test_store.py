@@ -518,3 +518,61 @@ def test_error_descriptions_carry_no_secrets() -> None:
     assert "s3cret" not in text_
     assert "RuntimeError" in text_
     assert describe_error(ValueError("x" * 5000)).endswith("…")
+
+
+# -- poison reports: refused for their data, never a stuck flush -----------------------------
+
+
+def _quarantined(tmp_path: Path) -> list[dict[str, Any]]:
+    return [
+        orjson.loads(line)
+        for f in sorted((tmp_path / "quarantine").glob("*.ndjson"))
+        for line in f.read_bytes().splitlines()
+    ]
+
+
+async def test_reports_the_database_refuses_are_set_aside(store: Store, tmp_path: Path) -> None:
+    """A report that can never be stored must not block the ones around it (nor fill the WAL)."""
+    wal = await _open_wal(tmp_path / "wal")
+    metrics = SelfMetrics()
+    flusher = Flusher(wal, store.writer, metrics, _settings(tmp_path))
+    good = [report(i) for i in range(300)]
+    bad = dict(report(9999), input_tokens="many")  # only a bug could put this in the WAL
+    del bad["total_tokens"]
+    await _append(wal, good[:100])
+    await _append(wal, [*good[100:150], bad, *good[150:200]])
+    await _append(wal, good[200:])
+    assert await flusher.flush_once() == 301
+    assert wal.pending_reports == 0
+    await assert_stored_exactly(store, good)
+    refused = _quarantined(tmp_path)
+    assert [r["report"]["request_id"] for r in refused] == ["req-9999"]
+    assert refused[0]["error"]
+    assert metrics.flush_failures._value.get() == 1
+    assert metrics.flushed._value.get() == 300
+    await wal.close()
+
+
+async def test_rollup_cost_overflow_sets_aside_only_what_does_not_fit(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Hostile but valid input: costs whose sum passes NUMERIC(20,10) in one rollup row."""
+    s = Store.from_url(pg_url)
+    await s.upgrade()
+    wal = await _open_wal(tmp_path / "wal")
+    flusher = Flusher(wal, s.writer, SelfMetrics(), _settings(tmp_path))
+    key = {"model": "m", "provider": "p", "user": "u", "team": "t", "api_key_id": "k"}
+    huge = [report(i, cost_usd=1e9, completed_at=BASE, operation="chat", **key) for i in range(12)]
+    normal = [report(100 + i) for i in range(50)]
+    await _append(wal, normal[:25] + huge + normal[25:])
+    try:
+        assert await flusher.flush_once() == 62
+        refused = {r["report"]["request_id"] for r in _quarantined(tmp_path)}
+        stored = set(await queries.request_ids(s.engine))
+        assert len(refused) == 3  # 9 × $1e9 fit in NUMERIC(20,10), the 10th would not
+        assert refused | stored == {r["request_id"] for r in huge + normal}
+        assert not refused & stored
+        await assert_stored_exactly(s, [r for r in huge + normal if r["request_id"] in stored])
+    finally:
+        await wal.close()
+        await s.close()

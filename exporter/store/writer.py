@@ -15,7 +15,7 @@ Postgres runs all of it as ONE statement over `unnest($1::json[])` of the WAL re
 are: parsing, ordering, aggregation and both upserts happen inside the server. The exporter's
 event loop, which also serves ingest, does no per-report work, and a whole flush is one round
 trip with one bind parameter (asyncpg's 32767-parameter limit never applies). bench/RESULTS.md
-has the measurements against typed-array unnest and COPY. SQLite (embedded, in-process) gets
+has the measurements against typed-array unnest and multi-row VALUES. SQLite (embedded) gets
 the same protocol from Python: multi-row VALUES chunked under its bound-variable limit and an
 exact `dec_add` for costs.
 """
