@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 RETENTION_INTERVAL_S = 3600.0
 RETENTION_MAX_BATCHES = 200  # per run: a huge first purge never starves the flush for long
 STOP_TIMEOUT_S = 30.0
+#: A flush transaction of flush_max_reports takes seconds; past this the database is hung
+#: (not down: that fails fast) and the attempt is abandoned, rolled back and retried.
+WRITE_TIMEOUT_S = 120.0
 
 
 def describe_error(exc: BaseException, limit: int = 500) -> str:
@@ -86,6 +89,7 @@ class Flusher:
         *,
         on_dropped: Callable[[int], None] | None = None,
         retention_interval: float = RETENTION_INTERVAL_S,
+        write_timeout: float = WRITE_TIMEOUT_S,
     ) -> None:
         self.wal = wal
         self.writer = store_writer
@@ -95,6 +99,7 @@ class Flusher:
         self.max_backoff = settings.flush_max_backoff
         self.retention_days = settings.retention_days
         self.retention_interval = retention_interval
+        self.write_timeout = write_timeout
         self.on_dropped = on_dropped
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -165,7 +170,8 @@ class Flusher:
             payloads = await loop.run_in_executor(None, _read_payloads, self.wal, group)
             started = time.perf_counter()
             try:
-                result = await self.writer.write_payloads(payloads)
+                async with asyncio.timeout(self.write_timeout):
+                    result = await self.writer.write_payloads(payloads)
             except Exception as exc:
                 if not is_data_error(exc):
                     raise

@@ -576,3 +576,28 @@ async def test_rollup_cost_overflow_sets_aside_only_what_does_not_fit(
     finally:
         await wal.close()
         await s.close()
+
+
+async def test_a_hung_database_is_abandoned_and_retried(pg_url: str, tmp_path: Path) -> None:
+    """Not down but stuck (here: a lock held elsewhere): the attempt times out, is rolled
+    back, counted, and retried once the database moves again."""
+    s = Store.from_url(pg_url)
+    await s.upgrade()
+    wal = await _open_wal(tmp_path / "wal")
+    metrics = SelfMetrics()
+    flusher = Flusher(wal, s.writer, metrics, _settings(tmp_path), write_timeout=0.5)
+    sent = [report(i) for i in range(40)]
+    await _append(wal, sent)
+    try:
+        async with s.engine.connect() as blocker:
+            await blocker.execute(text("LOCK TABLE usage_rollups IN ACCESS EXCLUSIVE MODE"))
+            with pytest.raises(TimeoutError):
+                await flusher.flush_once()
+            assert metrics.flush_failures._value.get() == 1
+            assert wal.pending_reports == 40
+            await blocker.rollback()
+        assert await flusher.flush_once() == 40
+        await assert_stored_exactly(s, sent)
+    finally:
+        await wal.close()
+        await s.close()
