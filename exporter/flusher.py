@@ -9,7 +9,14 @@ database (details are unique by request_id and rollups only add what was really 
 A failing database keeps everything in the WAL: the flusher retries with exponential backoff
 (capped at `flush_max_backoff`), counts each failure, logs the outage once and its end once,
 and reads segments from disk per attempt, so memory stays flat however long the outage lasts.
-Ingest pushes back with 503 when the WAL reaches its size cap.
+Ingest pushes back with 503 when the WAL reaches its size cap. A database that hangs instead
+of failing is abandoned after `write_timeout`.
+
+Reports the database refuses for their *data* (SQLSTATE 22/23: say a hostile cost that
+overflows a rollup's NUMERIC(20,10)) would otherwise be retried forever and jam everything
+behind them: the flusher bisects the batch, commits what is accepted, and appends the refused
+reports with the error to `<data_dir>/quarantine/*.ndjson` (fsynced before the WAL segment
+goes), logged as an error and counted as a flush failure.
 """
 
 from __future__ import annotations
