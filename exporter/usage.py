@@ -7,17 +7,18 @@ included. Adapters convert shapes that report them disjointly (Anthropic).
 
 from __future__ import annotations
 
-import uuid
+import os
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_TOKENS = 10**12  # far above any real call; stops overflow games
 MAX_STRING = 256
 MAX_ID = 128
-_MS_THRESHOLD = 100_000_000_000  # numbers above this are unix milliseconds (year 5138 in s)
+_EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+_LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 
 
 class Operation(StrEnum):
@@ -69,12 +70,17 @@ _OPERATION_ALIASES: dict[str, Operation] = {
 }
 
 
+OPERATION_VALUES = frozenset(op.value for op in Operation)
+
+
 def normalize_operation(value: Any) -> Any:
-    """Map GPUStack, OpenTelemetry and endpoint-style names onto our operations."""
+    """Map GPUStack, OpenTelemetry and endpoint-style names onto our operations.
+
+    Applied by the adapters before validation (only when the value is not already canonical),
+    so the model itself validates the enum in Rust.
+    """
     if isinstance(value, str):
-        return _OPERATION_ALIASES.get(value.strip().lower(), Operation.OTHER)
-    if not isinstance(value, Operation):
-        raise ValueError("operation must be a string, e.g. 'chat' or 'embedding'")
+        return _OPERATION_ALIASES.get(value.strip().lower(), Operation.OTHER).value
     return value
 
 
@@ -87,46 +93,33 @@ _STATUS_ALIASES: dict[str, Status] = {
     "failure": Status.ERROR,
     "canceled": Status.CANCELLED,
 }
+STATUS_VALUES = frozenset(s.value for s in Status)
 
 
 def normalize_status(value: Any) -> Any:
-    """JSON text → Status (strict mode alone would only accept enum instances)."""
-    if isinstance(value, Status):
-        return value
+    """Accept common aliases (ok, completed, failed, canceled); others fail validation."""
     if isinstance(value, str):
         status = _STATUS_ALIASES.get(value.strip().lower())
         if status is not None:
-            return status
-    raise ValueError("status must be one of 'success', 'error', 'cancelled'")
-
-
-def parse_timestamp(value: Any) -> Any:
-    """RFC 3339 strings, or unix seconds / milliseconds; naive times are UTC."""
-    if isinstance(value, bool):
-        raise ValueError("timestamp must be RFC 3339 text or a unix number, not a boolean")
-    if isinstance(value, int | float):
-        if not 0 <= value < 10**14:
-            raise ValueError("unix timestamp out of range")
-        seconds = value / 1000 if value >= _MS_THRESHOLD else value
-        return datetime.fromtimestamp(seconds, UTC)
-    if isinstance(value, str):
-        if len(value) > 64:
-            raise ValueError("timestamp text too long")
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-        except ValueError:
-            raise ValueError("timestamp must be RFC 3339, e.g. 2026-01-31T12:00:00Z") from None
-        try:
-            return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
-        except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00 lies before year 1 in UTC
-            raise ValueError("timestamp out of range") from None
+            return status.value
     return value
+
+
+def _utc(value: datetime, name: str) -> datetime:
+    """Naive means UTC; the range check compares aware times, so no overflow on conversion."""
+    offset = value.utcoffset()
+    if offset is None:
+        value = value.replace(tzinfo=UTC)
+    if not _EARLIEST <= value < _LATEST:
+        raise ValueError(f"{name} must be between 2000-01-01 and 2200-01-01")
+    return value.astimezone(UTC) if offset else value
 
 
 TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
 Name = Annotated[str, Field(max_length=MAX_STRING)]
 Ident = Annotated[str, Field(max_length=MAX_ID)]
-Timestamp = Annotated[datetime, BeforeValidator(parse_timestamp)]
+#: RFC 3339 text (naive means UTC) or unix seconds / milliseconds; parsed by pydantic-core.
+Timestamp = Annotated[datetime, Field(strict=False)]
 Millis = Annotated[float, Field(ge=0, le=7 * 24 * 3600 * 1000)]
 
 
@@ -135,10 +128,10 @@ class UsageReport(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=False, validate_assignment=False)
 
-    request_id: Ident = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1)
+    request_id: Ident = Field(default_factory=lambda: os.urandom(16).hex(), min_length=1)
     model: Annotated[str, Field(min_length=1, max_length=MAX_STRING)]
     provider: Name = ""
-    operation: Annotated[Operation, BeforeValidator(normalize_operation)] = Operation.CHAT
+    operation: Annotated[Operation, Field(strict=False)] = Operation.CHAT
     user: Name = ""
     team: Name = ""
     api_key_id: Name = ""
@@ -153,7 +146,7 @@ class UsageReport(BaseModel):
     reasoning_tokens: TokenCount = 0
     total_tokens: TokenCount | None = None
 
-    status: Annotated[Status, BeforeValidator(normalize_status)] = Status.SUCCESS
+    status: Annotated[Status, Field(strict=False)] = Status.SUCCESS
     error_type: Name = ""
     stream: bool = False
     completed: bool = True
@@ -187,6 +180,10 @@ class UsageReport(BaseModel):
                 f"total_tokens ({self.total_tokens}) != input_tokens + output_tokens ({total})"
             )
         self.total_tokens = total
+        if self.started_at is not None:
+            self.started_at = _utc(self.started_at, "started_at")
+        if self.completed_at is not None:
+            self.completed_at = _utc(self.completed_at, "completed_at")
         if self.status is not Status.SUCCESS and not self.error_type:
             self.error_type = self.status.value
         if self.started_at and self.completed_at and self.duration_ms is None:

@@ -9,6 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from exporter.usage import (
+    OPERATION_VALUES,
+    STATUS_VALUES,
+    normalize_operation,
+    normalize_status,
+)
+
 Raw = Mapping[str, Any]
 
 #: Envelope fields we carry over as they are (all canonical field names).
@@ -283,28 +290,49 @@ def from_otel_attributes(raw: Raw) -> dict[str, Any]:
     return out
 
 
-def adapt(raw: Any, key_alias: Callable[[str], str]) -> dict[str, Any]:
-    """Recognize an item's shape and return the canonical dict."""
-    if not isinstance(raw, Mapping):
-        raise ShapeError("each report must be a JSON object")
-    if "usage" in raw:
-        usage = _usage_object(raw)
+_GPUSTACK_MARKERS = frozenset({"input_token", "output_token", "access_key", "request_count"})
+
+
+def adapt(raw: Any, key_alias: Callable[[str], str]) -> Mapping[str, Any]:
+    """Recognize an item's shape; return the canonical mapping, aliases of operation and status
+    mapped (so the model validates both enums natively)."""
+    out = _adapt(raw, key_alias)
+    op = out.get("operation")
+    if isinstance(op, str) and op not in OPERATION_VALUES:
+        out = {**out, "operation": normalize_operation(op)}
+    status = out.get("status")
+    if isinstance(status, str) and status not in STATUS_VALUES:
+        out = {**out, "status": normalize_status(status)}
+    return out
+
+
+def _adapt(raw: Any, key_alias: Callable[[str], str]) -> Mapping[str, Any]:
+    """Recognize an item's shape and return the canonical mapping.
+
+    The canonical shape (a `model` key, no provider markers) is returned as it is: it is the
+    hot path, and pydantic does not mutate its input.
+    """
+    if type(raw) is not dict:
+        if not isinstance(raw, Mapping):
+            raise ShapeError("each report must be a JSON object")
+        raw = dict(raw)
+    item: dict[str, Any] = raw
+    if "usage" in item:
+        usage = _usage_object(item)
         if "prompt_tokens" in usage or "completion_tokens" in usage:
-            return from_openai_chat(raw)
+            return from_openai_chat(item)
         if "cache_creation_input_tokens" in usage or "cache_read_input_tokens" in usage:
-            return from_anthropic(raw)
+            return from_anthropic(item)
         if "input_tokens_details" in usage or "output_tokens_details" in usage:
-            return from_openai_responses(raw)
-        provider = str(raw.get("provider", "")).lower()
-        kind = raw.get("type")
-        model = str(raw.get("model", "")).lower()
+            return from_openai_responses(item)
+        provider = str(item.get("provider", "")).lower()
+        kind = item.get("type")
+        model = str(item.get("model", "")).lower()
         if provider == "anthropic" or kind == "message" or model.startswith("claude"):
-            return from_anthropic(raw)
-        return from_openai_responses(raw)
-    if any(k in raw for k in ("input_token", "output_token", "access_key", "request_count")):
-        return from_gpustack(raw, key_alias)
-    if any(isinstance(k, str) and k.startswith("gen_ai.") for k in raw):
-        return from_otel_attributes(raw)
-    if "access_key" in raw:
-        raise ShapeError("access_key is only accepted in GPUStack bodies")
-    return dict(raw)
+            return from_anthropic(item)
+        return from_openai_responses(item)
+    if not _GPUSTACK_MARKERS.isdisjoint(item):
+        return from_gpustack(item, key_alias)
+    if "model" not in item and any(isinstance(k, str) and k.startswith("gen_ai.") for k in item):
+        return from_otel_attributes(item)
+    return item
