@@ -508,8 +508,40 @@ async def bench(args: argparse.Namespace) -> str:
             "and rollups (checked).",
             "",
             breakdown,
+            "",
+            NOTES,
         ]
     )
+
+
+NOTES = """\
+What the figures say:
+
+- **The ratio target holds with a wide margin; the absolute one does not on this box.** In our
+  flush the exporter process spends a fraction of a second of CPU per 100k reports: the
+  parsing, ordering, aggregation and both upserts run inside Postgres as one statement, so
+  *Postgres CPU ≈ wall time* and one Postgres backend on a shared 2-core VM is the limit.
+  ≥ 100k reports/s needs Postgres to spend ≤ 10 µs of CPU per report; the breakdown above
+  shows ~7 µs just to parse the JSON records and ~10 µs to insert a detail row into a table
+  with five indexes (the primary key on request_id is the dedupe; completed_at serves
+  retention and listings; (user, completed_at), (team, completed_at) and trace_id serve the
+  read API). The *without secondary indexes* row is the price of those four.
+- **Why JSON records and not typed arrays or VALUES:** those two shapes decode every report
+  and encode every value in the exporter (the *exporter CPU* column: tens of µs per report,
+  on the event loop that also serves ingest, so ingest stalls during each flush) for about
+  the same wall time (typed-array `unnest`: Postgres parses no JSON, the exporter does it
+  instead) or worse (`VALUES`: big statements to parse and plan). Binary COPY into a temporary
+  table then `INSERT … SELECT … ON CONFLICT` (measured while designing, not kept) was about
+  as fast as ours with ~10 µs of exporter CPU per report. Handing Postgres the WAL records as
+  they are keeps the exporter's event loop free.
+- **Replay of already stored reports** (a restart after a crash between commit and segment
+  drop, or client retries) costs a third of a first flush: the conflicts are found in the
+  primary key and nothing reaches the rollups.
+- Ways past the limit if a deployment needs them: a Postgres with more cores lets several
+  replicas flush in parallel (exactly-once and deadlock-free by construction: request_id
+  order for details, key order for rollups); fewer detail indexes; or batches larger than
+  `flush_max_reports` (the per-transaction overhead is already small here).
+"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
