@@ -166,6 +166,8 @@ def create_app(settings: Settings) -> web.Application:
 
     app = web.Application(
         client_max_size=settings.max_body_bytes,
+        # our bounded inflater answers bombs, truncation and unknown encodings in JSON
+        handler_args={"auto_decompress": False},
         middlewares=[
             _error_middleware,
             _auth_middleware(Authenticator(settings.tokens), self_metrics, settings.metrics_auth),

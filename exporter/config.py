@@ -166,7 +166,10 @@ def load_settings(**overrides: Any) -> Settings:
         file_source = TomlConfigSettingsSource(Settings, toml_file=path)
     else:
         raise ValueError(f"config file must be .toml, .yaml or .yml: {path}")
-    from_file = file_source()
+    try:
+        from_file = file_source()
+    except Exception as exc:  # tomllib / yaml parse errors don't name the file
+        raise ValueError(f"cannot read config file {path}: {exc}") from None
     unknown = set(from_file) - set(Settings.model_fields)
     if unknown:
         raise ValueError(f"unknown settings in {path}: {', '.join(sorted(unknown))}")

@@ -47,13 +47,12 @@ def decompress(data: bytes, encoding: str, limit: int) -> bytes:
         encoding = "gzip"  # clients that forget the header
     if encoding not in ("gzip", "x-gzip", "deflate"):
         raise BodyError(415, "unsupported_media_type", f"unsupported Content-Encoding {encoding!r}")
-    # aiohttp's server inflates `gzip` and `deflate` bodies itself (bounded by client_max_size)
-    # and leaves the header in place: inflating again would reject every compressed body.
-    if encoding == "deflate" and not _is_zlib(data):
-        return data
-    if encoding != "deflate" and data[:2] != b"\x1f\x8b":
-        return data
-    wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS
+    # The app turns aiohttp's own decompression off, so every encoding (and every error)
+    # goes through this bounded path. HTTP "deflate" is zlib-wrapped; some clients send raw.
+    if encoding == "deflate":
+        wbits = zlib.MAX_WBITS if _is_zlib(data) else -zlib.MAX_WBITS
+    else:
+        wbits = 16 + zlib.MAX_WBITS
     inflater = zlib.decompressobj(wbits)
     try:
         out = inflater.decompress(data, limit + 1)
