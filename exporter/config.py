@@ -159,16 +159,16 @@ def load_settings(**overrides: Any) -> Settings:
     path = probe.config
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
-    file_source: PydanticBaseSettingsSource
-    if path.suffix in (".yaml", ".yml"):
-        file_source = YamlConfigSettingsSource(Settings, yaml_file=path)
-    elif path.suffix == ".toml":
-        file_source = TomlConfigSettingsSource(Settings, toml_file=path)
-    else:
+    if path.suffix not in (".yaml", ".yml", ".toml"):
         raise ValueError(f"config file must be .toml, .yaml or .yml: {path}")
-    try:
+    try:  # the sources parse at construction; tomllib / yaml errors don't name the file
+        file_source: PydanticBaseSettingsSource
+        if path.suffix == ".toml":
+            file_source = TomlConfigSettingsSource(Settings, toml_file=path)
+        else:
+            file_source = YamlConfigSettingsSource(Settings, yaml_file=path)
         from_file = file_source()
-    except Exception as exc:  # tomllib / yaml parse errors don't name the file
+    except Exception as exc:
         raise ValueError(f"cannot read config file {path}: {exc}") from None
     unknown = set(from_file) - set(Settings.model_fields)
     if unknown:
