@@ -376,7 +376,7 @@ def sql_variable(name: str, column: str, title: str) -> dict[str, Any]:
     # S608: SQL built from this file's constants only, no input reaches it.
     query = (
         f"SELECT DISTINCT {_key(column)} FROM usage_rollups "  # noqa: S608
-        "WHERE granularity = 'day' AND $__timeFilter(bucket_start) ORDER BY 1"
+        f"WHERE granularity = 'day' AND {DAYS_IN_RANGE} ORDER BY 1"
     )
     return {
         "name": name,
@@ -1241,9 +1241,15 @@ def _in(var: str, column: str) -> str:
     return f"({SQL_ALL} IN (${var}) OR {_key(column)} IN (${var}))"
 
 
+#: Every UTC day that overlaps the picked range, counted whole (rollups are per day).
+DAYS_IN_RANGE = (
+    "bucket_start >= date_trunc('day', $__timeFrom()::timestamptz, 'UTC') "
+    "AND bucket_start < $__timeTo()::timestamptz"
+)
+
 WHERE = (
     "WHERE granularity = 'day'\n"
-    "  AND $__timeFilter(bucket_start)\n"
+    f"  AND {DAYS_IN_RANGE}\n"
     f"  AND {_in('team', 'team')}\n"
     f"  AND {_in('user', USER)}\n"
     f"  AND {_in('model', 'model')}"
@@ -1264,7 +1270,7 @@ def _per_bucket(bucket: str, column: str, top: int | None) -> str:
         head = (
             f"WITH top AS (\n  SELECT {column} AS k FROM usage_rollups\n  "  # noqa: S608
             + WHERE.replace("\n", "\n  ")
-            + f"\n  GROUP BY {column} ORDER BY SUM(cost_usd) DESC LIMIT {top}\n)\n"
+            + f"\n  GROUP BY {column} ORDER BY SUM(cost_usd) DESC, {column} LIMIT {top}\n)\n"
         )
     return (
         f'{head}SELECT {bucket} AS "time",\n'
@@ -1344,7 +1350,7 @@ def billing() -> Board:
         b.add(
             "stat",
             title,
-            f"{title} from the daily rollups, whole UTC days inside the selected range.",
+            f"{title} from the daily rollups: every UTC day that overlaps the range, whole.",
             [sql(f"SELECT COALESCE({agg}, 0) AS {alias}\nFROM usage_rollups\n{WHERE}", "table")],
             unit=unit,
             decimals=2 if unit == "currencyUSD" else None,

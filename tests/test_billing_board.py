@@ -387,7 +387,10 @@ def test_billing_sql_conventions() -> None:
     for title, query in billing_queries().items():
         assert "FROM usage_rollups" in query, title
         assert "granularity = 'day'" in query, title
-        assert "$__timeFilter(bucket_start)" in query, title
+        # whole UTC days that overlap the picked range (not BETWEEN, which drops a partial
+        # first day and keeps all of a partial last one)
+        assert "bucket_start >= date_trunc('day', $__timeFrom()::timestamptz, 'UTC')" in query
+        assert "bucket_start < $__timeTo()::timestamptz" in query, title
         bare = re.sub(r"'(?:[^']|'')*'", "''", query).replace('"user"', "").replace("$user", "")
         assert not re.search(r"\buser\b", bare), f"{title}: user is reserved in Postgres, quote it"
         for col in re.findall(r"SUM\((\w+)", query):
