@@ -194,9 +194,9 @@ def _wait_ready(server: Server, timeout: float) -> None:
     raise RuntimeError(f"{server.kind} server not ready after {timeout}s:\n{server.log_tail()}")
 
 
-def _stop(server: Server) -> None:
+def _stop(server: Server, kill: bool = False) -> None:
     if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
         try:
             server.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -223,8 +223,17 @@ def bare_server(workdir: Path) -> Iterator[Server]:
 
 
 @contextlib.contextmanager
-def our_server(workdir: Path, durability: str = "fsync", **env: str) -> Iterator[Server]:
-    """The real service via its CLI (`python -m exporter serve`), on a fresh data dir."""
+def our_server(
+    workdir: Path, durability: str = "fsync", *, hold_flush: bool = False, **env: str
+) -> Iterator[Server]:
+    """The real service via its CLI (`python -m exporter serve`), on a fresh data dir.
+
+    `hold_flush` keeps the WAL → database flusher from running during the benchmark (interval
+    and batch trigger out of reach) and SIGKILLs the server at the end instead of letting
+    SIGTERM flush everything: it isolates the accept path from the storage work.
+    """
+    if hold_flush:
+        env = {"flush_interval": "86400", "flush_max_reports": str(10**12), **env}
     port = free_port()
     data_dir = Path(tempfile.mkdtemp(prefix=f"ours-{durability}-", dir=workdir))
     log_path = workdir / f"ours-{port}.log"
@@ -254,7 +263,7 @@ def our_server(workdir: Path, durability: str = "fsync", **env: str) -> Iterator
         _wait_ready(server, 120)
         yield server
     finally:
-        _stop(server)
+        _stop(server, kill=hold_flush)
         shutil.rmtree(data_dir, ignore_errors=True)
 
 

@@ -171,24 +171,37 @@ async def _inprocess(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     finally:
         await runner.cleanup()
 
-    settings = Settings(data_dir=Path(tempfile.mkdtemp(dir=workdir)), wal_durability="os")
-    app = create_app(settings)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    try:
-        ingestor = app[INGESTOR]
-        for item in decoded[0]:
-            ingestor.validate(item, now)
-        secs = min(
-            [
-                await _ingest_batches(ingestor, bodies(f"os-{r}-{uuid.uuid4().hex[:6]}"), batch, 8)
-                for r in range(repeat)
-            ]
+    # the same accept path with `os` durability, and with the flusher held off (its interval
+    # and batch trigger out of reach) to separate the storage work from the accept path
+    for durability, hold, label, key in (
+        ("os", False, "WAL os (no fsync)", "ingest_os_per_s"),
+        ("fsync", True, "WAL fsync, flusher held off", "ingest_held_per_s"),
+    ):
+        held: dict[str, Any] = (
+            {"flush_interval": 86400.0, "flush_max_reports": 10**12} if hold else {}
         )
-        add("Ingestor.ingest, WAL os (no fsync), 8 concurrent batches", secs)
-        results["ingest_os_per_s"] = rows[-1][2]
-    finally:
-        await runner.cleanup()
+        settings = Settings(
+            data_dir=Path(tempfile.mkdtemp(dir=workdir)), wal_durability=durability, **held
+        )
+        app = create_app(settings)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        try:
+            ingestor = app[INGESTOR]
+            for item in decoded[0]:
+                ingestor.validate(item, now)
+            secs = min(
+                [
+                    await _ingest_batches(
+                        ingestor, bodies(f"{key}-{r}-{uuid.uuid4().hex[:6]}"), batch, 8
+                    )
+                    for r in range(repeat)
+                ]
+            )
+            add(f"Ingestor.ingest, {label}, 8 concurrent batches", secs)
+            results[key] = rows[-1][2]
+        finally:
+            await runner.cleanup()  # (a held-off flusher flushes everything here, untimed)
     return results
 
 
@@ -216,18 +229,21 @@ def render_inprocess(r: dict[str, Any]) -> str:
         f"{fmt_int(r['items'])} reports in batches of {r['batch']}, one process, no HTTP; "
         f"best of {r['repeat']} runs per stage (one batch of results alive at a time, as in "
         "the handler). `Ingestor.ingest` rows: bodies parsed beforehand; validation, dedupe, "
-        "WAL append (group commit), live counters, with the app's background tasks (flusher) "
-        "running.\n\n"
+        "WAL append (group commit), live counters, with the app's background tasks running "
+        "(the flusher moves the WAL into SQLite in the same process: every 10 s or at 50k "
+        "pending reports) except in the *flusher held off* row.\n\n"
         + md_table(("stage", "µs / report", "reports / s"), rows)
         + f"\n\nTarget ≥ 200,000 reports/s validated: `Ingestor.validate` does "
         f"**{fmt_int(target)}/s** → {'MET' if target >= 200_000 else 'MISSED'}; "
-        f"the accept path after parsing (validate + WAL fsync + counters) does "
-        f"{fmt_int(r['ingest_fsync_per_s'])}/s.\n"
+        f"the accept path after parsing (validate + WAL fsync + counters + the in-process "
+        f"flush) does {fmt_int(r['ingest_fsync_per_s'])}/s, "
+        f"{fmt_int(r['ingest_held_per_s'])}/s with the flusher held off.\n"
     )
 
 
 # -- 2. HTTP throughput ----------------------------------------------------------------------------
 SCENARIOS = ("single", "batch")
+SERVERS = ("bare", "ours (fsync)", "ours (os)", "ours (fsync, flush held)")
 
 
 def _spec(args: argparse.Namespace, server: Server, scenario: str, tag: str) -> LoadSpec:
@@ -253,6 +269,7 @@ def _http(
         ("bare", lambda: bare_server(workdir)),
         ("ours (fsync)", lambda: our_server(workdir, "fsync")),
         ("ours (os)", lambda: our_server(workdir, "os")),
+        ("ours (fsync, flush held)", lambda: our_server(workdir, "fsync", hold_flush=True)),
     ]
     for rnd in range(args.rounds):
         order = servers if rnd % 2 == 0 else list(reversed(servers))  # spread drift
@@ -270,6 +287,14 @@ def _http(
     return results
 
 
+def _verdict(throughput_ratio: float, cpu_ratio: float, target: float) -> str:
+    if throughput_ratio >= target and cpu_ratio >= target:
+        return "MET"
+    if throughput_ratio < target and cpu_ratio < target:
+        return "MISSED"
+    return "BORDERLINE (met by one ratio, missed by the other)"
+
+
 def _med(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -281,7 +306,7 @@ def render_http(args: argparse.Namespace, results: dict[tuple[str, str], list[Lo
         bare = results[("bare", scenario)]
         bare_rps = _med([r.reports_per_s for r in bare])
         bare_cpu = _med([r.server_cpu / max(r.reports, 1) for r in bare])
-        for name in ("bare", "ours (fsync)", "ours (os)"):
+        for name in SERVERS:
             rs = results[(name, scenario)]
             rps = _med([r.reports_per_s for r in rs])
             cpu_per_report = _med([r.server_cpu / max(r.reports, 1) for r in rs])
@@ -336,8 +361,11 @@ def render_http(args: argparse.Namespace, results: dict[tuple[str, str], list[Lo
         "- *ratio vs bare (CPU cost)* = bare server CPU per report ÷ ours: the throughput ratio "
         "two servers would show on a dedicated core each, independent of how much CPU the load "
         "generator steals on this 2-core machine.\n"
+        "- *ours (fsync, flush held)*: the default server with its WAL → SQLite flusher kept "
+        "from running during the measurement (otherwise it runs in the same process every "
+        "10 s or at 50k pending reports); the gap to *ours (fsync)* is the storage work.\n"
         f"- Target single reports ≥ 0.5x bare: throughput ratio **{single[1]:.2f}x**, "
-        f"CPU-cost ratio **{single[2]:.2f}x** → {'MET' if single[1] >= 0.5 else 'MISSED'}.\n"
+        f"CPU-cost ratio **{single[2]:.2f}x** → {_verdict(single[1], single[2], 0.5)}.\n"
         f"- Batches of {args.batch} over HTTP (fsync): **{fmt_int(batch[3])} reports/s** "
         f"({batch[1]:.2f}x bare).\n"
     )
