@@ -239,7 +239,7 @@ def create_app(settings: Settings) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
         self_metrics.pending.set(wal.pending_reports)
         self_metrics.wal_bytes.set(wal.total_bytes)
-        body, headers = exposition.response(
+        body, headers = await exposition.response(
             request.headers.get("Accept", ""), request.headers.get("Accept-Encoding", "")
         )
         return web.Response(body=body, headers=headers)

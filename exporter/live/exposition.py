@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 
 from prometheus_client import generate_latest
@@ -13,6 +14,7 @@ from exporter.selfmetrics import SelfMetrics
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 _EOF = b"# EOF\n"
+_GZIP_INLINE_MAX = 256 * 1024
 
 
 def wants_openmetrics(accept: str) -> bool:
@@ -45,11 +47,18 @@ class Exposition:
         text: bytes = generate_latest(self._self.registry)
         return usage + text
 
-    def response(self, accept: str, accept_encoding: str) -> tuple[bytes, dict[str, str]]:
+    async def response(self, accept: str, accept_encoding: str) -> tuple[bytes, dict[str, str]]:
         openmetrics = wants_openmetrics(accept)
         body = self.render(openmetrics)
         headers = {"Content-Type": OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE}
         if "gzip" in accept_encoding:
-            body = gzip.compress(body, compresslevel=1)
+            if len(body) > _GZIP_INLINE_MAX:  # zlib releases the GIL: keep the loop free
+                body = await asyncio.get_running_loop().run_in_executor(None, _gzip, body)
+            else:
+                body = _gzip(body)
             headers["Content-Encoding"] = "gzip"
         return body, headers
+
+
+def _gzip(body: bytes) -> bytes:
+    return gzip.compress(body, compresslevel=1)
