@@ -119,7 +119,7 @@ class Ingestor:
             fields["cost_usd"] = self._price(report)
         return report
 
-    def _validate_all(
+    def validate_batch(
         self, items: list[Any], pre_errors: dict[int, str] | None, now: datetime
     ) -> tuple[list[UsageReport], list[dict[str, Any]]]:
         """One pydantic call for the whole batch (≈20% cheaper per item than one call each);
@@ -180,7 +180,7 @@ class Ingestor:
         self, items: list[Any], pre_errors: dict[int, str] | None = None
     ) -> IngestResult:
         result = IngestResult()
-        reports, result.errors = self._validate_all(items, pre_errors, datetime.now(UTC))
+        reports, result.errors = self.validate_batch(items, pre_errors, datetime.now(UTC))
         accepted: list[UsageReport] = []
         batch_ids: set[str] = set()
         recent = self._recent
