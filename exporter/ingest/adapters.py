@@ -148,35 +148,38 @@ def _details(usage: Mapping[str, Any], key: str, field: str) -> Any:
     return _int(details.get(field))
 
 
-def from_openai_chat(raw: Raw) -> dict[str, Any]:
-    """Chat Completions / Completions / Embeddings `usage`: prompt_tokens include cached."""
-    usage = _usage_object(raw)
-    out = _envelope(raw, "openai")
+def _openai_tokens(
+    out: dict[str, Any],
+    usage: Mapping[str, Any],
+    names: tuple[str, str, str, str],
+) -> dict[str, Any]:
+    """Both OpenAI APIs count cached input inside input and reasoning inside output."""
+    input_key, output_key, input_details, output_details = names
     out.setdefault("provider", "openai")
-    out["input_tokens"] = _int(usage.get("prompt_tokens"))
-    out["output_tokens"] = _int(usage.get("completion_tokens"))
-    out["cached_input_tokens"] = _details(usage, "prompt_tokens_details", "cached_tokens")
-    out["reasoning_tokens"] = _details(usage, "completion_tokens_details", "reasoning_tokens")
+    out["input_tokens"] = _int(usage.get(input_key))
+    out["output_tokens"] = _int(usage.get(output_key))
+    out["cached_input_tokens"] = _details(usage, input_details, "cached_tokens")
+    out["reasoning_tokens"] = _details(usage, output_details, "reasoning_tokens")
     if usage.get("total_tokens") is not None:
         out["total_tokens"] = usage["total_tokens"]
     return out
+
+
+def from_openai_chat(raw: Raw) -> dict[str, Any]:
+    """Chat Completions / Completions / Embeddings `usage` (prompt_tokens, completion_tokens)."""
+    names = ("prompt_tokens", "completion_tokens", "prompt_tokens_details",
+             "completion_tokens_details")  # fmt: skip
+    return _openai_tokens(_envelope(raw, "openai"), _usage_object(raw), names)
 
 
 def from_openai_responses(raw: Raw) -> dict[str, Any]:
-    """Responses API `usage`: input_tokens include cached ones (input_tokens_details)."""
-    usage = _usage_object(raw)
+    """Responses API `usage` (input_tokens, output_tokens and their *_details)."""
     out = _envelope(raw, "openai")
-    out.setdefault("provider", "openai")
     out.setdefault("operation", "responses")
     if out.get("status") == "incomplete":
         out["status"] = "success"  # stopped at max_output_tokens or a filter: still billed
-    out["input_tokens"] = _int(usage.get("input_tokens"))
-    out["output_tokens"] = _int(usage.get("output_tokens"))
-    out["cached_input_tokens"] = _details(usage, "input_tokens_details", "cached_tokens")
-    out["reasoning_tokens"] = _details(usage, "output_tokens_details", "reasoning_tokens")
-    if usage.get("total_tokens") is not None:
-        out["total_tokens"] = usage["total_tokens"]
-    return out
+    names = ("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
+    return _openai_tokens(out, _usage_object(raw), names)
 
 
 def from_anthropic(raw: Raw) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
@@ -15,6 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 from exporter.ingest.adapters import ShapeError, adapt
 from exporter.ingest.dedupe import RecentIds
 from exporter.live.usage_metrics import UsageMetrics
+from exporter.pricing import Pricer
 from exporter.selfmetrics import SelfMetrics
 from exporter.usage import UsageReport
 from exporter.wal import WalClosed, WalFull, WriteAheadLog
@@ -22,18 +23,6 @@ from exporter.wal import WalClosed, WalFull, WriteAheadLog
 log = logging.getLogger(__name__)
 _BATCH = TypeAdapter(list[UsageReport])
 _MAX_ERRORS_PER_ITEM = 5
-
-
-class Pricer(Protocol):
-    def cost(
-        self,
-        provider: str,
-        model: str,
-        input_tokens: int,
-        output_tokens: int,
-        cached_input_tokens: int,
-        cache_creation_input_tokens: int,
-    ) -> float | None: ...
 
 
 class Backpressure(Exception):
