@@ -7,6 +7,7 @@ real temporary directories, and `ServiceProcess` starts the installed console sc
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import shutil
 import signal
@@ -237,3 +238,20 @@ def start_service(
         time.sleep(0.05)
     service.stop(signal.SIGKILL)
     raise AssertionError(f"service not healthy within {timeout}s; logs:\n{service.logs()}")
+
+
+# -- the dashboard generator (a script, not a package) ----------------------------------------
+
+
+def load_dashboard_generator() -> Any:
+    """Import dashboards/generate.py once, by path, for the dashboard and billing tests."""
+    name = "dashboards_generate"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).resolve().parent.parent / "dashboards" / "generate.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

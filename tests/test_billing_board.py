@@ -13,9 +13,7 @@ on it, and day buckets at 00:00 UTC fall on the previous local day there.
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import load_dashboard_generator
 
 from exporter.store import Store
 from exporter.store.migrate import head_revision
@@ -34,17 +33,7 @@ from exporter.usage import UsageReport
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_generator() -> Any:
-    path = ROOT / "dashboards" / "generate.py"
-    spec = importlib.util.spec_from_file_location("dashboards_generate_billing", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _load_generator()
+gen = load_dashboard_generator()
 
 BOARD = "llm-billing"
 #: The range the board is queried with: two whole UTC months (2024 is a leap year).

@@ -9,7 +9,6 @@ with the migrated schema and rollups written by the store.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -21,22 +20,14 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import load_dashboard_generator
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = ROOT / "dashboards"
 METRICS_DOC = ROOT / "docs" / "metrics.md"
 
 
-def _load_generator() -> Any:
-    spec = importlib.util.spec_from_file_location("dashboards_generate", DASHBOARDS / "generate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _load_generator()
+gen = load_dashboard_generator()
 
 EXPECTED_UIDS = {
     "llm-usage-overview.json": "llm-usage-overview",

@@ -4,29 +4,19 @@ dashboards/generate.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 import urllib.parse
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import orjson
 
-from tests.helpers import free_port, http, start_service
+from tests.helpers import free_port, http, load_dashboard_generator, start_service
 from tests.prometheus_server import Prometheus, run_prometheus
 
 ROOT = Path(__file__).resolve().parent.parent
 CHOSEN = {"model": "gpt-4o", "user": "alice", "operation": "chat"}
-
-
-def _generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("dash_gen", ROOT / "dashboards" / "generate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _reports(round_no: int) -> list[dict[str, Any]]:
@@ -97,7 +87,7 @@ def _label_values(prom: Prometheus, label: str, selector: str) -> list[str]:
 
 
 def test_every_panel_query_returns_data(tmp_path: Path) -> None:
-    gen = _generator()
+    gen = load_dashboard_generator()
     port = free_port()
     service = start_service(
         ["serve", "--port", str(port), "--data-dir", str(tmp_path / "data")],
