@@ -243,7 +243,7 @@ class Flusher:
         inserted = await store(payloads, True)
         if refused:
             path = await asyncio.to_thread(self._quarantine, group, refused)
-            self.metrics.flush_failures.inc()
+            self.metrics.quarantined.inc(len(refused))
             log.error(
                 "flush: the database refused %d report(s); they are kept in %s (not counted "
                 "in the rollups), first error: %s",

@@ -71,6 +71,11 @@ class SelfMetrics:
             "Reports committed to the database (duplicates excluded).",
             registry=r,
         )
+        self.quarantined = Counter(
+            "llm_usage_quarantined_reports",
+            "Reports the database refused (data errors), kept in <data_dir>/quarantine.",
+            registry=r,
+        )
         self.last_flush_success = Gauge(
             "llm_usage_last_flush_success_timestamp_seconds",
             "Unix time of the last successful flush.",

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MAX_TOKENS = 10**12  # far above any real call; stops overflow games
 MAX_STRING = 256
 MAX_ID = 128
+MAX_COST_USD = 1_000_000.0
 _EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 _LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 
@@ -158,7 +159,8 @@ class UsageReport(BaseModel):
     completed_at: Timestamp | None = None
     duration_ms: Millis | None = None
     ttft_ms: Millis | None = None
-    cost_usd: Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)] | None = None
+    #: capped far above any real call so a rollup's NUMERIC(20,10) cannot overflow
+    cost_usd: Annotated[float, Field(ge=0, le=MAX_COST_USD, allow_inf_nan=False)] | None = None
     source: Annotated[str, Field(max_length=32)] = "canonical"
 
     @model_validator(mode="after")
