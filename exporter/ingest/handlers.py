@@ -23,7 +23,15 @@ class IngestHandlers:
         self._m = self_metrics
         self._max_body = max_body_bytes
         self._max_items = max_items
-        self._last_backpressure_log = 0.0
+        self._last_logged: dict[str, float] = {}
+
+    def _log_once_a_minute(self, kind: str, message: str, *args: object) -> None:
+        """Client mistakes are counted always and logged at most once a minute per kind, so a
+        misbehaving client cannot flood the log (and an operator still sees the first one)."""
+        now = time.monotonic()
+        if now - self._last_logged.get(kind, -60.0) >= 60:
+            self._last_logged[kind] = now
+            log.warning(message, *args)
 
     async def _read(self, request: web.Request) -> bytes:
         encoding = request.headers.get("Content-Encoding", "")
@@ -41,24 +49,41 @@ class IngestHandlers:
             ) from None
         return decompress(raw, encoding, self._max_body)
 
-    def _reject(self, exc: BodyError) -> web.Response:
+    def _reject(self, request: web.Request, exc: BodyError) -> web.Response:
         self._m.rejected.labels(exc.reason).inc()
+        self._log_once_a_minute(
+            exc.reason,
+            "ingest: %d (%s) for %s from %s: %s",
+            exc.status,
+            exc.reason,
+            request.path,
+            request.remote,
+            str(exc)[:200],
+        )
         return error_response(
             exc.status, str(exc), headers={"Connection": "close"} if exc.close else None
         )
 
-    async def _ingest(self, parsed: ParsedBody) -> web.Response:
+    async def _ingest(self, request: web.Request, parsed: ParsedBody) -> web.Response:
         try:
             result = await self._ingestor.ingest(parsed.items, parsed.line_errors)
         except Backpressure as exc:
-            now = time.monotonic()
-            if now - self._last_backpressure_log > 60:
-                self._last_backpressure_log = now
-                log.warning("ingest: answering 503 (backpressure): %s", exc)
+            self._log_once_a_minute("backpressure", "ingest: answering 503 (backpressure): %s", exc)
             return error_response(
                 503,
                 "write-ahead log is full or closing; retry later",
                 headers={"Retry-After": str(exc.retry_after)},
+            )
+        if result.errors:
+            first = result.errors[0]
+            self._log_once_a_minute(
+                "invalid",
+                "ingest: rejected %d invalid item(s) on %s from %s; first (index %s): %s",
+                len(result.errors),
+                request.path,
+                request.remote,
+                first["index"],
+                str(first["error"])[:300],
             )
         return json_response(result.as_json(), status=_status(result))
 
@@ -67,8 +92,8 @@ class IngestHandlers:
             body = await self._read(request)
             parsed = parse_items(body, request.headers.get("Content-Type", ""), self._max_items)
         except BodyError as exc:
-            return self._reject(exc)
-        return await self._ingest(parsed)
+            return self._reject(request, exc)
+        return await self._ingest(request, parsed)
 
     async def gateway_metrics(self, request: web.Request) -> web.Response:
         """GPUStack's gateway sends exactly one JSON object per call."""
@@ -76,12 +101,12 @@ class IngestHandlers:
             body = await self._read(request)
             parsed = parse_items(body, request.headers.get("Content-Type", ""), 1)
         except BodyError as exc:
-            return self._reject(exc)
+            return self._reject(request, exc)
         if parsed.line_errors or not isinstance(parsed.items[0], dict):
-            return self._reject(BodyError(400, "bad_body", "body must be one JSON object"))
+            return self._reject(request, BodyError(400, "bad_body", "body must be one JSON object"))
         if not any(k in parsed.items[0] for k in ("input_token", "output_token", "access_key")):
             parsed.items[0].setdefault("request_count", 1)  # route to the GPUStack adapter
-        return await self._ingest(parsed)
+        return await self._ingest(request, parsed)
 
 
 def _status(result: IngestResult) -> int:
