@@ -5,12 +5,15 @@ dashboards/generate.py)."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import orjson
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import free_port, http, load_dashboard_generator, start_service
 from tests.prometheus_server import Prometheus, run_prometheus
@@ -86,6 +89,33 @@ def _label_values(prom: Prometheus, label: str, selector: str) -> list[str]:
     return [str(v) for v in data]
 
 
+def _assert_names_exposed(url: str, gen: Any, rule_files: list[Path]) -> None:
+    """Every llm_* name in the boards and the rules is a series this exporter exposes, and
+    every name docs/metrics.md promises is there too."""
+    status, body, _ = http("GET", f"{url}/metrics")
+    assert status == 200
+    exposed = {
+        sample.name
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+    used = {q.expr for q in gen.prometheus_queries()}
+    for path in rule_files:
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            used |= {str(rule["expr"]) for rule in group["rules"]}
+    names = {n for expr in used for n in re.findall(r"(?<![\w:])llm_[a-z0-9_]+", expr)}
+    assert names, "no metric names found in dashboards and rules"
+    missing = sorted(n for n in names if n not in exposed)
+    assert not missing, f"used in dashboards/rules but not exposed: {missing}"
+    documented = set(re.findall(r"`(llm_[a-z0-9_]+)`", (ROOT / "docs" / "metrics.md").read_text()))
+    histograms = {"llm_request_duration_seconds", "llm_time_to_first_token_seconds",
+                  "llm_usage_flush_duration_seconds"}  # fmt: skip
+    undocumented = sorted(
+        n for n in documented if (f"{n}_count" if n in histograms else n) not in exposed
+    )
+    assert not undocumented, f"in docs/metrics.md but not exposed: {undocumented}"
+
+
 def test_every_panel_query_returns_data(tmp_path: Path) -> None:
     gen = load_dashboard_generator()
     port = free_port()
@@ -111,6 +141,7 @@ def test_every_panel_query_returns_data(tmp_path: Path) -> None:
                 time.sleep(3)
             prom.wait_for("llm_usage_last_flush_success_timestamp_seconds > 0")
             prom.wait_for("llm_budget_spent_usd > 0")
+            _assert_names_exposed(service.url, gen, rules)
 
             variables: dict[str, str] = {}
             for uid, name, selector, label in gen.prometheus_variable_queries():
