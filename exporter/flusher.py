@@ -120,11 +120,9 @@ class Flusher:
 
     # -- ingest side -------------------------------------------------------------------------
     def nudge(self) -> None:
-        """Cheap: refresh the gauges; wake the loop early when the backlog is large."""
-        pending = self.wal.pending_reports
-        self.metrics.pending.set(pending)
-        self.metrics.wal_bytes.set(self.wal.total_bytes)
-        if pending >= self.max_reports and self._failing_since is None:
+        """Called on every durable append, so only a comparison: wake the loop early when the
+        backlog is large (the gauges are refreshed at each scrape and flush)."""
+        if self.wal.pending_reports >= self.max_reports and self._failing_since is None:
             self._wake.set()
 
     @property

@@ -106,6 +106,8 @@ class WriteAheadLog:
         self._segments: list[Segment] = []
         self._queue: list[_Pending] = []
         self._queued_bytes = 0
+        self._bytes = 0  # sum of segment sizes
+        self._reports = 0  # sum of segment report counts
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
@@ -114,11 +116,12 @@ class WriteAheadLog:
     # -- state -------------------------------------------------------------------------------
     @property
     def total_bytes(self) -> int:
-        return sum(s.size for s in self._segments) + self._queued_bytes
+        return self._bytes + self._queued_bytes
 
     @property
     def pending_reports(self) -> int:
-        return sum(s.reports for s in self._segments)
+        """Reports written and not yet dropped (kept as running totals: read on every append)."""
+        return self._reports
 
     @property
     def active(self) -> Segment:
@@ -151,6 +154,8 @@ class WriteAheadLog:
                 continue
             reports = sum(r.reports for r in records)
             self._segments.append(Segment(seq, path, good, reports, sealed=True))
+            self._bytes += good
+            self._reports += reports
         next_seq = (seqs[-1] + 1) if seqs else 1
         self._new_active(next_seq)
         if len(self._segments) > 1:
@@ -214,7 +219,10 @@ class WriteAheadLog:
             async with self._lock:
                 seg = self.active
                 try:
-                    await loop.run_in_executor(None, self._write, seg, data)
+                    if self.fsync:
+                        await loop.run_in_executor(None, self._write, seg, data)
+                    else:  # a page-cache write is microseconds: not worth a thread hop
+                        self._write(seg, data)
                 except OSError as exc:
                     self._queued_bytes -= len(data)
                     log.error("wal: write to %s failed: %s", seg.path.name, exc)
@@ -223,8 +231,11 @@ class WriteAheadLog:
                             p.future.set_exception(exc)
                     continue
                 self._queued_bytes -= len(data)
+                written = sum(p.reports for p in batch)
                 seg.size += len(data)
-                seg.reports += sum(p.reports for p in batch)
+                seg.reports += written
+                self._bytes += len(data)
+                self._reports += written
                 for p in batch:
                     if not p.future.done():
                         p.future.set_result(seg.seq)
@@ -271,6 +282,8 @@ class WriteAheadLog:
         assert segment.sealed
         segment.path.unlink(missing_ok=True)
         self._segments.remove(segment)
+        self._bytes -= segment.size
+        self._reports -= segment.reports
 
 
 def _fsync_dir(path: Path) -> None:
