@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal
@@ -61,43 +62,46 @@ def _required_scope(method: str, path: str, metrics_auth: bool) -> Scope | None:
     return None
 
 
-def _auth_middleware(
-    authn: Authenticator, self_metrics: SelfMetrics, metrics_auth: bool
-) -> Any:  # aiohttp's Middleware protocol; the decorator makes it one
+def _middleware(authn: Authenticator, self_metrics: SelfMetrics, metrics_auth: bool) -> Any:
+    """Bearer auth by path and method, JSON errors, and no traceback ever leaking; one
+    middleware rather than two, since every layer costs each request a coroutine."""
+    last_logged: dict[str, float] = {}
+
+    def refuse(request: web.Request, verdict: str, scope: Scope) -> web.Response:
+        if scope == "ingest":
+            self_metrics.rejected.labels(verdict).inc()
+        now = time.monotonic()
+        if now - last_logged.get(verdict, -60.0) >= 60:  # at most once a minute per kind
+            last_logged[verdict] = now
+            log.warning("%s: %s %s from %s", verdict, request.method, request.path,
+                        request.remote)  # fmt: skip
+        if verdict == "unauthorized":
+            return error_response(
+                401,
+                "missing or invalid bearer token",
+                headers={"WWW-Authenticate": 'Bearer realm="llm-usage-exporter"'},
+            )
+        return error_response(403, f"token lacks the {scope!r} scope")
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        scope = _required_scope(request.method, request.path, metrics_auth)
-        if scope is not None and authn.enabled:
-            verdict = authn.check(request.headers.get("Authorization"), scope)
-            if verdict != "ok":
-                if scope == "ingest":
-                    self_metrics.rejected.labels(
-                        "unauthorized" if verdict == "unauthorized" else "forbidden"
-                    ).inc()
-                if verdict == "unauthorized":
-                    return error_response(
-                        401,
-                        "missing or invalid bearer token",
-                        headers={"WWW-Authenticate": 'Bearer realm="llm-usage-exporter"'},
-                    )
-                return error_response(403, f"token lacks the {scope!r} scope")
-        return await handler(request)
+        if authn.enabled:
+            scope = _required_scope(request.method, request.path, metrics_auth)
+            if scope is not None:
+                verdict = authn.check(request.headers.get("Authorization"), scope)
+                if verdict != "ok":
+                    return refuse(request, verdict, scope)
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status >= 400 and exc.content_type != "application/json":
+                return error_response(exc.status, exc.reason, headers=_keep_headers(exc))
+            raise
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return error_response(500, "internal error")
 
     return middleware
-
-
-@web.middleware
-async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn aiohttp's HTML errors into JSON and make sure a bug never leaks a traceback."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status >= 400 and exc.content_type != "application/json":
-            return error_response(exc.status, exc.reason, headers=_keep_headers(exc))
-        raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, "internal error")
 
 
 def _keep_headers(exc: web.HTTPException) -> dict[str, str]:
@@ -169,8 +173,7 @@ def create_app(settings: Settings) -> web.Application:
         # our bounded inflater answers bombs, truncation and unknown encodings in JSON
         handler_args={"auto_decompress": False},
         middlewares=[
-            _error_middleware,
-            _auth_middleware(Authenticator(settings.tokens), self_metrics, settings.metrics_auth),
+            _middleware(Authenticator(settings.tokens), self_metrics, settings.metrics_auth)
         ],
     )
     app[SETTINGS] = settings
