@@ -144,7 +144,6 @@ def create_app(settings: Settings) -> web.Application:
         max_bytes=settings.wal_max_bytes,
         durability=settings.wal_durability,
     )
-    self_metrics.wal_max_bytes.set(settings.wal_max_bytes)
     ingestor = Ingestor(
         wal=wal,
         usage=usage,
