@@ -25,6 +25,7 @@ from exporter.ingest.handlers import IngestHandlers
 from exporter.ingest.pipeline import Ingestor
 from exporter.live.exposition import Exposition
 from exporter.live.usage_metrics import LabelCaps, UsageMetrics
+from exporter.otlp import OtlpHandler
 from exporter.pricing import Pricer
 from exporter.selfmetrics import SelfMetrics
 from exporter.store import Store
@@ -270,6 +271,9 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/v1/usage", ingest.usage)
     app.router.add_post("/v2/usage/gateway-metrics", ingest.gateway_metrics)
+    app.router.add_post(
+        "/v1/traces", OtlpHandler(ingestor, self_metrics, settings.max_body_bytes).traces
+    )
     budget_api = BudgetHandlers(budgets)
     app.router.add_get("/v1/budgets", budget_api.list)
     app.router.add_get("/v1/budgets/check", budget_api.check)
