@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 Window = Literal["day", "week", "month"]
 #: (budget, window start, window end) → stored spend in that window
 SpendQuery = Callable[[BudgetSpec, datetime, datetime], Awaitable[Decimal]]
-_Key = tuple[str, str, str, str, datetime]  # user, team, api_key_id, model, hour
+_Key = tuple[str, datetime]  # budget name, start of the window the reports fall in
 
 
 def window_bounds(window: Window, now: datetime) -> tuple[datetime, datetime]:
@@ -121,6 +121,7 @@ class BudgetTracker:
         self._m = self_metrics
         self._query = spend_query
         self._clock = clock
+        #: WAL segment seq → unflushed cost per (budget, window start); O(segments) to read
         self._unflushed: dict[int, dict[_Key, float]] = {}
         now = clock()
         self._states = {s.name: BudgetState(s, *window_bounds(s.window, now)) for s in self._specs}
@@ -142,22 +143,17 @@ class BudgetTracker:
         for r in reports:
             if not r.cost_usd or r.completed_at is None:
                 continue
-            hour = r.completed_at.replace(minute=0, second=0, microsecond=0)
-            bucket[(r.user, r.team, r.api_key_id, r.model, hour)] += r.cost_usd
+            for spec in self._specs:
+                if matches(spec, r.user, r.team, r.api_key_id, r.model):
+                    start = window_bounds(spec.window, r.completed_at)[0]
+                    bucket[(spec.name, start)] += r.cost_usd
 
     def on_dropped(self, seq: int) -> None:
         self._unflushed.pop(seq, None)
 
     def _pending(self, state: BudgetState) -> float:
-        spec = state.spec
-        total = 0.0
-        for bucket in self._unflushed.values():
-            for (user, team, key, model, hour), cost in bucket.items():
-                if state.window_start <= hour < state.window_end and matches(
-                    spec, user, team, key, model
-                ):
-                    total += cost
-        return total
+        key = (state.spec.name, state.window_start)
+        return sum(bucket.get(key, 0.0) for bucket in self._unflushed.values())
 
     # -- refresh -----------------------------------------------------------------------------
     def _roll(self, state: BudgetState, now: datetime) -> None:
