@@ -70,10 +70,11 @@ def free_port() -> int:
 Key = tuple[str, tuple[tuple[str, str], ...]]
 
 
-def parse_metrics(text: str) -> dict[Key, float]:
-    """Every sample of a text-format scrape, keyed by (sample name, sorted labels)."""
+def parse_metrics(text: str, parser: Any = text_string_to_metric_families) -> dict[Key, float]:
+    """Every sample of a scrape (text format, or OpenMetrics with its parser), keyed by
+    (sample name, sorted labels)."""
     out: dict[Key, float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in parser(text):
         for s in family.samples:
             key = (s.name, tuple(sorted(s.labels.items())))
             assert key not in out, f"duplicate sample {key}"

@@ -104,13 +104,7 @@ async def get_text(client: Any, accept: str = "") -> tuple[str, Any]:
 
 
 def parse_openmetrics(text: str) -> dict[Key, float]:
-    out: dict[Key, float] = {}
-    for family in openmetrics_families(text):
-        for s in family.samples:
-            key = (s.name, tuple(sorted(s.labels.items())))
-            assert key not in out, f"duplicate sample {key}"
-            out[key] = s.value
-    return out
+    return parse_metrics(text, openmetrics_families)
 
 
 # Durations chosen against the default buckets 0.1 0.25 0.5 1 2.5 5 10 20 30 60 120 300.
