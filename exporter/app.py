@@ -119,6 +119,7 @@ _LANDING = """<!doctype html>
 <li><a href="/readyz">/readyz</a> readiness (database reachable, WAL not full)</li>
 <li>POST /v1/usage usage reports (JSON object, array or NDJSON; gzip ok)</li>
 <li>POST /v2/usage/gateway-metrics GPUStack gateway metrics</li>
+<li>POST /v1/traces OTLP/HTTP spans with GenAI usage (protobuf or JSON)</li>
 <li><a href="/v1/budgets">/v1/budgets</a> budgets</li>
 </ul></body></html>
 """
@@ -272,7 +273,10 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/usage", ingest.usage)
     app.router.add_post("/v2/usage/gateway-metrics", ingest.gateway_metrics)
     app.router.add_post(
-        "/v1/traces", OtlpHandler(ingestor, self_metrics, settings.max_body_bytes).traces
+        "/v1/traces",
+        OtlpHandler(
+            ingestor, self_metrics, settings.max_body_bytes, settings.max_batch_items
+        ).traces,
     )
     budget_api = BudgetHandlers(budgets)
     app.router.add_get("/v1/budgets", budget_api.list)

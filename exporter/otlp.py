@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,7 +33,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from exporter.ingest.body import BodyError, decompress
+from exporter.httputil import LogOncePerMinute
+from exporter.ingest.body import BodyError, read_body
 from exporter.ingest.pipeline import Backpressure, Ingestor
 from exporter.selfmetrics import SelfMetrics
 
@@ -240,17 +240,14 @@ def _encode(message: ExportTraceServiceResponse, media: str) -> bytes:
 
 
 class OtlpHandler:
-    def __init__(self, ingestor: Ingestor, self_metrics: SelfMetrics, max_body_bytes: int) -> None:
+    def __init__(
+        self, ingestor: Ingestor, self_metrics: SelfMetrics, max_body_bytes: int, max_items: int
+    ) -> None:
         self._ingestor = ingestor
         self._m = self_metrics
         self._max_body = max_body_bytes
-        self._last_logged: dict[str, float] = {}
-
-    def _log_once_a_minute(self, kind: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last_logged.get(kind, -60.0) >= 60:
-            self._last_logged[kind] = now
-            log.warning(message, *args)
+        self._max_items = max_items
+        self._log_once_a_minute = LogOncePerMinute(log)
 
     def _error(
         self,
@@ -273,14 +270,7 @@ class OtlpHandler:
         return web.Response(status=status, body=body, content_type=ctype, headers=headers)
 
     async def _read(self, request: web.Request) -> bytes:
-        encoding = request.headers.get("Content-Encoding", "")
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise BodyError(413, "too_large", f"body exceeds {self._max_body} bytes") from None
-        except web.RequestPayloadError:
-            raise BodyError(400, "bad_body", "body could not be read", close=True) from None
-        return decompress(raw, encoding, self._max_body)
+        return await read_body(request, self._max_body)
 
     async def traces(self, request: web.Request) -> web.Response:
         media = _media_type(request.headers.get("Content-Type", ""))
@@ -302,6 +292,14 @@ class OtlpHandler:
             items, pre_errors = usage_items(message)
         except OtlpError as exc:
             return self._error(request, media, 400, "bad_body", str(exc))
+        if len(items) > self._max_items:
+            return self._error(
+                request,
+                media,
+                413,
+                "batch_too_large",
+                f"{len(items)} usage spans in one export exceed {self._max_items}",
+            )
         response = ExportTraceServiceResponse()
         if items:
             try:

@@ -365,3 +365,14 @@ async def test_ingest_token_required(make_client: MakeClient) -> None:
     )
     await asyncio.to_thread(emit_spans, authorized)
     await assert_sdk_spans_counted(client)
+
+
+async def test_usage_spans_per_export_are_capped(make_client: MakeClient) -> None:
+    """max_batch_items bounds an export like a /v1/usage batch: 413, nothing counted."""
+    client = await make_client(max_batch_items=1)
+    resp = await client.post("/v1/traces", data=json_body(JSON_SPANS), headers=JSON)
+    assert resp.status == 413
+    assert "exceed 1" in (await resp.json())["message"]
+    m = await scrape(client)
+    assert total(m, "llm_requests_total") == 0
+    assert value(m, "llm_usage_reports_rejected_total", reason="batch_too_large") == 1

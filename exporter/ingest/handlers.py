@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import time
 
 from aiohttp import web
 
-from exporter.httputil import error_response, json_response
-from exporter.ingest.body import BodyError, ParsedBody, decompress, parse_items
+from exporter.httputil import LogOncePerMinute, error_response, json_response
+from exporter.ingest.body import BodyError, ParsedBody, parse_items, read_body
 from exporter.ingest.pipeline import Backpressure, Ingestor, IngestResult
 from exporter.selfmetrics import SelfMetrics
 
@@ -23,31 +22,10 @@ class IngestHandlers:
         self._m = self_metrics
         self._max_body = max_body_bytes
         self._max_items = max_items
-        self._last_logged: dict[str, float] = {}
-
-    def _log_once_a_minute(self, kind: str, message: str, *args: object) -> None:
-        """Client mistakes are counted always and logged at most once a minute per kind, so a
-        misbehaving client cannot flood the log (and an operator still sees the first one)."""
-        now = time.monotonic()
-        if now - self._last_logged.get(kind, -60.0) >= 60:
-            self._last_logged[kind] = now
-            log.warning(message, *args)
+        self._log_once_a_minute = LogOncePerMinute(log)
 
     async def _read(self, request: web.Request) -> bytes:
-        encoding = request.headers.get("Content-Encoding", "")
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise BodyError(413, "too_large", f"body exceeds {self._max_body} bytes") from None
-        except web.RequestPayloadError:
-            # aiohttp inflates gzip/deflate itself and fails here on corrupt or cut-off data
-            raise BodyError(
-                400,
-                "bad_body",
-                f"body could not be read: not valid {encoding or 'data'} or cut short",
-                close=True,
-            ) from None
-        return decompress(raw, encoding, self._max_body)
+        return await read_body(request, self._max_body)
 
     def _reject(self, request: web.Request, exc: BodyError) -> web.Response:
         self._m.rejected.labels(exc.reason).inc()
