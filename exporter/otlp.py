@@ -15,7 +15,6 @@ encoding (with `partial_success` when usage spans were invalid), 400/413/415 wit
 from __future__ import annotations
 
 import base64
-import logging
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -33,12 +32,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from exporter.httputil import LogOncePerMinute
-from exporter.ingest.body import BodyError, read_body
-from exporter.ingest.pipeline import Backpressure, Ingestor
-from exporter.selfmetrics import SelfMetrics
-
-log = logging.getLogger(__name__)
+from exporter.ingest.body import BodyError
+from exporter.ingest.handlers import IngestEndpoint
+from exporter.ingest.pipeline import Backpressure
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
@@ -239,15 +235,8 @@ def _encode(message: ExportTraceServiceResponse, media: str) -> bytes:
     return data
 
 
-class OtlpHandler:
-    def __init__(
-        self, ingestor: Ingestor, self_metrics: SelfMetrics, max_body_bytes: int, max_items: int
-    ) -> None:
-        self._ingestor = ingestor
-        self._m = self_metrics
-        self._max_body = max_body_bytes
-        self._max_items = max_items
-        self._log_once_a_minute = LogOncePerMinute(log)
+class OtlpHandler(IngestEndpoint):
+    """POST /v1/traces."""
 
     def _error(
         self,
@@ -268,9 +257,6 @@ class OtlpHandler:
         else:
             body, ctype = orjson.dumps({"code": code, "message": message}), JSON
         return web.Response(status=status, body=body, content_type=ctype, headers=headers)
-
-    async def _read(self, request: web.Request) -> bytes:
-        return await read_body(request, self._max_body)
 
     async def traces(self, request: web.Request) -> web.Response:
         media = _media_type(request.headers.get("Content-Type", ""))

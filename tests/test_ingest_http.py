@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import itertools
 import logging
 import zlib
 from collections.abc import Awaitable, Callable
@@ -20,37 +19,15 @@ from helpers import (
     INGEST_TOKEN,
     READ_TOKEN,
     bearer,
-    make_settings,
     report,
     scrape,
     select,
-    token_settings,
     total,
     value,
     wait_ready,
 )
 
-from exporter.app import create_app
-
 MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
-
-
-@pytest.fixture
-def make_client(aiohttp_client: Any, tmp_path: Path) -> MakeClient:
-    counter = itertools.count()
-
-    async def make(**overrides: Any) -> TestClient[Any, Any]:
-        overrides.setdefault("data_dir", tmp_path / f"data{next(counter)}")
-        tokens = overrides.pop("with_tokens", False)
-        settings = (
-            token_settings(tmp_path, **overrides)
-            if tokens
-            else make_settings(tmp_path, **overrides)
-        )
-        client: TestClient[Any, Any] = await aiohttp_client(create_app(settings))
-        return client
-
-    return make
 
 
 async def post(client: Any, body: Any, **headers: str) -> tuple[int, Any]:

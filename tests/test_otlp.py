@@ -7,25 +7,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
-import itertools
 import os
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 from aiohttp.test_utils import TestClient
 from google.protobuf import json_format
 from helpers import (
     INGEST_TOKEN,
     READ_TOKEN,
     bearer,
-    make_settings,
     scrape,
-    token_settings,
     total,
     value,
 )
@@ -42,30 +37,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Status, StatusCode
 
-from exporter.app import create_app
 from exporter.otlp import usage_items
 
 MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
 JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture
-def make_client(aiohttp_client: Any, tmp_path: Path) -> MakeClient:
-    counter = itertools.count()
-
-    async def make(**overrides: Any) -> TestClient[Any, Any]:
-        overrides.setdefault("data_dir", tmp_path / f"data{next(counter)}")
-        tokens = overrides.pop("with_tokens", False)
-        settings = (
-            token_settings(tmp_path, **overrides)
-            if tokens
-            else make_settings(tmp_path, **overrides)
-        )
-        client: TestClient[Any, Any] = await aiohttp_client(create_app(settings))
-        return client
-
-    return make
 
 
 def endpoint(client: TestClient[Any, Any]) -> str:

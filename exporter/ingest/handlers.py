@@ -11,10 +11,10 @@ from exporter.ingest.body import BodyError, ParsedBody, parse_items, read_body
 from exporter.ingest.pipeline import Backpressure, Ingestor, IngestResult
 from exporter.selfmetrics import SelfMetrics
 
-log = logging.getLogger(__name__)
 
+class IngestEndpoint:
+    """What every ingest endpoint shares: the pipeline, limits, body reading, quiet logs."""
 
-class IngestHandlers:
     def __init__(
         self, ingestor: Ingestor, self_metrics: SelfMetrics, max_body_bytes: int, max_items: int
     ) -> None:
@@ -22,10 +22,14 @@ class IngestHandlers:
         self._m = self_metrics
         self._max_body = max_body_bytes
         self._max_items = max_items
-        self._log_once_a_minute = LogOncePerMinute(log)
+        self._log_once_a_minute = LogOncePerMinute(logging.getLogger(type(self).__module__))
 
     async def _read(self, request: web.Request) -> bytes:
         return await read_body(request, self._max_body)
+
+
+class IngestHandlers(IngestEndpoint):
+    """POST /v1/usage and POST /v2/usage/gateway-metrics."""
 
     def _reject(self, request: web.Request, exc: BodyError) -> web.Response:
         self._m.rejected.labels(exc.reason).inc()
