@@ -91,10 +91,6 @@ class UsageMetrics:
         self._extra = tuple(extra_labels)
         self.generation = 0  # bumps on every change; lets /metrics reuse its last render
 
-    @property
-    def series_count(self) -> int:
-        return len(self._series)
-
     def _series_for(self, raw: tuple[str, ...]) -> Series:
         series = self._raw_index.get(raw)
         if series is not None:
@@ -149,13 +145,6 @@ class UsageMetrics:
         hist.buckets[bisect_left(bounds, seconds)] += 1
         hist.count += 1
         hist.sum += seconds
-
-    def spend_snapshot(self) -> dict[tuple[str, ...], float]:
-        """Cost per bounded label key, for tests and diagnostics."""
-        return {k: s.values[_COST] for k, s in self._series.items()}
-
-    def values(self) -> dict[tuple[str, ...], list[float]]:
-        return {k: list(s.values) for k, s in self._series.items()}
 
     def render(self, openmetrics: bool) -> str:
         out: list[str] = []

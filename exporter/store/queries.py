@@ -201,12 +201,6 @@ async def spend(
     return total
 
 
-async def detail_count(engine: AsyncEngine) -> int:
-    async with engine.connect() as conn:
-        result = await conn.execute(select(func.count()).select_from(usage_details))
-        return int(result.scalar_one())
-
-
 async def request_ids(engine: AsyncEngine) -> Sequence[str]:
     """All stored request ids (tests)."""
     async with engine.connect() as conn:
