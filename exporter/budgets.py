@@ -146,7 +146,7 @@ class BudgetTracker:
             for spec in self._specs:
                 if matches(spec, r.user, r.team, r.api_key_id, r.model):
                     start = window_bounds(spec.window, r.completed_at)[0]
-                    bucket[(spec.name, start)] += r.cost_usd
+                    bucket[(spec.name, start)] += float(r.cost_usd)
 
     def on_dropped(self, seq: int) -> None:
         self._unflushed.pop(seq, None)

@@ -96,7 +96,8 @@ class SelfMetrics:
         )
         self.unpriced = Counter(
             "llm_usage_unpriced_reports",
-            "Reports whose model has no known price (cost counted as 0).",
+            "Distinct accepted reports stored without a cost (NULL), by reason.",
+            ["reason"],
             registry=r,
         )
         self.budget_limit = Gauge(

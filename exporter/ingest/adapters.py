@@ -153,23 +153,47 @@ def _openai_tokens(
     usage: Mapping[str, Any],
     names: tuple[str, str, str, str],
 ) -> dict[str, Any]:
-    """Both OpenAI APIs count cached input inside input and reasoning inside output."""
+    """Both OpenAI APIs count cached input inside input and reasoning inside output; audio and
+    image tokens (realtime, audio and image models) are parts of input/output too."""
     input_key, output_key, input_details, output_details = names
     out.setdefault("provider", "openai")
     out["input_tokens"] = _int(usage.get(input_key))
     out["output_tokens"] = _int(usage.get(output_key))
     out["cached_input_tokens"] = _details(usage, input_details, "cached_tokens")
     out["reasoning_tokens"] = _details(usage, output_details, "reasoning_tokens")
+    for details, field, canon in (
+        (input_details, "audio_tokens", "input_audio_tokens"),
+        (input_details, "image_tokens", "input_image_tokens"),
+        (output_details, "audio_tokens", "output_audio_tokens"),
+        (output_details, "image_tokens", "output_image_tokens"),
+    ):
+        value = _details(usage, details, field)
+        if value:
+            out[canon] = value
+    cached = usage.get(input_details)
+    if isinstance(cached, Mapping) and cached.get("cached_tokens_details") is not None:
+        value = _details(cached, "cached_tokens_details", "audio_tokens")
+        if value:
+            out["cached_audio_input_tokens"] = value
     if usage.get("total_tokens") is not None:
         out["total_tokens"] = usage["total_tokens"]
     return out
+
+
+def _service_tier(out: dict[str, Any], raw: Raw, usage: Mapping[str, Any]) -> None:
+    """The tier the provider actually served (it prices flex, priority and batch apart)."""
+    tier = usage.get("service_tier", raw.get("service_tier"))
+    if tier is not None:
+        out["service_tier"] = tier
 
 
 def from_openai_chat(raw: Raw) -> dict[str, Any]:
     """Chat Completions / Completions / Embeddings `usage` (prompt_tokens, completion_tokens)."""
     names = ("prompt_tokens", "completion_tokens", "prompt_tokens_details",
              "completion_tokens_details")  # fmt: skip
-    return _openai_tokens(_envelope(raw, "openai"), _usage_object(raw), names)
+    out = _openai_tokens(_envelope(raw, "openai"), _usage_object(raw), names)
+    _service_tier(out, raw, {})
+    return out
 
 
 def from_openai_responses(raw: Raw) -> dict[str, Any]:
@@ -179,25 +203,51 @@ def from_openai_responses(raw: Raw) -> dict[str, Any]:
     if out.get("status") == "incomplete":
         out["status"] = "success"  # stopped at max_output_tokens or a filter: still billed
     names = ("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
-    return _openai_tokens(out, _usage_object(raw), names)
+    out = _openai_tokens(out, _usage_object(raw), names)
+    _service_tier(out, raw, {})
+    return out
 
 
 def from_anthropic(raw: Raw) -> dict[str, Any]:
-    """Messages API `usage`: input_tokens EXCLUDE cache reads and writes, so add them back."""
+    """Messages API `usage`: input_tokens EXCLUDE cache reads and writes, so add them back.
+
+    `cache_creation` splits the writes by TTL (5-minute and 1-hour writes are priced apart),
+    `server_tool_use.web_search_requests` counts billed web searches, `service_tier` the tier.
+    """
     usage = _usage_object(raw)
     out = _envelope(raw, "anthropic")
     out.setdefault("provider", "anthropic")
     uncached = _int(usage.get("input_tokens"))
-    created = _int(usage.get("cache_creation_input_tokens"))
+    created = usage.get("cache_creation_input_tokens")
     read = _int(usage.get("cache_read_input_tokens"))
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in (uncached, created, read)):
+    by_ttl = usage.get("cache_creation")
+    if by_ttl is not None:
+        if not isinstance(by_ttl, Mapping):
+            raise ShapeError("usage.cache_creation must be an object")
+        one_hour = _int(by_ttl.get("ephemeral_1h_input_tokens"))
+        if one_hour:
+            out["cache_creation_1h_input_tokens"] = one_hour
+        if created is None:
+            five_minutes = _int(by_ttl.get("ephemeral_5m_input_tokens"))
+            if _ints(five_minutes, one_hour):
+                created = five_minutes + one_hour
+    created = _int(created)
+    if _ints(uncached, created, read):
         out["input_tokens"] = uncached + created + read
     else:
         out["input_tokens"] = uncached  # let validation name the wrong type
     out["cached_input_tokens"] = read
     out["cache_creation_input_tokens"] = created
     out["output_tokens"] = _int(usage.get("output_tokens"))
+    searches = _details(usage, "server_tool_use", "web_search_requests")
+    if searches:
+        out["web_search_requests"] = searches
+    _service_tier(out, raw, usage)
     return out
+
+
+def _ints(*values: Any) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
 
 
 _GPUSTACK_FIELDS = {

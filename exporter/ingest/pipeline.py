@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -15,7 +16,8 @@ from pydantic import TypeAdapter, ValidationError
 from exporter.ingest.adapters import ShapeError, adapt
 from exporter.ingest.dedupe import RecentIds
 from exporter.live.usage_metrics import UsageMetrics
-from exporter.pricing import Pricer
+from exporter.money import CostOverCap, money_text
+from exporter.pricing import Pricer, Unpriced
 from exporter.selfmetrics import SelfMetrics
 from exporter.usage import UsageReport
 from exporter.wal import WalClosed, WalFull, WriteAheadLog
@@ -23,6 +25,14 @@ from exporter.wal import WalClosed, WalFull, WriteAheadLog
 log = logging.getLogger(__name__)
 _BATCH = TypeAdapter(list[UsageReport])
 _MAX_ERRORS_PER_ITEM = 5
+_UNPRICED_LOGGED_MAX = 1000  # distinct models named in "no price" log lines
+
+
+def wal_default(value: Any) -> Any:
+    """orjson hook: costs travel as exact decimal text."""
+    if isinstance(value, Decimal):
+        return money_text(value)
+    raise TypeError(f"cannot serialize {type(value).__name__}")
 
 
 class Backpressure(Exception):
@@ -105,7 +115,9 @@ class Ingestor:
         if not report.completed:
             report.estimate_incomplete_stream(self._bytes_per_token, self._tokens_per_chunk)
         if report.cost_usd is None:
-            fields["cost_usd"] = self._price(report)
+            self._price(report)
+        elif report.unpriced_reason:
+            fields["unpriced_reason"] = ""  # set by pricing only, never by the client
         return report
 
     def validate_batch(
@@ -124,9 +136,11 @@ class Ingestor:
             except ShapeError as exc:
                 errors.append({"index": i, "error": str(exc)})
         if not errors:
+            if self._pricer is not None:
+                self._pricer.refresh_if_due()
             try:
                 return [self._complete(r, now) for r in _BATCH.validate_python(adapted)], []
-            except ValidationError:
+            except (ValidationError, CostOverCap):
                 pass
         reports: list[UsageReport] = []
         for i, raw in enumerate(items):
@@ -136,34 +150,46 @@ class Ingestor:
                 reports.append(self.validate(raw, now))
             except ValidationError as exc:
                 errors.append({"index": i, "error": describe(exc)})
+            except CostOverCap as exc:
+                errors.append({"index": i, "error": f"cost_usd: {exc}"})
             except ShapeError:
                 pass  # already reported above
         errors.sort(key=lambda e: int(e["index"]))
         return reports, errors
 
-    def _price(self, r: UsageReport) -> float:
+    def _price(self, r: UsageReport) -> None:
+        """Cost at the report's own time; unpriced → None and a reason (CostOverCap raises)."""
+        fields = r.__dict__
         if self._pricer is None:
-            return 0.0
-        cost = self._pricer.cost(
-            r.provider,
-            r.model,
-            r.input_tokens,
-            r.output_tokens,
-            r.cached_input_tokens,
-            r.cache_creation_input_tokens,
-        )
-        if cost is None:
-            self._m.unpriced.inc()
-            if r.model not in self._unpriced_logged and len(self._unpriced_logged) < 1000:
-                self._unpriced_logged.add(r.model)
+            fields["unpriced_reason"] = Unpriced.UNKNOWN_MODEL.value
+            return
+        cost = self._pricer.price(fields)
+        if isinstance(cost, Unpriced):
+            fields["unpriced_reason"] = cost.value
+        else:
+            fields["cost_usd"] = cost
+            if r.unpriced_reason:
+                fields["unpriced_reason"] = ""
+
+    def _count_unpriced(self, accepted: Sequence[UsageReport]) -> None:
+        """Once per distinct accepted report (duplicates never reach here); one log line per
+        unpriced model."""
+        for r in accepted:
+            reason = r.unpriced_reason
+            if not reason:
+                continue
+            self._m.unpriced.labels(reason).inc()
+            logged = self._unpriced_logged
+            if r.model not in logged and len(logged) < _UNPRICED_LOGGED_MAX:
+                logged.add(r.model)
                 log.warning(
-                    "no price for model %r (provider %r): cost counted as 0; "
-                    "add it to the price file",
+                    "no price for model %r (provider %r, service tier %r): %s; stored with "
+                    "cost NULL; add it to the price file, then run `llm-usage-exporter reprice`",
                     r.model,
                     r.provider,
+                    r.service_tier,
+                    reason,
                 )
-            return 0.0
-        return cost
 
     async def ingest(
         self, items: list[Any], pre_errors: dict[int, str] | None = None
@@ -193,7 +219,7 @@ class Ingestor:
         # Claim the ids before awaiting, so a concurrent retry of the same id is a duplicate.
         for r in accepted:
             self._recent.add(r.request_id)
-        payload = orjson.dumps([r.__dict__ for r in accepted])
+        payload = orjson.dumps([r.__dict__ for r in accepted], default=wal_default)
         try:
             seq = await self._wal.append(payload, len(accepted))
         except (WalFull, WalClosed, OSError) as exc:
@@ -206,6 +232,7 @@ class Ingestor:
             self._usage.observe(r)
             estimated += r.estimated
         self._m.received.inc(len(accepted))
+        self._count_unpriced(accepted)
         if estimated:
             self._m.estimated.inc(estimated)
         for listener in self.on_durable:

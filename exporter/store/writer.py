@@ -27,15 +27,16 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from operator import itemgetter
 from typing import Any
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from exporter.money import ZERO, money_text, stored_money
 from exporter.store.db import backend_name
-from exporter.store.tables import COST_QUANTUM, ROLLUP_KEY, ROLLUP_SUMS, decimal_text
+from exporter.store.tables import BILLED_COUNT_COLUMNS, ROLLUP_KEY, ROLLUP_SUMS
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ DETAIL_COLUMNS: tuple[str, ...] = (
     "cache_creation_input_tokens", "reasoning_tokens", "total_tokens", "cost_usd", "status",
     "error_type", "stream", "completed", "estimated", "output_chunk_count",
     "request_content_bytes", "started_at", "completed_at", "duration_ms", "ttft_ms", "source",
+    *BILLED_COUNT_COLUMNS, "service_tier", "unpriced_reason",
 )  # fmt: skip
 ROLLUP_COLUMNS: tuple[str, ...] = ROLLUP_KEY + ROLLUP_SUMS
 _DIMENSIONS = ("model", "provider", "operation", "user", "team", "api_key_id")
@@ -59,7 +61,7 @@ _STR_FIELDS = ("request_id", "model", "provider", "operation", "user", "team", "
 _STR_DEFAULTS = {"operation": "other", "status": "success"}
 
 Row = tuple[Any, ...]
-_ZERO = Decimal(0).quantize(COST_QUANTUM)
+_ZERO = ZERO
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +87,7 @@ def _cols(names: Iterable[str]) -> str:
 
 def _json_default(value: Any) -> Any:
     if isinstance(value, Decimal):
-        return str(value)
+        return money_text(value)
     raise TypeError(f"cannot serialize {type(value).__name__}")
 
 
@@ -116,12 +118,10 @@ def _ts(value: Any) -> datetime | None:
 
 
 def _cost(value: Any) -> Decimal | None:
-    """Exact cost: a float through its shortest repr (0.1 → 0.1, not 0.1000…0555)."""
+    """Exact cost by the one rule (exporter.money); WAL records carry it as decimal text."""
     if value is None:
         return None
-    # Half away from zero, as Postgres rounds into NUMERIC(20,10): both backends agree.
-    text = repr(value) if isinstance(value, float) else str(value)
-    return Decimal(text).quantize(COST_QUANTUM, rounding=ROUND_HALF_UP)
+    return stored_money(value)
 
 
 def _clean(value: str) -> str:
@@ -183,7 +183,17 @@ def normalize(report: Mapping[str, Any], now: datetime) -> Row | None:
         g("duration_ms"),
         g("ttft_ms"),
         source,
+        *(g(name) or 0 for name in BILLED_COUNT_COLUMNS),
+        _text(g("service_tier")),
+        _text(g("unpriced_reason")),
     )
+
+
+def _text(value: Any) -> str:
+    if not value:
+        return ""
+    value = value if isinstance(value, str) else str(value)
+    return _clean(value) if "\x00" in value else value
 
 
 class Batch:
@@ -230,7 +240,7 @@ def aggregate(rows: Iterable[Row]) -> list[Row]:
         key = (bucket, *r[i_model : i_model + 6])
         acc = hours.get(key)
         if acc is None:
-            acc = hours[key] = [0, 0, 0, 0, 0, 0, 0, _ZERO, 0.0]
+            acc = hours[key] = [0, 0, 0, 0, 0, 0, 0, _ZERO, 0.0, 0]
         acc[0] += 1
         if r[i_status] != "success":
             acc[1] += 1
@@ -241,6 +251,8 @@ def aggregate(rows: Iterable[Row]) -> list[Row]:
         acc[6] += r[i_in + 4]
         if r[i_cost] is not None:
             acc[7] += r[i_cost]
+        else:
+            acc[9] += 1
         if r[i_dur] is not None:
             acc[8] += r[i_dur]
     days: dict[tuple[Any, ...], list[Any]] = {}
@@ -264,7 +276,9 @@ _PG_DEFAULTS: dict[str, str] = {
     **{c: f"coalesce(r.{_q(c)}, '')" for c in _STR_FIELDS},
     "operation": "coalesce(nullif(r.operation, ''), 'other')",
     "status": "coalesce(nullif(r.status, ''), 'success')",
-    **{c: f"coalesce(r.{_q(c)}, 0)" for c in _TOKENS},
+    **{c: f"coalesce(r.{_q(c)}, 0)" for c in (*_TOKENS, *BILLED_COUNT_COLUMNS)},
+    "service_tier": "coalesce(r.service_tier, '')",
+    "unpriced_reason": "coalesce(r.unpriced_reason, '')",
     "total_tokens": "coalesce(r.total_tokens, coalesce(r.input_tokens, 0) "
     "+ coalesce(r.output_tokens, 0))",
     "stream": "coalesce(r.stream, false)",
@@ -298,7 +312,8 @@ WITH src AS (
         count(*) FILTER (WHERE status <> 'success') AS errors,
         {", ".join(f"sum({_q(c)}) AS {_q(c)}" for c in _TOKENS)},
         coalesce(sum(cost_usd), 0) AS cost_usd,
-        coalesce(sum(duration_ms), 0) AS duration_ms_sum
+        coalesce(sum(duration_ms), 0) AS duration_ms_sum,
+        count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced
     FROM ins
     GROUP BY 1, {_cols(_DIMENSIONS)}
 ), deltas AS (
@@ -345,7 +360,7 @@ def _sqlite_values(
             values[i] = sqlite_timestamp(values[i])
         for i in dec_cols:
             if values[i] is not None:
-                values[i] = decimal_text(values[i])
+                values[i] = money_text(values[i])
         params.extend(values)
     return params
 
