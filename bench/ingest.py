@@ -82,6 +82,7 @@ async def _inprocess(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from exporter.config import Settings
     from exporter.ingest.adapters import adapt
     from exporter.ingest.pipeline import key_alias
+    from exporter.money import json_default
     from exporter.usage import UsageReport
 
     n, batch, repeat = args.validate_items, args.batch, args.repeat
@@ -141,7 +142,7 @@ async def _inprocess(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             ),
             (
                 "WAL payload: orjson.dumps([r.__dict__ …])",
-                lambda: each(validated, lambda rs: orjson.dumps([r.__dict__ for r in rs])),
+                lambda: each(validated, lambda rs: orjson.dumps([r.__dict__ for r in rs], default=json_default)),
             ),
             ("UsageMetrics.observe (live counters)", observe_all),
         ]

@@ -25,6 +25,7 @@ __all__ = [
     "CostOverCap",
     "exact_decimal",
     "from_units",
+    "json_default",
     "money_text",
     "parse_cost",
     "round_units",
@@ -116,6 +117,13 @@ def parse_cost(value: Any) -> Decimal:
     if dec > MAX_COST_USD:
         raise CostOverCap(f"cost_usd {dec} is above the cap of {MAX_COST_USD} USD per report")
     return to_money(dec)
+
+
+def json_default(value: Any) -> Any:
+    """orjson `default=` hook: costs travel as exact decimal text (WAL records, bodies)."""
+    if isinstance(value, Decimal):
+        return money_text(value)
+    raise TypeError(f"cannot serialize {type(value).__name__}")
 
 
 def money_text(value: Decimal) -> str:

@@ -7,7 +7,6 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -16,7 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 from exporter.ingest.adapters import ShapeError, adapt
 from exporter.ingest.dedupe import RecentIds
 from exporter.live.usage_metrics import UsageMetrics
-from exporter.money import CostOverCap, money_text
+from exporter.money import CostOverCap, json_default
 from exporter.pricing import Pricer, Unpriced
 from exporter.selfmetrics import SelfMetrics
 from exporter.usage import UsageReport
@@ -26,13 +25,6 @@ log = logging.getLogger(__name__)
 _BATCH = TypeAdapter(list[UsageReport])
 _MAX_ERRORS_PER_ITEM = 5
 _UNPRICED_LOGGED_MAX = 1000  # distinct models named in "no price" log lines
-
-
-def wal_default(value: Any) -> Any:
-    """orjson hook: costs travel as exact decimal text."""
-    if isinstance(value, Decimal):
-        return money_text(value)
-    raise TypeError(f"cannot serialize {type(value).__name__}")
 
 
 class Backpressure(Exception):
@@ -219,7 +211,7 @@ class Ingestor:
         # Claim the ids before awaiting, so a concurrent retry of the same id is a duplicate.
         for r in accepted:
             self._recent.add(r.request_id)
-        payload = orjson.dumps([r.__dict__ for r in accepted], default=wal_default)
+        payload = orjson.dumps([r.__dict__ for r in accepted], default=json_default)
         try:
             seq = await self._wal.append(payload, len(accepted))
         except (WalFull, WalClosed, OSError) as exc:

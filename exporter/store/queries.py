@@ -43,15 +43,16 @@ class Totals:
     reasoning_tokens: int = 0
     cost_usd: Decimal = _ZERO
     duration_ms_sum: float = 0.0
+    unpriced: int = 0  # reports stored with cost NULL
 
     def exact(self) -> tuple[Any, ...]:
         """Every field but the float duration sum, for exact comparisons."""
         return tuple(getattr(self, f.name) for f in fields(self) if f.name != "duration_ms_sum")
 
 
-def _totals(counts: Sequence[Any], cost: Decimal, duration: Any) -> Totals:
+def _totals(counts: Sequence[Any], cost: Decimal, duration: Any, unpriced: Any = 0) -> Totals:
     c = [int(v) for v in counts]
-    return Totals(c[0], c[1], c[2], c[3], c[4], c[5], c[6], cost, float(duration))
+    return Totals(c[0], c[1], c[2], c[3], c[4], c[5], c[6], cost, float(duration), int(unpriced))
 
 
 def _utc(dt: datetime) -> datetime:
@@ -93,11 +94,12 @@ async def detail_totals(
         func.count().filter(t.c.status != "success"),
         *(func.coalesce(func.sum(t.c[c]), 0) for c in _TOKENS),
         func.coalesce(func.sum(t.c.duration_ms), 0.0),
+        func.count().filter(t.c.cost_usd.is_(None)),
     ).where(where)
     async with engine.connect() as conn:
         row = (await conn.execute(stmt)).one()
     cost = await _sum_cost(engine, _cost_select(t, where, engine.dialect.name == "postgresql"))
-    return _totals(row[:7], cost, row[7])
+    return _totals(row[:7], cost, row[7], row[8])
 
 
 async def rollup_totals(
@@ -114,15 +116,16 @@ async def rollup_totals(
     if until is not None:
         conds.append(t.c.bucket_start < _utc(until))
     where = and_(*conds)
-    sums = [c for c in ROLLUP_SUMS if c not in ("cost_usd", "duration_ms_sum")]
+    sums = [c for c in ROLLUP_SUMS if c not in ("cost_usd", "duration_ms_sum", "unpriced")]
     stmt = select(
         *(func.coalesce(func.sum(t.c[c]), 0) for c in sums),
         func.coalesce(func.sum(t.c.duration_ms_sum), 0.0),
+        func.coalesce(func.sum(t.c.unpriced), 0),
     ).where(where)
     async with engine.connect() as conn:
         row = (await conn.execute(stmt)).one()
     cost = await _sum_cost(engine, _cost_select(t, where, engine.dialect.name == "postgresql"))
-    return _totals(row[:7], cost, row[7])
+    return _totals(row[:7], cost, row[7], row[8])
 
 
 RollupKey = tuple[str, datetime, str, str, str, str, str, str]
@@ -139,7 +142,13 @@ async def rollup_rows(
     n = len(ROLLUP_KEY)
     async with engine.connect() as conn:
         rows = (await conn.execute(stmt)).all()
-    return {tuple(r[:n]): _totals(r[n : n + 7], r[n + 7], r[n + 8]) for r in rows}
+    i = {c: n + j for j, c in enumerate(ROLLUP_SUMS)}
+    return {
+        tuple(r[:n]): _totals(
+            r[n : n + 7], r[i["cost_usd"]], r[i["duration_ms_sum"]], r[i["unpriced"]]
+        )
+        for r in rows
+    }
 
 
 def _day_floor(dt: datetime) -> datetime:
