@@ -142,7 +142,10 @@ async def _inprocess(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             ),
             (
                 "WAL payload: orjson.dumps([r.__dict__ …])",
-                lambda: each(validated, lambda rs: orjson.dumps([r.__dict__ for r in rs], default=json_default)),
+                lambda: each(
+                    validated,
+                    lambda rs: orjson.dumps([r.__dict__ for r in rs], default=json_default),
+                ),
             ),
             ("UsageMetrics.observe (live counters)", observe_all),
         ]
