@@ -1,4 +1,4 @@
-"""Command line: `llm-usage-exporter serve | db upgrade | version`."""
+"""Command line: `llm-usage-exporter serve | db upgrade | reprice | version`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from exporter import __version__
+from exporter import __version__, cli_reprice
 from exporter.config import Settings, load_settings
 from exporter.logs import configure
 
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub = db.add_subparsers(dest="db_command", required=True)
     upgrade = db_sub.add_parser("upgrade", help="apply database migrations")
     _common(upgrade)
+
+    cli_reprice.add_parser(sub, _common)
 
     sub.add_parser("version", help="print the version")
     return parser
@@ -143,6 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure(settings.log_level, settings.log_format)
     if args.command == "serve":
         return _serve(settings)
+    if args.command == "reprice":
+        try:
+            return cli_reprice.run(args, settings)
+        except ValueError as exc:  # a bad price file
+            print(f"llm-usage-exporter: {exc}", file=sys.stderr)
+            return 2
     return _db_upgrade(settings)
 
 

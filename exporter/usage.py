@@ -193,6 +193,8 @@ class UsageReport(BaseModel):
     #: why cost_usd is None after pricing (pricing.Unpriced), '' when priced or sent; set by
     #: ingest, never taken from the client
     unpriced_reason: Annotated[str, Field(max_length=32)] = ""
+    #: the cost came from the client (never re-priced); set by ingest, never by the client
+    cost_sent: bool = False
     source: Annotated[str, Field(max_length=32)] = "canonical"
 
     @model_validator(mode="after")

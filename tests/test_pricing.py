@@ -7,7 +7,6 @@ hard-coded.
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -181,7 +180,7 @@ def test_whole_snapshot_matches_calc_price() -> None:
             ("", "deepseek-chat"),
             ("openai", "gpt-realtime"),
         ]
-    ),  # fmt: skip
+    ),
     fresh=st.integers(0, 2_000_000),
     read=st.integers(0, 2_000_000),
     write=st.integers(0, 2_000_000),

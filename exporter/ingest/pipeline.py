@@ -107,9 +107,11 @@ class Ingestor:
         if not report.completed:
             report.estimate_incomplete_stream(self._bytes_per_token, self._tokens_per_chunk)
         if report.cost_usd is None:
+            fields["cost_sent"] = False
             self._price(report)
-        elif report.unpriced_reason:
-            fields["unpriced_reason"] = ""  # set by pricing only, never by the client
+        else:
+            fields["cost_sent"] = True  # set here only, never by the client
+            fields["unpriced_reason"] = ""
         return report
 
     def validate_batch(

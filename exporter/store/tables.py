@@ -149,6 +149,8 @@ usage_details = Table(
     _key_text("service_tier"),
     # why cost_usd is NULL ('' when priced or sent): pricing.Unpriced
     _key_text("unpriced_reason"),
+    # the client sent cost_usd: `reprice` leaves it alone
+    Column("cost_sent", Boolean, nullable=False, server_default=text("false")),
     Column("inserted_at", UTCDateTime(), nullable=False, server_default=func.current_timestamp()),
     PrimaryKeyConstraint("request_id"),
     Index(None, "completed_at"),

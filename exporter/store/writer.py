@@ -46,7 +46,7 @@ DETAIL_COLUMNS: tuple[str, ...] = (
     "cache_creation_input_tokens", "reasoning_tokens", "total_tokens", "cost_usd", "status",
     "error_type", "stream", "completed", "estimated", "output_chunk_count",
     "request_content_bytes", "started_at", "completed_at", "duration_ms", "ttft_ms", "source",
-    *BILLED_COUNT_COLUMNS, "service_tier", "unpriced_reason",
+    *BILLED_COUNT_COLUMNS, "service_tier", "unpriced_reason", "cost_sent",
 )  # fmt: skip
 ROLLUP_COLUMNS: tuple[str, ...] = ROLLUP_KEY + ROLLUP_SUMS
 _DIMENSIONS = ("model", "provider", "operation", "user", "team", "api_key_id")
@@ -186,6 +186,7 @@ def normalize(report: Mapping[str, Any], now: datetime) -> Row | None:
         *(g(name) or 0 for name in BILLED_COUNT_COLUMNS),
         _text(g("service_tier")),
         _text(g("unpriced_reason")),
+        bool(g("cost_sent")),
     )
 
 
@@ -279,6 +280,7 @@ _PG_DEFAULTS: dict[str, str] = {
     **{c: f"coalesce(r.{_q(c)}, 0)" for c in (*_TOKENS, *BILLED_COUNT_COLUMNS)},
     "service_tier": "coalesce(r.service_tier, '')",
     "unpriced_reason": "coalesce(r.unpriced_reason, '')",
+    "cost_sent": "coalesce(r.cost_sent, false)",
     "total_tokens": "coalesce(r.total_tokens, coalesce(r.input_tokens, 0) "
     "+ coalesce(r.output_tokens, 0))",
     "stream": "coalesce(r.stream, false)",

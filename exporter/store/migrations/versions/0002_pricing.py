@@ -4,7 +4,8 @@ Old rows: before this revision an unpriced report was stored with cost 0 (not NU
 row with cost 0 and tokens > 0 is taken as unpriced (cost NULL, reason 'unknown_model': a model
 priced at exactly 0 is rare, and `llm-usage-exporter reprice` restores any real price); the
 rollups' `unpriced` count is rebuilt from the details still kept (retention may have purged
-older ones; their rollups keep unpriced = 0).
+older ones; their rollups keep unpriced = 0). `cost_sent` is false on old rows: whether a
+client sent their cost was not recorded, so `reprice` treats them as computed.
 
 Revision ID: 0002
 Revises: 0001
@@ -64,6 +65,9 @@ def upgrade() -> None:
             batch.add_column(_count(name))
         batch.add_column(_text("service_tier"))
         batch.add_column(_text("unpriced_reason"))
+        batch.add_column(
+            sa.Column("cost_sent", sa.Boolean(), nullable=False, server_default=sa.text("false"))
+        )
     with op.batch_alter_table("usage_rollups") as batch:
         batch.add_column(_count("unpriced"))
 
@@ -94,6 +98,7 @@ def downgrade() -> None:
     with op.batch_alter_table("usage_rollups") as batch:
         batch.drop_column("unpriced")
     with op.batch_alter_table("usage_details") as batch:
+        batch.drop_column("cost_sent")
         batch.drop_column("unpriced_reason")
         batch.drop_column("service_tier")
         for name in reversed(BILLED_COUNTS):
