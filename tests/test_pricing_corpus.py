@@ -104,8 +104,8 @@ def _report(rng: random.Random, i: int) -> dict[str, Any]:
                  web_search_requests=rng.choice([0, 0, 1, 3]))  # fmt: skip
     elif kind == "o3-tier":
         at = datetime(2026, 11, 1, tzinfo=UTC) + timedelta(seconds=rng.randrange(20 * 86400))
-        r.update(model="o3", provider="openai",
-                 service_tier=rng.choice(["default", "flex", "priority", "batch", "scale"]))  # fmt: skip
+        tiers = ["default", "flex", "priority", "batch", "scale"]
+        r.update(model="o3", provider="openai", service_tier=rng.choice(tiers))
     elif kind == "deepseek":
         r.update(model="deepseek-chat", provider="deepseek",
                  cached_input_tokens=rng.randrange(inp + 1))  # fmt: skip
@@ -113,8 +113,8 @@ def _report(rng: random.Random, i: int) -> dict[str, Any]:
         r.update(model="deepseek-chat", provider="deepseek", web_search_requests=2)
     elif kind in ("claude", "claude-shape"):
         write = rng.randrange(inp // 2 + 1)
-        r.update(model=rng.choice(["claude-sonnet-4-5", "claude-opus-4-1", "claude-3-5-haiku-latest"]),
-                 provider="anthropic", cache_creation_input_tokens=write,
+        claude = ["claude-sonnet-4-5", "claude-opus-4-1", "claude-3-5-haiku-latest"]
+        r.update(model=rng.choice(claude), provider="anthropic", cache_creation_input_tokens=write,
                  cache_creation_1h_input_tokens=rng.choice([0, write, write // 3]),
                  cached_input_tokens=rng.randrange(inp - write + 1),
                  web_search_requests=rng.choice([0, 0, 0, 2]),
@@ -139,8 +139,9 @@ def _report(rng: random.Random, i: int) -> dict[str, Any]:
     elif kind == "unknown":
         r.update(model=rng.choice(["mystery-model", "acme-late-model"]), provider="")
     elif kind == "sent":
-        r.update(model="whatever", cost_usd=rng.choice(
-            [f"{rng.randrange(10**4)}.{rng.randrange(10**16):016d}", rng.random() * 3, "0.00000000005"]))  # fmt: skip
+        many_digits = f"{rng.randrange(10**4)}.{rng.randrange(10**16):016d}"
+        r.update(model="whatever",
+                 cost_usd=rng.choice([many_digits, rng.random() * 3, "0.00000000005"]))  # fmt: skip
     elif kind == "tie":
         r.update(model="tie-model", input_tokens=rng.randrange(1, 99) * 2 + 1,
                  output_tokens=rng.randrange(50))  # fmt: skip
