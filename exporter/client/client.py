@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import itertools
 import json
 import logging
 import os
@@ -105,6 +106,25 @@ def _retry_after(headers: Mapping[str, str]) -> float:
         return 0.0
 
 
+class _RequestIds:
+    """Unique request ids without a syscall per call: a random per-process prefix and a
+    counter (the prefix is renewed in a forked child, so parent and child never collide)."""
+
+    def __init__(self) -> None:
+        self._renew()
+        os.register_at_fork(after_in_child=self._renew)
+
+    def _renew(self) -> None:
+        self._prefix = os.urandom(10).hex()
+        self._next = itertools.count(1).__next__
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{self._next():012x}"
+
+
+new_request_id = _RequestIds()
+
+
 class _QuietLog:
     """One line per event class per interval, with the count of lines it held back."""
 
@@ -172,7 +192,7 @@ class UsageClient:
         if model is not None:
             report["model"] = model
         if "request_id" not in report:
-            report["request_id"] = os.urandom(16).hex()
+            report["request_id"] = new_request_id()
         if "completed_at" not in report:
             report["completed_at"] = time.time()
         if "trace_id" not in report:

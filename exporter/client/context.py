@@ -17,6 +17,7 @@ import contextvars
 import functools
 import inspect
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -47,10 +48,10 @@ _current: contextvars.ContextVar[Frame | None] = contextvars.ContextVar(
 
 
 def _otel_ids() -> tuple[str, str] | None:
-    """The active OpenTelemetry span's (trace id, span id) in W3C hex, if any."""
-    try:
-        from opentelemetry import trace
-    except ImportError:
+    """The active OpenTelemetry span's (trace id, span id) in W3C hex, if any. An application
+    that never imported opentelemetry has no active span: that case costs a dict lookup."""
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:
         return None
     ctx = trace.get_current_span().get_span_context()
     if not ctx.is_valid:

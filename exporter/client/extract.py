@@ -27,48 +27,61 @@ def as_dict(obj: Any) -> dict[str, Any]:
     return {}
 
 
+def _get(obj: Any, key: str) -> Any:
+    """`obj[key]` of a mapping or `obj.key` of an SDK object: reading attributes avoids
+    `model_dump()`, which costs tens of microseconds on the caller's path."""
+    if isinstance(obj, dict):  # a concrete class check: isinstance(x, Mapping) costs ~1 µs
+        return obj.get(key)
+    value = getattr(obj, key, None)
+    if value is None and isinstance(obj, Mapping):
+        return obj.get(key)
+    return value
+
+
+def _has(obj: Any, key: str) -> bool:
+    if isinstance(obj, dict):
+        return key in obj
+    return _get(obj, key) is not None
+
+
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-def _details(usage: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    value = usage.get(key)
-    return value if isinstance(value, Mapping) else {}
-
-
-def usage_fields(usage: Mapping[str, Any]) -> dict[str, int]:
-    """Canonical token fields of one usage object, whichever provider's shape it has."""
-    if "prompt_tokens" in usage or "completion_tokens" in usage:  # OpenAI chat / embeddings
-        prompt = _details(usage, "prompt_tokens_details")
-        completion = _details(usage, "completion_tokens_details")
+def usage_fields(usage: Any) -> dict[str, int]:
+    """Canonical token fields of one usage object (dict or SDK object), whichever provider's
+    shape it has."""
+    if _has(usage, "prompt_tokens") or _has(usage, "completion_tokens"):  # OpenAI chat, embed
+        prompt = _get(usage, "prompt_tokens_details")
+        completion = _get(usage, "completion_tokens_details")
         return {
-            "input_tokens": _int(usage.get("prompt_tokens")),
-            "output_tokens": _int(usage.get("completion_tokens")),
-            "cached_input_tokens": _int(prompt.get("cached_tokens")),
-            "cache_creation_input_tokens": _int(prompt.get("cache_write_tokens")),
-            "reasoning_tokens": _int(completion.get("reasoning_tokens")),
+            "input_tokens": _int(_get(usage, "prompt_tokens")),
+            "output_tokens": _int(_get(usage, "completion_tokens")),
+            "cached_input_tokens": _int(_get(prompt, "cached_tokens")),
+            "cache_creation_input_tokens": _int(_get(prompt, "cache_write_tokens")),
+            "reasoning_tokens": _int(_get(completion, "reasoning_tokens")),
         }
-    anthropic_keys = "cache_read_input_tokens" in usage or "cache_creation_input_tokens" in usage
-    if anthropic_keys and "input_tokens_details" not in usage:
+    anthropic = _has(usage, "cache_read_input_tokens") or _has(usage, "cache_creation_input_tokens")
+    if anthropic and not _has(usage, "input_tokens_details"):
         # Anthropic: input_tokens excludes cache reads and writes
-        read = _int(usage.get("cache_read_input_tokens"))
-        write = _int(usage.get("cache_creation_input_tokens"))
+        read = _int(_get(usage, "cache_read_input_tokens"))
+        write = _int(_get(usage, "cache_creation_input_tokens"))
         return {
-            "input_tokens": _int(usage.get("input_tokens")) + read + write,
-            "output_tokens": _int(usage.get("output_tokens")),
+            "input_tokens": _int(_get(usage, "input_tokens")) + read + write,
+            "output_tokens": _int(_get(usage, "output_tokens")),
             "cached_input_tokens": read,
             "cache_creation_input_tokens": write,
             "reasoning_tokens": 0,
         }
     # OpenAI Responses API
-    inp = _details(usage, "input_tokens_details")
-    out = _details(usage, "output_tokens_details")
+    inp = _get(usage, "input_tokens_details")
+    out = _get(usage, "output_tokens_details")
     return {
-        "input_tokens": _int(usage.get("input_tokens")),
-        "output_tokens": _int(usage.get("output_tokens")),
-        "cached_input_tokens": _int(inp.get("cached_tokens")),
-        "cache_creation_input_tokens": _int(inp.get("cache_write_tokens")),
-        "reasoning_tokens": _int(out.get("reasoning_tokens")),
+        "input_tokens": _int(_get(usage, "input_tokens")),
+        "output_tokens": _int(_get(usage, "output_tokens")),
+        "cached_input_tokens": _int(_get(inp, "cached_tokens")),
+        "cache_creation_input_tokens": _int(_get(inp, "cache_write_tokens")),
+        "reasoning_tokens": _int(_get(out, "reasoning_tokens")),
     }
 
 
@@ -88,12 +101,14 @@ def usage_from_response(response: Any) -> dict[str, Any]:
     Accepts OpenAI ChatCompletion / final stream chunk / Response / CreateEmbeddingResponse /
     Completion and Anthropic Message, as objects or dicts. Missing usage gives zero tokens.
     """
-    body = as_dict(response)
-    usage = body.get("usage")
-    fields: dict[str, Any] = usage_fields(usage) if isinstance(usage, Mapping) else {}
-    kind = body.get("object") or body.get("type")
-    if isinstance(body.get("model"), str):
-        fields["model"] = body["model"]
+    if response is None:
+        return {}
+    usage = _get(response, "usage")
+    fields: dict[str, Any] = usage_fields(usage) if usage is not None else {}
+    kind = _get(response, "object") or _get(response, "type")
+    model = _get(response, "model")
+    if isinstance(model, str):
+        fields["model"] = model
     if kind == "message":
         fields["provider"] = "anthropic"
     elif isinstance(kind, str) and kind in _OPERATIONS:
@@ -119,19 +134,16 @@ class StreamUsage:
 
     def observe(self, event: Any) -> None:
         self.chunks += 1
-        body = as_dict(event)
-        kind = body.get("type") or body.get("object")
+        kind = _get(event, "type") or _get(event, "object")
         if kind == "message_start":
-            self.fields.update(usage_from_response(body.get("message")))
+            self.fields.update(usage_from_response(_get(event, "message")))
         elif kind == "message_delta":
-            usage = body.get("usage")
-            if isinstance(usage, Mapping) and "output_tokens" in usage:
-                self.fields["output_tokens"] = _int(usage.get("output_tokens"))
-        elif isinstance(kind, str) and kind.startswith("response.") and "response" in body:
-            if kind in ("response.completed", "response.incomplete", "response.failed"):
-                self.fields.update(usage_from_response(body["response"]))
-        elif body.get("usage") or "model" in body:
-            found = usage_from_response(body)
-            if not body.get("usage"):
-                found = {k: v for k, v in found.items() if not k.endswith("_tokens")}
-            self.fields.update(found)
+            usage = _get(event, "usage")
+            if _has(usage, "output_tokens"):
+                self.fields["output_tokens"] = _int(_get(usage, "output_tokens"))
+        elif kind in ("response.completed", "response.incomplete", "response.failed"):
+            self.fields.update(usage_from_response(_get(event, "response")))
+        elif _get(event, "usage") is not None or (
+            "model" not in self.fields and isinstance(_get(event, "model"), str)
+        ):
+            self.fields.update(usage_from_response(event))

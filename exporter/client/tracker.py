@@ -25,7 +25,7 @@ from typing import Any
 
 from exporter.client.client import UsageClient
 from exporter.client.context import trace_fields
-from exporter.client.extract import as_dict, usage_fields, usage_from_response
+from exporter.client.extract import usage_fields, usage_from_response
 from exporter.client.sync import SyncUsageClient
 
 __all__ = ["UsageTracker"]
@@ -96,7 +96,7 @@ class UsageTracker:
         fields: dict[str, Any] = dict(call.fields) if call else {}
         found = usage_from_response(response)
         if usage is not None:
-            found.update(usage_fields(as_dict(usage) or dict(usage)))
+            found.update(usage_fields(usage))
         fields.update(found)
         if call is not None:
             fields.setdefault("model", call.model)
