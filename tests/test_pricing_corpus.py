@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import storequeries as queries
 from conftest import MakeClient
 from genai_prices.types import ModelPrice
 from helpers import parse_metrics
@@ -31,7 +32,7 @@ from pricing_oracle import Q, expected_cost, expected_with_prices
 from sqlalchemy import select
 
 from exporter.app import FLUSHER, STORE
-from exporter.store import Store, queries
+from exporter.store import Store
 from exporter.store.tables import usage_details
 
 N_REPORTS = 2400
