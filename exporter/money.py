@@ -67,8 +67,9 @@ def _pow10(n: int) -> int:
 
 
 def from_units(units: int) -> Decimal:
-    """Units of 1e-10 USD → a Decimal with exactly COST_SCALE places."""
-    return Decimal(units).scaleb(-COST_SCALE)
+    """Units of 1e-10 USD → a Decimal with exactly COST_SCALE places (exact: the product of
+    an integer and 1E-10 keeps exponent -10; faster than scaleb on the hot path)."""
+    return Decimal(units) * COST_QUANTUM
 
 
 def to_money(value: Decimal) -> Decimal:

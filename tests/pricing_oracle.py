@@ -7,8 +7,9 @@ Semantics written down independently of exporter/pricing:
   1-hour cache writes inside cache writes, reasoning/audio/image inside their direction);
 * `service_tier` is the request context `{"service_tier": tier}`, except "batch", which is
   `{"processing": "batch"}`;
-* a positive count of a unit the model's prices cannot price (no price for it nor for a more
-  general unit) is unpriced, "unknown_unit"; an unknown model "unknown_model"; usage
+* a positive count of a non-token unit (web searches) the model's prices cannot price (no
+  price for it nor for a more general unit) is unpriced, "unknown_unit" (token kinds follow
+  genai-prices: unpriced ones cost nothing); an unknown model "unknown_model"; usage
   genai-prices refuses "invalid_usage".
 """
 
@@ -72,6 +73,8 @@ def _unpriceable(report: Mapping[str, Any], model_price: ModelPrice) -> bool:
         if not report.get(field):
             continue
         unit = registry.units[key]
+        if unit.dimensions.get("family") == "tokens":
+            continue
         if not any(p.dimensions.items() <= unit.dimensions.items() for p in priced):
             return True
     return False

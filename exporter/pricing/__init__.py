@@ -12,8 +12,8 @@ rule of `exporter.money` (tests compare on a seeded corpus and on the whole snap
   cut, time-of-day prices such as deepseek's off-peak hours);
 * tier: `service_tier` selects genai-prices request variants (flex, priority, batch, ...);
 * every billed unit a report carries is priced (cache writes by TTL, audio and image tokens,
-  reasoning tokens, web searches); a positive count of a unit the prices cannot price makes the
-  report unpriced ("unknown_unit") rather than silently cheaper;
+  reasoning tokens, web searches); a positive count of a non-token unit the prices cannot
+  price makes the report unpriced ("unknown_unit") rather than silently cheaper;
 * a user price file (YAML or TOML) adds or overrides models, per validity interval, and always
   wins over genai-prices inside its entries' intervals.
 
@@ -24,6 +24,7 @@ scale or an `Unpriced` reason, and raises `CostOverCap` above the per-report cap
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,7 +35,14 @@ from typing import Any
 
 from genai_prices import data_snapshot
 
-from exporter.money import MAX_COST_UNITS, MAX_COST_USD, CostOverCap, from_units
+from exporter.money import (
+    COST_QUANTUM,
+    MAX_COST_UNITS,
+    MAX_COST_USD,
+    CostOverCap,
+    from_units,
+    round_units,
+)
 from exporter.pricing.pricefile import (
     EARLIEST,
     LATEST,
@@ -126,15 +134,22 @@ class Pricer:
         for name in rates.unpriceable:
             if report[name]:
                 return Unpriced.UNKNOWN_UNIT
-        units = rates.units(report)
-        if units is None:
+        # Rates.units, inlined: this is the per-report hot path
+        if rates.checks and not rates.consistent(report):
             return Unpriced.INVALID_USAGE
+        thresholds = rates.thresholds
+        i = bisect_left(thresholds, report["input_tokens"]) if thresholds else 0
+        total = rates.fixed[i]
+        for name, c in rates.bands[i]:
+            total += c * report[name]
+        multiplier = rates.multiplier
+        units = total * multiplier if multiplier else round_units(total, rates.exponent)
         if units > MAX_COST_UNITS:
             raise CostOverCap(
                 f"computed cost {from_units(units)} USD is above the cap of {MAX_COST_USD} USD "
                 "per report"
             )
-        return from_units(units)
+        return Decimal(units) * COST_QUANTUM  # money.from_units, inlined
 
     # -- resolution (cache misses only) ------------------------------------------------------
 

@@ -16,7 +16,6 @@ interval around that moment on which the same prices hold, the cache key of a re
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -36,7 +35,9 @@ from genai_prices.types import (
 from genai_prices.units import UnitDef, UnitRegistry, _get_registry
 from genai_prices.validation import validate_priced_units
 
-from exporter.money import round_units
+from exporter.money import COST_SCALE
+
+_POW10 = tuple(10**i for i in range(COST_SCALE + 1))
 
 __all__ = [
     "USAGE_FIELDS",
@@ -85,8 +86,8 @@ class Rates:
     """Integer coefficients at scale 10**-exponent USD per unit of each report field.
 
     `bands[i]` applies when `thresholds[i-1] < input_tokens <= thresholds[i]`; `fixed[i]` is the
-    per-request fee of that band. `unpriceable` lists fields the prices cannot price at all (a
-    positive count → unpriced, "unknown_unit"); `checks` are leaf counts that must not be
+    per-request fee of that band. `unpriceable` lists non-token fields the prices cannot price
+    at all (a positive count → unpriced, "unknown_unit"); `checks` are leaf counts that must not be
     negative (genai-prices refuses such usage).
     """
 
@@ -96,17 +97,12 @@ class Rates:
     fixed: tuple[int, ...]
     unpriceable: tuple[str, ...]
     checks: tuple[Terms, ...]
+    #: 10**(COST_SCALE - exponent) when no rounding is ever needed, else 0
+    multiplier: int
 
-    def units(self, counts: Mapping[str, Any]) -> int | None:
-        """Cost in units of 1e-10 USD (half-even), or None if the usage is inconsistent."""
-        for check in self.checks:
-            if sum(c * counts[name] for name, c in check) < 0:
-                return None
-        i = bisect_left(self.thresholds, counts["input_tokens"]) if self.thresholds else 0
-        total = self.fixed[i]
-        for name, c in self.bands[i]:
-            total += c * counts[name]
-        return round_units(total, self.exponent)
+    def consistent(self, counts: Mapping[str, Any]) -> bool:
+        """No leaf count is negative (genai-prices refuses such usage)."""
+        return all(sum(c * counts[name] for name, c in check) >= 0 for check in self.checks)
 
 
 # -- lookup ------------------------------------------------------------------------------------
@@ -296,10 +292,14 @@ def build_rates(model_price: ModelPrice) -> Rates:
     validate_priced_units(tuple(unit for unit, _ in priced), registry)
     token_units = [unit for unit, _ in priced if unit.usage_key != "requests"]
     leaves = _leaf_vectors(token_units)
+    # units outside the token family (web searches, ...) that nothing prices: a positive count
+    # would otherwise be silently free. Tokens keep genai-prices' rule (an unpriced token kind
+    # costs nothing, e.g. output tokens of an embedding model).
     unpriceable = tuple(
         field
         for key, field in USAGE_FIELDS.items()
-        if not any(is_descendant_or_self(unit, registry.units[key]) for unit in token_units)
+        if registry.units[key].dimensions.get("family") != "tokens"
+        and not any(is_descendant_or_self(unit, registry.units[key]) for unit in token_units)
     )
     checks = tuple(tuple(sorted(leaf.items())) for leaf in leaves.values() if not _implied(leaf))
     thresholds = tuple(
@@ -327,4 +327,5 @@ def build_rates(model_price: ModelPrice) -> Rates:
         tuple(sorted((name, int(c * scale)) for name, c in band.items() if c)) for band in raw_bands
     )
     fixed_ints = tuple(int(f * scale) for f in raw_fixed)
-    return Rates(exponent, thresholds, bands, fixed_ints, unpriceable, checks)
+    multiplier = _POW10[COST_SCALE - exponent] if exponent <= COST_SCALE else 0
+    return Rates(exponent, thresholds, bands, fixed_ints, unpriceable, checks, multiplier)
