@@ -162,6 +162,7 @@ def _openai_tokens(
     out["cached_input_tokens"] = _details(usage, input_details, "cached_tokens")
     out["reasoning_tokens"] = _details(usage, output_details, "reasoning_tokens")
     for details, field, canon in (
+        (input_details, "cache_write_tokens", "cache_creation_input_tokens"),
         (input_details, "audio_tokens", "input_audio_tokens"),
         (input_details, "image_tokens", "input_image_tokens"),
         (output_details, "audio_tokens", "output_audio_tokens"),

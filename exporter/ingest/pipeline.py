@@ -93,6 +93,8 @@ class Ingestor:
         self._tokens_per_chunk = tokens_per_output_chunk
         self._retry_after = retry_after
         self._unpriced_logged: set[str] = set()
+        for reason in Unpriced:  # every reason exposed from the start (0 until one happens)
+            self_metrics.unpriced.labels(reason.value)
         #: called with (wal segment seq, reports) once reports are durable
         self.on_durable: list[Callable[[int, Sequence[UsageReport]], None]] = []
 
