@@ -217,14 +217,16 @@ async def _inprocess(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 def _pricing_cost(
     ingestor: Any, decoded: list[list[dict[str, Any]]], now: datetime, repeat: int
 ) -> list[tuple[str, float]]:
-    """`validate_batch` CPU µs/report with pricing at the receive time, at each report's own
-    `completed_at` spread over two years (event-time rates: interval lookups, more misses),
-    and with no pricing at all; interleaved round-robin, best of `repeat` (CPU time, so the
-    other processes on this shared box disturb it less)."""
+    """`validate_batch` CPU µs/report for reports whose `completed_at` is the receive time,
+    the same reports with `completed_at` spread over two years (event-time rates: interval
+    lookups, price changes), and those again with no pricing at all; interleaved round-robin,
+    best of `repeat` (this thread's CPU time: other processes on this shared box, and the
+    app's own flusher thread, disturb it less)."""
     import random
 
     rng = random.Random(1)
     start = now - timedelta(days=730)
+    current = [[{**item, "completed_at": now.isoformat()} for item in items] for items in decoded]
     spread = [
         [{**item, "completed_at": (start + timedelta(seconds=rng.randrange(730 * 86400)))
           .isoformat()} for item in items]
@@ -236,17 +238,17 @@ def _pricing_cost(
     def run(batches: list[list[dict[str, Any]]], priced: bool) -> float:
         ingestor._pricer = pricer if priced else None
         try:
-            t0 = time.process_time()
+            t0 = time.thread_time()  # this thread only: the app's flusher thread runs too
             for items in batches:
                 ingestor.validate_batch(items, None, now)
-            return time.process_time() - t0
+            return time.thread_time() - t0
         finally:
             ingestor._pricer = pricer
 
     variants = {
-        "receive time": (decoded, True),
+        "completed_at = receive time": (current, True),
         "completed_at over 2 years": (spread, True),
-        "pricing off": (decoded, False),
+        "completed_at over 2 years, pricing off": (spread, False),
     }
     run(spread, True)  # warm the interval cache as a running service would be
     best = dict.fromkeys(variants, float("inf"))
@@ -294,19 +296,21 @@ def render_inprocess(r: dict[str, Any]) -> str:
 
 def _render_pricing(r: dict[str, Any]) -> str:
     costs = dict(r["pricing"])
-    base, spread, off = (costs[k] for k in ("receive time", "completed_at over 2 years",
-                                            "pricing off"))  # fmt: skip
+    base, spread, off = (costs[k] for k in ("completed_at = receive time",
+                                            "completed_at over 2 years",
+                                            "completed_at over 2 years, pricing off"))  # fmt: skip
     loss = 1 - base / spread
     rows = [(name, f"{us:.2f}", fmt_int(1e6 / us)) for name, us in r["pricing"]]
     return (
-        "\nPricing inside `Ingestor.validate_batch` (CPU time, variants interleaved, best of "
-        "each): reports without `completed_at` (priced at the receive time), the same reports "
-        "with `completed_at` spread over two years (event-time rates: validity-interval "
-        "lookups, o3's price cut, deepseek's hours), and with no pricing at all.\n\n"
+        "\nPricing inside `Ingestor.validate_batch` (CPU time of the validating thread, variants "
+        "interleaved, best of "
+        "each): reports whose `completed_at` is the receive time, the same reports with "
+        "`completed_at` spread over the last two years (event-time rates: validity-interval "
+        "lookups across the models' price changes), and those with no pricing at all.\n\n"
         + md_table(("validate_batch", "CPU µs / report", "reports / s"), rows)
         + f"\n\nEvent-time pricing (spread over two years vs receive time): **{loss:.1%}** "
         f"throughput loss → {'MET' if loss <= 0.10 else 'MISSED'} (≤ 10%); all of pricing "
-        f"(receive time vs off) costs {1 - off / base:.1%}.\n"
+        f"(priced vs off, same reports) costs {1 - off / spread:.1%}.\n"
     )
 
 

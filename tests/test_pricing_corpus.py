@@ -313,6 +313,9 @@ async def test_corpus_costs_equal_calc_price_and_reprice_restores_the_oracle(
     dry = run_reprice(tmp_path, database_url, v2, "--dry-run")
     assert dry["changed"] > 100
     await assert_store_equals_oracle(store, reports, PRICES_V1)  # a dry run changes nothing
+    only = run_reprice(tmp_path, database_url, v2, "--dry-run", "--model", "tie-model")
+    assert set(only["models"]) == {"tie-model"}
+    assert only["models"]["tie-model"] == dry["models"]["tie-model"]
     first = run_reprice(tmp_path, database_url, v2)
     assert first["changed"] == dry["changed"]
     assert first["models"]["acme-late-model"]["newly_priced"] == kinds["acme-late-model"]

@@ -102,7 +102,13 @@ class Rates:
 
     def consistent(self, counts: Mapping[str, Any]) -> bool:
         """No leaf count is negative (genai-prices refuses such usage)."""
-        return all(sum(c * counts[name] for name, c in check) >= 0 for check in self.checks)
+        for check in self.checks:
+            total = 0
+            for name, c in check:
+                total += c * counts[name]
+            if total < 0:
+                return False
+        return True
 
 
 # -- lookup ------------------------------------------------------------------------------------
