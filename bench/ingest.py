@@ -222,6 +222,7 @@ def _pricing_cost(
     lookups, price changes), and those again with no pricing at all; interleaved round-robin,
     best of `repeat` (this thread's CPU time: other processes on this shared box, and the
     app's own flusher thread, disturb it less)."""
+    import gc
     import random
 
     rng = random.Random(1)
@@ -237,6 +238,7 @@ def _pricing_cost(
 
     def run(batches: list[list[dict[str, Any]]], priced: bool) -> float:
         ingestor._pricer = pricer if priced else None
+        gc.collect()  # each variant starts from the same heap, none pays another's garbage
         try:
             t0 = time.thread_time()  # this thread only: the app's flusher thread runs too
             for items in batches:
