@@ -1,0 +1,93 @@
+"""`llm-usage-exporter serve`: bind, log "listening" once the socket is ours, stop on a signal.
+
+Not `web.run_app`: it logs nothing we can place after the bind and answers a port in use
+with a traceback. Here a bind failure is one line and exit code 1, after the app's start
+steps are undone (the WAL is closed, the store disposed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from exporter import __version__
+from exporter.cli.common import add_settings_flags
+from exporter.config import Settings
+from exporter.errors import ConfigError, StartupError
+
+__all__ = ["register", "serve_command"]
+
+log = logging.getLogger("exporter")
+
+SHUTDOWN_TIMEOUT_S = 10.0
+
+
+def register(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="run the HTTP service")
+    add_settings_flags(serve)
+    serve.add_argument("--host", help="bind address (default 127.0.0.1; env LLM_USAGE_HOST)")
+    serve.add_argument("--port", type=int, help="port (default 9470; env LLM_USAGE_PORT)")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow binding a non-loopback address with no bearer token configured",
+    )
+    serve.add_argument(
+        "--no-migrate",
+        dest="auto_migrate",
+        action="store_false",
+        default=None,
+        help="do not run database migrations on start",
+    )
+    serve.set_defaults(run=serve_command)
+
+
+def serve_command(args: argparse.Namespace, settings: Settings) -> int:
+    if not settings.tokens and not settings.bind_is_loopback() and not settings.insecure:
+        raise ConfigError(
+            f"refusing to bind {settings.host} with no bearer token configured: set "
+            "LLM_USAGE_TOKENS (or `tokens` in the config file), bind 127.0.0.1, or pass "
+            "--insecure"
+        )
+    from exporter.app import create_app
+
+    app = create_app(settings)
+    asyncio.run(_serve(app, settings))
+    log.info("stopped")
+    return 0
+
+
+async def _serve(app: Any, settings: Settings) -> None:
+    from aiohttp import web
+
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S, handle_signals=False
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await runner.setup()  # the app's start steps: WAL open (and locked), background jobs
+        try:
+            site = web.TCPSite(runner, settings.host, settings.port)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+                ) from None
+            port = runner.addresses[0][1] if runner.addresses else settings.port
+            log.info("llm-usage-exporter %s listening on http://%s:%d (data dir %s)",
+                     __version__, settings.host, port, settings.data_dir.resolve())  # fmt: skip
+            await stop.wait()
+            log.info("shutting down")
+        finally:
+            await runner.cleanup()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
