@@ -15,6 +15,7 @@ from aiohttp import web
 from exporter.api.budgets import BudgetHandlers
 from exporter.api.health import HealthHandlers, Readiness
 from exporter.appkeys import (
+    ACCESS,
     BUDGETS,
     FLUSHER,
     INGESTOR,
@@ -43,6 +44,7 @@ from exporter.store import Store
 from exporter.wal import WriteAheadLog
 
 __all__ = [
+    "ACCESS",
     "BUDGETS",
     "FLUSHER",
     "INGESTOR",
@@ -151,6 +153,7 @@ def create_app(settings: Settings) -> web.Application:
         handler_args={"auto_decompress": False},
         middlewares=[auth_middleware(policy, Authenticator(settings.tokens), self_metrics)],
     )
+    app[ACCESS] = policy
     app[SETTINGS] = settings
     app[SELF_METRICS] = self_metrics
     app[USAGE] = usage

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from exporter.auth import AccessPolicy
 from exporter.budgets import BudgetTracker
 from exporter.config import Settings
 from exporter.flusher import Flusher
@@ -17,6 +18,7 @@ from exporter.store import Store
 from exporter.wal import WriteAheadLog
 
 __all__ = [
+    "ACCESS",
     "BUDGETS",
     "FLUSHER",
     "INGESTOR",
@@ -38,6 +40,7 @@ class StartupState:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+ACCESS = web.AppKey("access", AccessPolicy)
 SETTINGS = web.AppKey("settings", Settings)
 SELF_METRICS = web.AppKey("self_metrics", SelfMetrics)
 USAGE = web.AppKey("usage", UsageMetrics)

@@ -108,6 +108,13 @@ class AccessPolicy:
     def access(self, route: AbstractRoute) -> Access | None:
         return self._access.get(route)
 
+    def entries(self) -> list[tuple[str, str, Access]]:
+        """(method, path, access) of every registered route, HEAD and OPTIONS included."""
+        return [
+            (r.method, r.resource.canonical if r.resource else "", a)
+            for r, a in self._access.items()
+        ]
+
     def unlisted(self, router: web.UrlDispatcher) -> list[str]:
         """Routes on `router` that have no entry (checked at start-up: each is a bug)."""
         return [
