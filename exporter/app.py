@@ -174,5 +174,6 @@ def create_app(settings: Settings) -> web.Application:
         *BudgetHandlers(budgets).routes(),
     ]
     policy.install(app.router, routes)
-    app.on_startup.append(lambda app: _check_every_route_listed(app, policy))
+    # first of the start steps, so a bad route table opens nothing
+    app.on_startup.insert(0, lambda app: _check_every_route_listed(app, policy))
     return app

@@ -168,17 +168,18 @@ async def test_unlisted_paths_and_methods_get_404_and_405(
             assert "Allow" in resp.headers
 
 
-async def test_a_route_added_without_an_entry_stops_the_app_from_starting(
-    aiohttp_client: Any, tmp_path: Any
-) -> None:
+async def test_a_route_added_without_an_entry_stops_the_app_from_starting(tmp_path: Any) -> None:
     app = create_app(make_settings(tmp_path))
 
     async def sneaky(request: web.Request) -> web.Response:
         return web.Response(text="open by accident")
 
     app.router.add_get("/sneaky", sneaky)
+    runner = web.AppRunner(app)
     with pytest.raises(RuntimeError, match="GET /sneaky"):
-        await aiohttp_client(app)
+        await runner.setup()
+    await runner.cleanup()
+    assert not (tmp_path / "data" / "wal").exists()  # refused before opening anything
 
 
 async def test_middleware_refuses_a_route_without_an_entry(aiohttp_client: Any) -> None:
