@@ -6,6 +6,8 @@ secret itself, so validation errors are reworded from their structured form, nev
 
 from __future__ import annotations
 
+import json
+
 from pydantic import ValidationError
 
 __all__ = ["ConfigError", "StartupError", "one_line"]
@@ -44,5 +46,7 @@ def one_line(exc: BaseException) -> str:
             raw = str(cause)
             head = text[: -len(raw)] if text.endswith(raw) else f"{text}: "
             text = head + _validation(cause)
+        elif isinstance(cause, json.JSONDecodeError):  # its text has no input, just where
+            text = f"{text}: {cause}"
     text = " ".join(text.split())
     return text if len(text) <= _MAX_CHARS else text[: _MAX_CHARS - 1] + "…"

@@ -1,8 +1,8 @@
 """`llm-usage-exporter serve`: bind, log "listening" once the socket is ours, stop on a signal.
 
 Not `web.run_app`: it logs nothing we can place after the bind and answers a port in use
-with a traceback. Here a bind failure is one line and exit code 1, after the app's start
-steps are undone (the WAL is closed, the store disposed).
+with a traceback. Here the sockets are bound first, so a port in use is one line and exit
+code 1 before the WAL is opened or the database touched.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 from typing import Any
 
 from exporter import __version__
@@ -61,9 +62,34 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Bound (not yet listening) sockets for every address `host` resolves to, as asyncio's
+    create_server would make them; a port in use fails here, before any start step ran."""
+    sockets: list[socket.socket] = []
+    seen: set[tuple[int, Any]] = set()
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _name, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sockets
+
+
 async def _serve(app: Any, settings: Settings) -> None:
     from aiohttp import web
 
+    sockets = bind(settings.host, settings.port)
     runner = web.AppRunner(
         app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S, handle_signals=False
     )
@@ -74,14 +100,9 @@ async def _serve(app: Any, settings: Settings) -> None:
     try:
         await runner.setup()  # the app's start steps: WAL open (and locked), background jobs
         try:
-            site = web.TCPSite(runner, settings.host, settings.port)
-            try:
-                await site.start()
-            except OSError as exc:
-                raise StartupError(
-                    f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
-                ) from None
-            port = runner.addresses[0][1] if runner.addresses else settings.port
+            for sock in sockets:
+                await web.SockSite(runner, sock).start()
+            port = sockets[0].getsockname()[1]
             log.info("llm-usage-exporter %s listening on http://%s:%d (data dir %s)",
                      __version__, settings.host, port, settings.data_dir.resolve())  # fmt: skip
             await stop.wait()
@@ -91,3 +112,5 @@ async def _serve(app: Any, settings: Settings) -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        for sock in sockets:
+            sock.close()
