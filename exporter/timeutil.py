@@ -4,21 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-__all__ = ["as_utc", "utc_now"]
+__all__ = ["as_utc"]
 
 
 def as_utc(value: datetime) -> datetime:
-    """`value` as an aware UTC datetime: naive means UTC, an aware one is converted.
-
-    An aware value already at offset zero is returned as is (no conversion, so no overflow
-    near datetime.min/max and its tzinfo object is kept).
-    """
+    """`value` as an aware UTC datetime: naive means UTC, an aware one is converted (a value
+    already in UTC is returned as is)."""
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
-    if value.utcoffset():
-        return value.astimezone(UTC)
-    return value
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
+    if value.tzinfo is UTC:
+        return value
+    return value.astimezone(UTC)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -23,6 +23,7 @@ from exporter.store.tables import (
     usage_details,
     usage_rollups,
 )
+from exporter.timeutil import as_utc
 
 Granularity = Literal["hour", "day"]
 _ZERO = Decimal(0).quantize(COST_QUANTUM)
@@ -54,10 +55,6 @@ def _totals(counts: Sequence[Any], cost: Decimal, duration: Any) -> Totals:
     return Totals(c[0], c[1], c[2], c[3], c[4], c[5], c[6], cost, float(duration))
 
 
-def _utc(dt: datetime) -> datetime:
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-
-
 async def _sum_cost(engine: AsyncEngine, stmt: Select[Any]) -> Decimal:
     """Exact sum of a one-column select of costs, or of its SUM() on Postgres."""
     async with engine.connect() as conn:
@@ -84,9 +81,9 @@ async def detail_totals(
     t = usage_details
     conds: list[ColumnElement[bool]] = []
     if since is not None:
-        conds.append(t.c.completed_at >= _utc(since))
+        conds.append(t.c.completed_at >= as_utc(since))
     if until is not None:
-        conds.append(t.c.completed_at < _utc(until))
+        conds.append(t.c.completed_at < as_utc(until))
     where = and_(True, *conds)
     stmt = select(
         func.count(),
@@ -110,9 +107,9 @@ async def rollup_totals(
     t = usage_rollups
     conds: list[ColumnElement[bool]] = [t.c.granularity == granularity]
     if since is not None:
-        conds.append(t.c.bucket_start >= _utc(since))
+        conds.append(t.c.bucket_start >= as_utc(since))
     if until is not None:
-        conds.append(t.c.bucket_start < _utc(until))
+        conds.append(t.c.bucket_start < as_utc(until))
     where = and_(*conds)
     sums = [c for c in ROLLUP_SUMS if c not in ("cost_usd", "duration_ms_sum")]
     stmt = select(
@@ -179,7 +176,7 @@ async def spend(
     are exact (days, weeks and months are); otherwise the hour buckets *starting* inside the
     window count. Whole days are read from day rollups, edges from hour rollups.
     """
-    since, until = _utc(since), _utc(until)
+    since, until = as_utc(since), as_utc(until)
     if until <= since:
         return _ZERO
     t = usage_rollups
