@@ -21,7 +21,6 @@ from exporter.appkeys import (
     INGESTOR,
     SELF_METRICS,
     SETTINGS,
-    STARTUP,
     STORE,
     USAGE,
     WAL,
@@ -43,19 +42,7 @@ from exporter.startup import install, load_pricer, open_store
 from exporter.store import Store
 from exporter.wal import WriteAheadLog
 
-__all__ = [
-    "ACCESS",
-    "BUDGETS",
-    "FLUSHER",
-    "INGESTOR",
-    "SELF_METRICS",
-    "SETTINGS",
-    "STARTUP",
-    "STORE",
-    "USAGE",
-    "WAL",
-    "create_app",
-]
+__all__ = ["create_app"]  # the state keys are in exporter.appkeys
 
 #: /readyz says "not ready" from this share of the WAL's size cap.
 WAL_NEARLY_FULL = 0.95

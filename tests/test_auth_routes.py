@@ -11,7 +11,8 @@ from aiohttp import web
 from conftest import MakeClient
 from helpers import ADMIN_TOKEN, INGEST_TOKEN, READ_TOKEN, bearer, make_settings
 
-from exporter.app import ACCESS, SELF_METRICS, create_app
+from exporter.app import create_app
+from exporter.appkeys import ACCESS, SELF_METRICS
 from exporter.auth import AccessPolicy, Authenticator, auth_middleware
 from exporter.config import TokenSpec
 from exporter.httputil import Route
