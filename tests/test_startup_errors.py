@@ -156,3 +156,13 @@ def test_plain_postgresql_url_is_taken_as_asyncpg(tmp_path: Path, pg_url: str) -
 )
 def test_database_url_without_driver_means_the_async_one(given: str, used: str) -> None:
     assert Settings(database_url=given).effective_database_url == used
+
+
+def test_unusable_data_dir_is_one_line_exit_1(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    proc = run_cli("serve", "--port", str(free_port()), "--data-dir", str(not_a_dir))
+    assert proc.returncode == 1
+    line = error_line(proc)
+    assert "cannot start: FileExistsError" in line
+    assert str(not_a_dir) in line

@@ -64,8 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as exc:
         log.error("%s", one_line(exc))
         return exc.exit_code
-    except Exception as exc:
-        log.error("cannot start: %s: %s", type(exc).__name__, one_line(exc))
-        log.debug("details", exc_info=True)
+    except Exception as exc:  # unforeseen: still one line, and no password of a URL in it
+        from exporter.store.db import redact_text
+
+        log.error("cannot start: %s: %s", type(exc).__name__, redact_text(one_line(exc)))
         return 1
     return code
