@@ -21,10 +21,10 @@ from exporter.appkeys import (
     INGESTOR,
     SELF_METRICS,
     SETTINGS,
+    STARTUP,
     STORE,
     USAGE,
     WAL,
-    StartupState,
 )
 from exporter.auth import AccessPolicy, Authenticator, auth_middleware
 from exporter.budgets import BudgetTracker
@@ -39,7 +39,6 @@ from exporter.live.usage_metrics import LabelCaps, UsageMetrics
 from exporter.otlp import OtlpHandler
 from exporter.selfmetrics import SelfMetrics
 from exporter.startup import install, load_pricer, open_store
-from exporter.store import Store
 from exporter.wal import WriteAheadLog
 
 __all__ = ["create_app"]  # the state keys are in exporter.appkeys
@@ -64,8 +63,10 @@ def _usage_metrics(settings: Settings, self_metrics: SelfMetrics) -> UsageMetric
     )
 
 
-def _readiness(wal: WriteAheadLog, store: Store, state: StartupState) -> Readiness:
-    """The checks /readyz runs; one line each."""
+def _readiness(app: web.Application) -> Readiness:
+    """The checks /readyz runs, in order; adding one is one line (a check returns None, a
+    problem or a list of problems; sync or async)."""
+    wal, store, state = app[WAL], app[STORE], app[STARTUP]
 
     def wal_space() -> str | None:
         full = wal.total_bytes >= wal.max_bytes * WAL_NEARLY_FULL
@@ -149,12 +150,12 @@ def create_app(settings: Settings) -> web.Application:
     app[STORE] = store
     app[BUDGETS] = budgets
     app[FLUSHER] = flusher
-    state = install(app)
+    install(app)
 
     limits = (settings.max_body_bytes, settings.max_batch_items)
     metrics = _MetricsHandler(Exposition(usage, self_metrics), self_metrics, wal)
     routes: list[Route] = [
-        *HealthHandlers(_readiness(wal, store, state)).routes(),
+        *HealthHandlers(_readiness(app)).routes(),
         Route("GET", "/metrics", metrics.metrics, "read" if settings.metrics_auth else "public"),
         *IngestHandlers(ingestor, self_metrics, *limits).routes(),
         *OtlpHandler(ingestor, self_metrics, *limits).routes(),
