@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import free_port, run_cli
 
-from exporter.config import Settings
+from exporter.config import Settings, check_env_names
 
 SECRET = "s3cr3t-token-never-echoed"  # 25 characters: a valid length
 SHORT_SECRET = "tiny-secret"  # too short: an invalid token that must not be echoed either
@@ -166,3 +166,10 @@ def test_unusable_data_dir_is_one_line_exit_1(tmp_path: Path) -> None:
     line = error_line(proc)
     assert "cannot start: FileExistsError" in line
     assert str(not_a_dir) in line
+
+
+def test_env_names_are_checked_case_insensitively_and_compose_variables_pass() -> None:
+    check_env_names({"LLM_USAGE_PORT": "1", "llm_usage_max_users": "2", "PATH": "/bin"})
+    check_env_names({"LLM_USAGE_DEMO_TOKEN": "x" * 20})  # docker-compose.yml's, not ours
+    with pytest.raises(ValueError, match=r"llm_usage_prot \(did you mean LLM_USAGE_PORT\?\)"):
+        check_env_names({"llm_usage_prot": "1"})
