@@ -83,7 +83,8 @@ class AccessPolicy:
         self._access: dict[AbstractRoute, Access] = {}
 
     def install(self, router: web.UrlDispatcher, routes: Iterable[Route]) -> None:
-        """Register `routes` (plus HEAD and OPTIONS of each path) with their access."""
+        """Register `routes` (plus HEAD and OPTIONS of each path) with their access; call it
+        once with the whole table, so each path's methods share one resource."""
         by_path: dict[str, dict[str, Route]] = {}
         for r in routes:
             methods = by_path.setdefault(r.path, {})
