@@ -68,7 +68,7 @@ ALLOWED: dict[str, set[str]] = {
     "client": set(),  # the SDK imports nothing of the server
     "wiring": _PARTS | {"api", "auth"},
     "app": _PARTS | {"api", "auth", "wiring"},  # only cli imports app
-    "cli": _PARTS | {"wiring", "app"},  # nothing imports cli but cli
+    "cli": _PARTS | {"api", "auth", "client", "wiring", "app"},  # nothing imports cli but cli
 }
 
 
