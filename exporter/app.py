@@ -22,10 +22,10 @@ from exporter.flusher import Flusher
 from exporter.httputil import error_response, json_response
 from exporter.ingest.dedupe import RecentIds
 from exporter.ingest.handlers import IngestHandlers
+from exporter.ingest.otlp import OtlpHandler
 from exporter.ingest.pipeline import Ingestor
 from exporter.live.exposition import Exposition
 from exporter.live.usage_metrics import LabelCaps, UsageMetrics
-from exporter.otlp import OtlpHandler
 from exporter.pricing import Pricer
 from exporter.selfmetrics import SelfMetrics
 from exporter.store import Store
@@ -50,6 +50,7 @@ _SCOPES: tuple[tuple[str, str, Scope], ...] = (
     ("POST", "/v1/usage", "ingest"),
     ("POST", "/v2/usage/", "ingest"),
     ("POST", "/v1/traces", "ingest"),
+    ("POST", "/v1/metrics", "ingest"),
     ("GET", "/v1/", "read"),
 )
 
@@ -154,6 +155,7 @@ def create_app(settings: Settings) -> web.Application:
         recent=RecentIds(settings.dedupe_cache_size),
         bytes_per_input_token=settings.bytes_per_input_token,
         tokens_per_output_chunk=settings.tokens_per_output_chunk,
+        user_attributes=settings.otel_user_attributes,
     )
     exposition = Exposition(usage, self_metrics)
     store = Store.from_url(settings.effective_database_url)
@@ -272,12 +274,15 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/v1/usage", ingest.usage)
     app.router.add_post("/v2/usage/gateway-metrics", ingest.gateway_metrics)
-    app.router.add_post(
-        "/v1/traces",
-        OtlpHandler(
-            ingestor, self_metrics, settings.max_body_bytes, settings.max_batch_items
-        ).traces,
+    otlp = OtlpHandler(
+        ingestor,
+        self_metrics,
+        settings.max_body_bytes,
+        settings.max_batch_items,
+        user_attributes=settings.otel_user_attributes,
     )
+    app.router.add_post("/v1/traces", otlp.traces)
+    app.router.add_post("/v1/metrics", otlp.metrics)
     budget_api = BudgetHandlers(budgets)
     app.router.add_get("/v1/budgets", budget_api.list)
     app.router.add_get("/v1/budgets/check", budget_api.check)

@@ -15,6 +15,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from exporter.ingest.adapters.otel import DEFAULT_USER_ATTRIBUTES
+
 Scope = Literal["ingest", "read", "admin"]
 ExtraLabel = Literal["provider", "team"]
 
@@ -98,6 +100,13 @@ class Settings(BaseSettings):
     flush_max_reports: int = Field(default=50_000, ge=1)
     flush_max_backoff: float = Field(default=60.0, gt=0)
     retention_days: int = Field(default=400, ge=1)
+
+    # clients: where OTel spans name the caller (first match wins), attribution tags
+    otel_user_attributes: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_USER_ATTRIBUTES), min_length=1, max_length=32
+    )
+    #: tag keys promoted to rollup dimensions and (capped by max_tag_values) to labels
+    promoted_tags: list[str] = Field(default_factory=list, max_length=5)
 
     # pricing and budgets
     price_file: Path | None = None

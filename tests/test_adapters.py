@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from helpers import make_settings, scrape, total, value
+from pydantic import ValidationError
 
 from exporter.app import create_app
 from exporter.ingest.adapters import ShapeError, adapt
@@ -495,9 +496,15 @@ def test_openai_total_mismatch_is_rejected() -> None:
         canonical(raw)
 
 
-def test_unknown_envelope_field_is_named() -> None:
-    with pytest.raises(ShapeError, match="colour"):
-        canonical({**OPENAI_CHAT, "colour": "blue"})
+def test_provider_bodies_ignore_fields_providers_add() -> None:
+    plain = canonical(OPENAI_CHAT)
+    added = canonical({**OPENAI_CHAT, "moderation": None, "obfuscation": "x9", "colour": "b"})
+    assert added.model_dump() == {**plain.model_dump(), "request_id": added.request_id}
+
+
+def test_canonical_shape_stays_strict() -> None:
+    with pytest.raises(ValidationError, match="colour"):
+        canonical({"model": "gpt-4o", "input_tokens": 1, "colour": "blue"})
 
 
 # -- end to end: POST /v1/usage → /metrics ----------------------------------------------------
@@ -591,16 +598,16 @@ async def test_gateway_metrics_endpoint_estimates_incomplete_stream(
     assert total(m, "llm_requests_total", model="qwen3-8b") == 2
 
 
-async def test_gateway_metrics_endpoint_rejects_arrays_and_other_shapes(
+async def test_gateway_metrics_endpoint_rejects_arrays_and_bad_numbers(
     aiohttp_client: Any, tmp_path: Any
 ) -> None:
     client = await aiohttp_client(create_app(make_settings(tmp_path)))
     resp = await client.post("/v2/usage/gateway-metrics", json=[GPUSTACK, GPUSTACK])
     assert resp.status in (400, 413, 422)
     assert "error" in await resp.json()
-    resp = await client.post("/v2/usage/gateway-metrics", json={"model": "m", "bogus": 1})
+    resp = await client.post("/v2/usage/gateway-metrics", json={"model": "m", "input_token": "7"})
     assert resp.status == 422
     body = await resp.json()
-    assert "bogus" in body["errors"][0]["error"]
+    assert "input_tokens" in body["errors"][0]["error"]
     m = await scrape(client)
     assert total(m, "llm_requests_total") == 0

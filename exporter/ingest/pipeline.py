@@ -12,7 +12,8 @@ from typing import Any
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from exporter.ingest.adapters import ShapeError, adapt
+from exporter.ingest.adapters import FALLBACK_COST, ShapeError, adapt
+from exporter.ingest.adapters.otel import DEFAULT_USER_ATTRIBUTES
 from exporter.ingest.dedupe import RecentIds
 from exporter.live.usage_metrics import UsageMetrics
 from exporter.pricing import Pricer
@@ -81,6 +82,7 @@ class Ingestor:
         bytes_per_input_token: float,
         tokens_per_output_chunk: float,
         retry_after: int = 5,
+        user_attributes: Sequence[str] = DEFAULT_USER_ATTRIBUTES,
     ) -> None:
         self._wal = wal
         self._usage = usage
@@ -90,12 +92,25 @@ class Ingestor:
         self._bytes_per_token = bytes_per_input_token
         self._tokens_per_chunk = tokens_per_output_chunk
         self._retry_after = retry_after
+        self._user_attributes = tuple(user_attributes)
         self._unpriced_logged: set[str] = set()
         #: called with (wal segment seq, reports) once reports are durable
         self.on_durable: list[Callable[[int, Sequence[UsageReport]], None]] = []
 
+    def adapt(self, raw: Any) -> tuple[Mapping[str, Any], float | None]:
+        """The canonical mapping and the client's fallback cost (kept out of the model)."""
+        out = adapt(raw, key_alias, self._user_attributes)
+        if FALLBACK_COST not in out:
+            return out, None
+        rest = dict(out)
+        fallback = rest.pop(FALLBACK_COST)
+        return rest, fallback if type(fallback) is float else None
+
     def validate(self, raw: Any, now: datetime) -> UsageReport:
-        return self._complete(UsageReport.model_validate(adapt(raw, key_alias)), now)
+        mapping, fallback = self.adapt(raw)
+        report = UsageReport.model_validate(mapping)
+        report._fallback_cost_usd = fallback
+        return self._complete(report, now)
 
     def _complete(self, report: UsageReport, now: datetime) -> UsageReport:
         """Defaults that need the receive time or settings: time, estimates, price."""
@@ -115,19 +130,28 @@ class Ingestor:
         only a batch with an invalid item is validated again item by item, for the reasons."""
         errors: list[dict[str, Any]] = []
         adapted: list[Mapping[str, Any]] = []
+        fallbacks: dict[int, float] = {}
         for i, raw in enumerate(items):
             if pre_errors and i in pre_errors:
                 errors.append({"index": i, "error": pre_errors[i]})
                 continue
             try:
-                adapted.append(adapt(raw, key_alias))
+                mapping, fallback = self.adapt(raw)
             except ShapeError as exc:
                 errors.append({"index": i, "error": str(exc)})
+                continue
+            if fallback is not None:
+                fallbacks[len(adapted)] = fallback
+            adapted.append(mapping)
         if not errors:
             try:
-                return [self._complete(r, now) for r in _BATCH.validate_python(adapted)], []
+                validated = _BATCH.validate_python(adapted)
             except ValidationError:
                 pass
+            else:
+                for i, fallback in fallbacks.items():
+                    validated[i]._fallback_cost_usd = fallback
+                return [self._complete(r, now) for r in validated], []
         reports: list[UsageReport] = []
         for i, raw in enumerate(items):
             if pre_errors and i in pre_errors:
@@ -152,6 +176,8 @@ class Ingestor:
             r.cached_input_tokens,
             r.cache_creation_input_tokens,
         )
+        if cost is None and r._fallback_cost_usd is not None:
+            return r._fallback_cost_usd  # the client's own price, for a model we cannot price
         if cost is None:
             self._m.unpriced.inc()
             if r.model not in self._unpriced_logged and len(self._unpriced_logged) < 1000:
