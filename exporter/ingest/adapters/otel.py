@@ -83,6 +83,7 @@ _GENAI_MARKERS = ("gen_ai.operation.name", "gen_ai.request.model", "gen_ai.syste
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cached_input_tokens",
                  "cache_creation_input_tokens", "reasoning_tokens")  # fmt: skip
 _VERCEL_OPERATIONS = {".doGenerate": "chat", ".doStream": "chat", ".doEmbed": "embedding"}
+_TTFT_SECONDS = ("gen_ai.response.time_to_first_chunk", "gen_ai.server.time_to_first_token")
 _ANTHROPIC_PROVIDERS = frozenset({"anthropic", "aws.bedrock", "aws_bedrock", "gcp.vertex_ai"})
 
 
@@ -162,11 +163,11 @@ def from_otel_attributes(
     tags = _tags(raw)
     if tags and "tags" not in out:
         out["tags"] = tags
-    if "gen_ai.server.time_to_first_token" in raw and "ttft_ms" not in out:
-        ttft = raw["gen_ai.server.time_to_first_token"]
-        if type(ttft) in (int, float):
+    for key in _TTFT_SECONDS:
+        ttft = raw.get(key)
+        if type(ttft) in (int, float) and "ttft_ms" not in out:
             out["ttft_ms"] = ttft * 1000
-    elif type(raw.get("ai.response.msToFirstChunk")) in (int, float):
+    if type(raw.get("ai.response.msToFirstChunk")) in (int, float):
         out.setdefault("ttft_ms", raw["ai.response.msToFirstChunk"])
     _anthropic_input(out)
     if out.get("error_type"):
