@@ -165,7 +165,7 @@ def from_otel_attributes(
         out["tags"] = tags
     for key in _TTFT_SECONDS:
         ttft = raw.get(key)
-        if type(ttft) in (int, float) and "ttft_ms" not in out:
+        if isinstance(ttft, int | float) and not isinstance(ttft, bool) and "ttft_ms" not in out:
             out["ttft_ms"] = ttft * 1000
     if type(raw.get("ai.response.msToFirstChunk")) in (int, float):
         out.setdefault("ttft_ms", raw["ai.response.msToFirstChunk"])
