@@ -1,252 +1,267 @@
-"""A loopback fake LLM server: OpenAI and Anthropic endpoints answering with bodies shaped like
-the real APIs' (usage blocks with cache and reasoning details, SSE streams with a final usage
-chunk, error bodies). Tests point the real SDKs and instrumentations at it.
+"""A loopback fake of the OpenAI and Anthropic HTTP APIs, for driving the real SDKs.
 
-`FakeLLM.calls` records what was answered, so a test can compute the expected totals from the
-exact usage numbers the server sent, independently of the exporter.
+It answers in the providers' documented wire shapes (JSON and SSE streams), with seeded random
+usage per call, and records what it returned in `calls`: that record is the independent truth
+the tests compare the exporter's numbers with. It runs in its own thread and event loop, so the
+blocking (sync) SDK clients can call it from test code.
 """
 
 from __future__ import annotations
 
-import itertools
+import asyncio
+import random
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+__all__ = ["Call", "FakeLLM"]
+
 
 @dataclass
+class Call:
+    """What the fake returned, in canonical terms (input includes cache reads and writes)."""
+
+    id: str
+    provider: str
+    operation: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    reasoning_tokens: int = 0
+    failed: bool = False
+
+
+def _sse(events: list[tuple[str | None, dict[str, Any] | str]]) -> bytes:
+    out = []
+    for name, data in events:
+        if name:
+            out.append(f"event: {name}\n".encode())
+        payload = data if isinstance(data, str) else orjson.dumps(data).decode()
+        out.append(f"data: {payload}\n\n".encode())
+    return b"".join(out)
+
+
 class FakeLLM:
-    """Usage numbers per model; `fail_models` answer 500 with an API error body."""
+    def __init__(self, seed: int = 7, fail_models: frozenset[str] = frozenset({"boom"})) -> None:
+        self.calls: list[Call] = []
+        self._rng = random.Random(seed)
+        self._fail = fail_models
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+        self._seq = 0
 
-    prompt: int = 1200
-    cached: int = 1024
-    cache_write: int = 0
-    completion: int = 40
-    reasoning: int = 8
-    fail_models: set[str] = field(default_factory=set)
-    calls: list[dict[str, Any]] = field(default_factory=list)
-    _ids: itertools.count[int] = field(default_factory=itertools.count)
+    # --- life cycle --------------------------------------------------------------------
 
-    def app(self) -> web.Application:
+    def __enter__(self) -> FakeLLM:
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(ready,), daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise AssertionError("fake LLM server did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            if self._runner is not None:
+                await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def _serve(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_post("/v1/responses", self.responses)
-        app.router.add_post("/v1/embeddings", self.embeddings)
-        app.router.add_post("/v1/messages", self.messages)
-        return app
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/responses", self._responses)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/messages", self._messages)
+        self._runner = web.AppRunner(app, access_log=None)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        ready.set()
+        self._loop.run_forever()
 
-    def _id(self, prefix: str) -> str:
-        return f"{prefix}{next(self._ids):06d}{int(time.time())}"
+    @property
+    def openai_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
 
-    def _fail(self, model: str, kind: str) -> web.Response | None:
-        if model not in self.fail_models:
-            return None
-        self.calls.append({"kind": kind, "model": model, "error": True})
-        if kind == "anthropic":
-            body = {"type": "error", "error": {"type": "api_error", "message": "overloaded"}}
-        else:
-            body = {"error": {"message": "upstream failed", "type": "server_error", "code": None}}
+    @property
+    def anthropic_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # --- usage -------------------------------------------------------------------------
+
+    def _new_call(
+        self, provider: str, operation: str, model: str, cache: bool, reasoning: bool
+    ) -> Call:
+        with self._lock:
+            self._seq += 1
+            rng = self._rng
+            inp = rng.randint(20, 5000)
+            cached = rng.randint(0, inp // 2) if cache else 0
+            written = (
+                rng.randint(0, (inp - cached) // 2) if cache and provider == "anthropic" else 0
+            )
+            out = rng.randint(1, 1500) if operation != "embedding" else 0
+            call = Call(
+                id=f"{provider[:4]}-{self._seq}",
+                provider=provider,
+                operation=operation,
+                model=model,
+                input_tokens=inp,
+                output_tokens=out,
+                cached_input_tokens=cached,
+                cache_creation_input_tokens=written,
+                reasoning_tokens=rng.randint(0, out) if reasoning else 0,
+                failed=model in self._fail,
+            )
+            self.calls.append(call)
+        return call
+
+    @staticmethod
+    def _failure(call: Call) -> web.Response:
+        body = {"error": {"message": "the fake is told to fail", "type": "server_error"}}
+        call.input_tokens = call.output_tokens = call.cached_input_tokens = 0
+        call.cache_creation_input_tokens = call.reasoning_tokens = 0
         return web.json_response(body, status=500)
 
-    async def chat(self, request: web.Request) -> web.StreamResponse:
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        model = body["model"]
-        if (failed := self._fail(model, "chat")) is not None:
-            return failed
-        rid = self._id("chatcmpl-")
+        call = self._new_call("openai", "chat", body["model"], True, body["model"].startswith("o"))
+        if call.failed:
+            return self._failure(call)
         usage = {
-            "prompt_tokens": self.prompt,
-            "completion_tokens": self.completion,
-            "total_tokens": self.prompt + self.completion,
-            "prompt_tokens_details": {
-                "cached_tokens": self.cached,
-                "audio_tokens": 0,
-                "cache_write_tokens": self.cache_write,
-            },
+            "prompt_tokens": call.input_tokens,
+            "completion_tokens": call.output_tokens,
+            "total_tokens": call.input_tokens + call.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": call.cached_input_tokens, "audio_tokens": 0},
             "completion_tokens_details": {
-                "reasoning_tokens": self.reasoning,
+                "reasoning_tokens": call.reasoning_tokens,
                 "audio_tokens": 0,
                 "accepted_prediction_tokens": 0,
                 "rejected_prediction_tokens": 0,
             },
         }
-        self.calls.append({"kind": "chat", "model": model, "id": rid, "usage": usage})
-        created = int(time.time())
+        base = {
+            "id": call.id,
+            "created": int(time.time()),
+            "model": call.model,
+            "system_fingerprint": "fp_fake",
+            "service_tier": "default",
+        }
         if not body.get("stream"):
             return web.json_response(
                 {
-                    "id": rid,
+                    **base,
                     "object": "chat.completion",
-                    "created": created,
-                    "model": model,
+                    "usage": usage,
                     "choices": [
                         {
                             "index": 0,
-                            "message": {
-                                "role": "assistant",
-                                "content": "Paris.",
-                                "refusal": None,
-                                "annotations": [],
-                            },
-                            "logprobs": None,
                             "finish_reason": "stop",
+                            "logprobs": None,
+                            "message": {"role": "assistant", "content": "ok", "refusal": None},
                         }
                     ],
-                    "usage": usage,
-                    "service_tier": "default",
-                    "system_fingerprint": "fp_fake0001",
-                },
-                dumps=lambda o: orjson.dumps(o).decode(),
+                }
             )
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        base = {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "service_tier": "default",
-            "system_fingerprint": "fp_fake0001",
-        }
-        deltas = [{"role": "assistant", "content": ""}, {"content": "Par"}, {"content": "is."}]
-        for delta in deltas:
-            chunk = {
-                **base,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}],
-                "usage": None,
-                "obfuscation": "x1Yz",
-            }
-            await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-        stop = {
-            **base,
-            "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}],
-            "usage": None,
-        }
-        await resp.write(b"data: " + orjson.dumps(stop) + b"\n\n")
-        final = {**base, "choices": [], "usage": usage, "obfuscation": "Qm3k7e"}
-        await resp.write(b"data: " + orjson.dumps(final) + b"\n\ndata: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
+        chunk = {**base, "object": "chat.completion.chunk", "obfuscation": "xyz"}
+        events: list[tuple[str | None, dict[str, Any] | str]] = [
+            (
+                None,
+                {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+            ),
+            (None, {**chunk, "choices": [{"index": 0, "delta": {"content": "ok"}}]}),
+            (None, {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        ]
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append((None, {**chunk, "choices": [], "usage": usage}))
+        events.append((None, "[DONE]"))
+        return web.Response(body=_sse(events), content_type="text/event-stream")
 
-    async def responses(self, request: web.Request) -> web.Response:
+    async def _responses(self, request: web.Request) -> web.Response:
         body = await request.json()
-        model = body["model"]
-        if (failed := self._fail(model, "responses")) is not None:
-            return failed
-        rid = self._id("resp_")
-        usage = {
-            "input_tokens": self.prompt,
-            "input_tokens_details": {
-                "cached_tokens": self.cached,
-                "cache_write_tokens": self.cache_write,
-            },
-            "output_tokens": self.completion,
-            "output_tokens_details": {"reasoning_tokens": self.reasoning},
-            "total_tokens": self.prompt + self.completion,
-        }
-        self.calls.append({"kind": "responses", "model": model, "id": rid, "usage": usage})
+        call = self._new_call("openai", "responses", body["model"], True, True)
+        if call.failed:
+            return self._failure(call)
         return web.json_response(
             {
-                "id": rid,
+                "id": call.id,
                 "object": "response",
                 "created_at": int(time.time()),
+                "model": call.model,
                 "status": "completed",
-                "error": None,
-                "incomplete_details": None,
-                "instructions": None,
-                "max_output_tokens": None,
-                "model": model,
-                "output": [
-                    {
-                        "type": "message",
-                        "id": "msg_fake",
-                        "status": "completed",
-                        "role": "assistant",
-                        "content": [{"type": "output_text", "text": "Paris.", "annotations": []}],
-                    }
-                ],
+                "output": [],
                 "parallel_tool_calls": True,
-                "previous_response_id": None,
-                "reasoning": {"effort": None, "summary": None},
-                "store": True,
-                "temperature": 1.0,
-                "text": {"format": {"type": "text"}},
                 "tool_choice": "auto",
                 "tools": [],
-                "top_p": 1.0,
-                "truncation": "disabled",
-                "usage": usage,
-                "user": None,
-                "metadata": {},
+                "usage": {
+                    "input_tokens": call.input_tokens,
+                    "input_tokens_details": {"cached_tokens": call.cached_input_tokens},
+                    "output_tokens": call.output_tokens,
+                    "output_tokens_details": {"reasoning_tokens": call.reasoning_tokens},
+                    "total_tokens": call.input_tokens + call.output_tokens,
+                },
             }
         )
 
-    async def embeddings(self, request: web.Request) -> web.Response:
+    async def _embeddings(self, request: web.Request) -> web.Response:
         body = await request.json()
-        model = body["model"]
-        if (failed := self._fail(model, "embedding")) is not None:
-            return failed
-        usage = {"prompt_tokens": self.prompt, "total_tokens": self.prompt}
-        self.calls.append({"kind": "embedding", "model": model, "usage": usage})
+        call = self._new_call("openai", "embedding", body["model"], False, False)
+        if call.failed:
+            return self._failure(call)
         return web.json_response(
             {
                 "object": "list",
-                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, -0.2, 0.3]}],
-                "model": model,
-                "usage": usage,
+                "model": call.model,
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                "usage": {"prompt_tokens": call.input_tokens, "total_tokens": call.input_tokens},
             }
         )
 
-    async def messages(self, request: web.Request) -> web.StreamResponse:
+    async def _messages(self, request: web.Request) -> web.Response:
         body = await request.json()
-        model = body["model"]
-        if (failed := self._fail(model, "anthropic")) is not None:
-            return failed
-        rid = self._id("msg_")
-        uncached = self.prompt - self.cached - self.cache_write
+        call = self._new_call("anthropic", "chat", body["model"], True, False)
+        if call.failed:
+            return self._failure(call)
+        own_input = call.input_tokens - call.cached_input_tokens - call.cache_creation_input_tokens
         usage = {
-            "input_tokens": uncached,
-            "cache_creation_input_tokens": self.cache_write,
-            "cache_read_input_tokens": self.cached,
-            "cache_creation": {
-                "ephemeral_5m_input_tokens": self.cache_write,
-                "ephemeral_1h_input_tokens": 0,
-            },
-            "output_tokens": self.completion,
-            "service_tier": "standard",
+            "input_tokens": own_input,
+            "output_tokens": call.output_tokens,
+            "cache_read_input_tokens": call.cached_input_tokens,
+            "cache_creation_input_tokens": call.cache_creation_input_tokens,
         }
-        self.calls.append({"kind": "anthropic", "model": model, "id": rid, "usage": usage})
         message = {
-            "id": rid,
+            "id": call.id,
             "type": "message",
             "role": "assistant",
-            "model": model,
-            "content": [{"type": "text", "text": "Paris."}],
+            "model": call.model,
+            "content": [{"type": "text", "text": "ok"}],
             "stop_reason": "end_turn",
             "stop_sequence": None,
             "usage": usage,
         }
         if not body.get("stream"):
             return web.json_response(message)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        start_usage = {**usage, "output_tokens": 1}
-        events = [
-            (
-                "message_start",
-                {
-                    "type": "message_start",
-                    "message": {
-                        **message,
-                        "content": [],
-                        "stop_reason": None,
-                        "usage": start_usage,
-                    },
-                },
-            ),
+        start = {
+            **message,
+            "content": [],
+            "stop_reason": None,
+            "usage": {**usage, "output_tokens": 1},
+        }
+        events: list[tuple[str | None, dict[str, Any] | str]] = [
+            ("message_start", {"type": "message_start", "message": start}),
             (
                 "content_block_start",
                 {
@@ -260,7 +275,7 @@ class FakeLLM:
                 {
                     "type": "content_block_delta",
                     "index": 0,
-                    "delta": {"type": "text_delta", "text": "Paris."},
+                    "delta": {"type": "text_delta", "text": "ok"},
                 },
             ),
             ("content_block_stop", {"type": "content_block_stop", "index": 0}),
@@ -269,12 +284,9 @@ class FakeLLM:
                 {
                     "type": "message_delta",
                     "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                    "usage": {"output_tokens": self.completion},
+                    "usage": {"output_tokens": call.output_tokens},
                 },
             ),
             ("message_stop", {"type": "message_stop"}),
         ]
-        for name, data in events:
-            await resp.write(f"event: {name}\ndata: ".encode() + orjson.dumps(data) + b"\n\n")
-        await resp.write_eof()
-        return resp
+        return web.Response(body=_sse(events), content_type="text/event-stream")

@@ -16,7 +16,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from clientcheck import Expected, assert_metrics, assert_stored, from_call, stored_rows
-from fake_llm import FakeLLM
+from fake_provider import FakeLLM
 from helpers import scrape
 
 MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]

@@ -17,7 +17,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from clientcheck import assert_metrics, assert_stored, from_call, stored_rows
-from fake_llm import FakeLLM
+from fake_provider import FakeLLM
 from helpers import scrape
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource

@@ -5,7 +5,7 @@ Not part of the suite (LiteLLM takes ~35 s to install): run by hand in a throwaw
     python -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install litellm orjson
     /tmp/litellm-venv/bin/python tests/payloads/capture_litellm.py
 
-It starts the fake LLM server of tests/fake_llm.py and a capture server on 127.0.0.1, points
+It starts the fake LLM server of tests/fake_provider.py and a capture server on 127.0.0.1, points
 LiteLLM at both (its GenericAPILogger, what `callbacks: ["generic_api"]` builds), makes
 successful and failing calls, and writes the posted payloads to
 tests/payloads/litellm-<version>-generic_api.json.
@@ -24,7 +24,7 @@ from aiohttp import web
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from fake_llm import FakeLLM  # noqa: E402
+from fake_provider import FakeLLM  # noqa: E402
 
 
 async def main() -> None:

@@ -7,7 +7,7 @@
 //   LLM_BASE=http://127.0.0.1:<fake llm port> CAPTURE=http://127.0.0.1:<capture port>/v1/traces \
 //     node tests/payloads/capture_vercel.mjs
 //
-// tests/payloads/capture_vercel.py starts the fake LLM (tests/fake_llm.py) and the capture
+// tests/payloads/capture_vercel.py starts the fake LLM (tests/fake_provider.py) and the capture
 // server, runs this, and writes tests/payloads/vercel-ai-<version>-otlp.json.
 import { generateText, streamText, embed } from "ai";
 import { createOpenAI } from "@ai-sdk/openai";

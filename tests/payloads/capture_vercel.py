@@ -21,7 +21,7 @@ from aiohttp import web
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from fake_llm import FakeLLM  # noqa: E402
+from fake_provider import FakeLLM  # noqa: E402
 
 
 async def main(project: Path) -> None:
