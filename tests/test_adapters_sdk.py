@@ -83,6 +83,8 @@ async def test_openai_sdk_objects_are_counted_as_they_are(
     rows = await stored_rows(client)
     assert_stored(rows, expected)
     assert {r["request_id"] for r in rows} >= {chat.id, last.id, response.id, "emb-1"}
+    tags = {r["request_id"]: r["tags"] for r in rows}
+    assert tags[chat.id] == {"feature": "search"} and tags[last.id] is None
 
 
 async def test_anthropic_sdk_messages_count_cache_reads_and_writes(

@@ -80,6 +80,7 @@ async def test_vercel_ai_sdk_export_counts_provider_calls_once(make_client: Make
     assert_stored(rows, expected)
     assert {r["operation"] for r in rows} == {"chat", "embedding"}
     assert {r["source"] for r in rows} == {"otel"}
+    assert all(r["tags"] == {"feature": "faq"} for r in rows)  # ai.telemetry.metadata.*
 
 
 def openlit_anthropic(uncached: int, read: int, write: int, out: int, user: str) -> dict[str, Any]:
