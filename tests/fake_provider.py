@@ -1,5 +1,6 @@
-"""A loopback fake LLM server (async, in the test loop): OpenAI and Anthropic endpoints answering with bodies shaped like
-the real APIs' (usage blocks with cache and reasoning details, SSE streams with a final usage
+"""A loopback fake LLM server in the test's own loop (tests/fake_llm.py is the threaded one the
+SDK tests use): OpenAI and Anthropic endpoints answering with bodies shaped like the real APIs'
+(usage blocks with cache and reasoning details, SSE streams with a final usage
 chunk, error bodies). Tests point the real SDKs and instrumentations at it.
 
 `FakeLLM.calls` records what was answered, so a test can compute the expected totals from the
