@@ -162,3 +162,51 @@ async def test_litellm_response_cost_is_used_only_for_models_we_cannot_price(
         "openai",
     ).cost()
     assert float(rows[payload["litellm_call_id"]]["cost_usd"]) == pytest.approx(float(ours))
+
+
+def gpustack_body(i: int) -> dict[str, Any]:
+    """GPUStack's `ModelUsageMetrics` as its gateway posts it: every field of the pydantic
+    model, integer ids, None for what it does not know (gpustack/schemas/model_usage.py)."""
+    return {
+        "model": "gpt-4o-mini" if i % 2 else "claude-sonnet-4-5",
+        "input_token": 1000 + i,
+        "output_token": 100 + i,
+        "total_token": 1100 + 2 * i,
+        "input_cached_token": 512,
+        "request_count": 1,
+        "completed": True,
+        "output_chunk_count": 0,
+        "request_content_bytes": 4096,
+        "started_at": 1767225600000 + i,
+        "completed_at": 1767225601500 + i,
+        "user_id": 42,
+        "model_id": 7,
+        "model_route_id": 3,
+        "cluster_id": None,
+        "provider_id": 2,
+        "provider_name": "my-openai" if i % 2 else "claude-prod",
+        "provider_type": "openai" if i % 2 else "anthropic",
+        "access_key": "gpustack_9f8e7d6c5b4a39281706",
+        "operation": "chat_completion",
+        "organization_id": "org-1",
+        "request_id": f"gpustack-{i}",
+    }
+
+
+async def test_gpustack_model_usage_metrics_as_posted(make_client: MakeClient) -> None:
+    client = await make_client()
+    bodies = [gpustack_body(i) for i in range(4)]
+    for i, b in enumerate(bodies):
+        path = "/v2/usage/gateway-metrics" if i % 2 else "/v1/usage"
+        await post(client, b, path)
+    expected = [
+        Expected(b["model"], b["provider_type"], b["input_token"], b["output_token"],
+                 b["input_cached_token"], user="42")
+        for b in bodies
+    ]  # fmt: skip
+    assert_metrics(await scrape(client), expected)
+    rows = await stored_rows(client)
+    assert_stored(rows, expected)
+    assert {(r["team"], r["source"]) for r in rows} == {("org-1", "gpustack")}
+    assert all(r["api_key_id"].startswith("key-") for r in rows)  # the raw key is never kept
+    assert "gpustack_9f8e" not in repr(rows)
