@@ -20,8 +20,8 @@ CLIENTS = ("OpenAI Python SDK", "Anthropic Python SDK", "OpenTelemetry GenAI", "
 
 def _tests_in(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
-    return {n.name for n in tree.body
-            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name.startswith("test_")}  # fmt: skip
+    functions = (ast.FunctionDef, ast.AsyncFunctionDef)
+    return {n.name for n in tree.body if isinstance(n, functions) and n.name.startswith("test_")}
 
 
 def test_every_client_recipe_names_existing_tests() -> None:
