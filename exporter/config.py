@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -16,6 +16,7 @@ from pydantic_settings import (
 )
 
 from exporter.ingest.adapters.otel import DEFAULT_USER_ATTRIBUTES
+from exporter.usage import TAG_KEY_PATTERN
 
 Scope = Literal["ingest", "read", "admin"]
 ExtraLabel = Literal["provider", "team"]
@@ -105,8 +106,11 @@ class Settings(BaseSettings):
     otel_user_attributes: list[str] = Field(
         default_factory=lambda: list(DEFAULT_USER_ATTRIBUTES), min_length=1, max_length=32
     )
-    #: tag keys promoted to rollup dimensions and (capped by max_tag_values) to labels
-    promoted_tags: list[str] = Field(default_factory=list, max_length=5)
+    #: tag keys promoted to rollup dimensions and to `tag_<key>` labels (each capped)
+    promoted_tags: list[Annotated[str, Field(pattern=TAG_KEY_PATTERN, max_length=64)]] = Field(
+        default_factory=list, max_length=5
+    )
+    max_tag_values: int = Field(default=100, ge=1)
 
     # pricing and budgets
     price_file: Path | None = None

@@ -210,3 +210,24 @@ async def test_gpustack_model_usage_metrics_as_posted(make_client: MakeClient) -
     assert {(r["team"], r["source"]) for r in rows} == {("org-1", "gpustack")}
     assert all(r["api_key_id"].startswith("key-") for r in rows)  # the raw key is never kept
     assert "gpustack_9f8e" not in repr(rows)
+
+
+async def test_promoted_tags_become_capped_labels(make_client: MakeClient) -> None:
+    client = await make_client(promoted_tags=["feature", "env.name"], max_tag_values=2)
+    features = ["search", "chat", "search", "summarise", ""]
+    for i, feature in enumerate(features):
+        tags = {"env.name": "prod", "other": "x"} | ({"feature": feature} if feature else {})
+        await post(client, {"request_id": f"t{i}", "model": "gpt-4o", "provider": "openai",
+                            "input_tokens": 10 * (i + 1), "tags": tags})  # fmt: skip
+    samples = await scrape(client)
+    by_feature: dict[str, float] = {}
+    for (name, labels), v in samples.items():
+        if name == "llm_input_tokens_total":
+            d = dict(labels)
+            assert d["tag_env_name"] == "prod" and "tag_other" not in d
+            by_feature[d["tag_feature"]] = by_feature.get(d["tag_feature"], 0) + v
+    # the first two distinct values are kept, the others fold into __other__ (counted)
+    assert by_feature == {"search": 10 + 30, "chat": 20, "__other__": 40 + 50}
+    overflow = {dict(k[1]).get("label"): v for k, v in samples.items()
+                if k[0] == "llm_usage_label_overflow_total"}  # fmt: skip
+    assert overflow.get("tag_feature", 0) >= 2
