@@ -20,6 +20,7 @@ from exporter.budgets import BudgetTracker
 from exporter.config import BudgetSpec, Scope, Settings
 from exporter.flusher import Flusher
 from exporter.httputil import error_response, json_response
+from exporter.ingest.adapters.sdk import UnknownUsageCollector
 from exporter.ingest.dedupe import RecentIds
 from exporter.ingest.handlers import IngestHandlers
 from exporter.ingest.otlp import OtlpHandler
@@ -159,6 +160,7 @@ def create_app(settings: Settings) -> web.Application:
         tokens_per_output_chunk=settings.tokens_per_output_chunk,
         user_attributes=settings.otel_user_attributes,
     )
+    self_metrics.registry.register(UnknownUsageCollector())
     exposition = Exposition(usage, self_metrics)
     store = Store.from_url(settings.effective_database_url)
 

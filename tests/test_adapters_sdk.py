@@ -15,7 +15,14 @@ import openai
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from clientcheck import Expected, assert_metrics, assert_stored, from_call, stored_rows
+from clientcheck import (
+    Expected,
+    assert_metrics,
+    assert_stored,
+    from_call,
+    metric_totals,
+    stored_rows,
+)
 from fake_provider import FakeLLM
 from helpers import scrape
 
@@ -231,3 +238,14 @@ async def test_promoted_tags_become_capped_labels(make_client: MakeClient) -> No
     overflow = {dict(k[1]).get("label"): v for k, v in samples.items()
                 if k[0] == "llm_usage_label_overflow_total"}  # fmt: skip
     assert overflow.get("tag_feature", 0) >= 2
+
+
+async def test_usage_keys_we_do_not_read_are_counted(make_client: MakeClient) -> None:
+    client = await make_client()
+    before = metric_totals(await scrape(client), "llm_usage_unknown_usage_fields_total")
+    body = {"id": "chatcmpl-new", "object": "chat.completion", "model": "gpt-4o",
+            "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12,
+                      "future_tokens": 3, "surcharge_tokens": 1}}  # fmt: skip
+    await post(client, body)
+    after = metric_totals(await scrape(client), "llm_usage_unknown_usage_fields_total")
+    assert after - before == 2

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+from prometheus_client.core import CounterMetricFamily
 
 from exporter.ingest.adapters.common import (
     Raw,
@@ -24,6 +26,7 @@ from exporter.ingest.adapters.common import (
 
 __all__ = [
     "UNKNOWN_USAGE_FIELDS",
+    "UnknownUsageCollector",
     "from_anthropic",
     "from_openai_chat",
     "from_openai_responses",
@@ -68,6 +71,24 @@ _KNOWN_USAGE = {
 }
 
 
+class UnknownUsageCollector:
+    """`llm_usage_unknown_usage_fields_total{shape}`: reports whose usage block carried a key
+    no adapter reads (the key names go to the log once, never to labels: they are input)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "llm_usage_unknown_usage_fields",
+            "Usage keys seen that no adapter reads, by provider shape (names in the log).",
+            labels=["shape"],
+        )
+        by_shape: Counter[str] = Counter(dict.fromkeys(_KNOWN_USAGE, 0))
+        for (shape, _key), n in UNKNOWN_USAGE_FIELDS.items():
+            by_shape[shape] += n
+        for shape, n in sorted(by_shape.items()):
+            family.add_metric([shape], n)
+        yield family
+
+
 def _note_unknown(shape: str, usage: Mapping[str, Any]) -> None:
     known = _KNOWN_USAGE[shape]
     for key in usage:
@@ -79,6 +100,8 @@ def _note_unknown(shape: str, usage: Mapping[str, Any]) -> None:
         elif len(UNKNOWN_USAGE_FIELDS) < _MAX_UNKNOWN:
             UNKNOWN_USAGE_FIELDS[item] = 1
             log.warning("%s usage carries a field we do not read: %r (counted)", shape, key[:64])
+        else:  # past the bound: still counted, no longer named
+            UNKNOWN_USAGE_FIELDS[(shape, "__other__")] += 1
 
 
 def _openai_tokens(
