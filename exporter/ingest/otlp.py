@@ -219,10 +219,10 @@ class OtlpHandler(IngestEndpoint):
         message: str,
         headers: dict[str, str] | None = None,
     ) -> web.Response:
-        if status != 503:
-            self._m.rejected.labels(reason).inc()  # backpressure is counted by the ingestor
-        self._log_once_a_minute(reason, "otlp: %d (%s) for %s from %s: %s", status, reason,
-                                request.path, request.remote, message[:200])  # fmt: skip
+        if status != 503:  # backpressure is counted by the ingestor and logged by _accept
+            self._m.rejected.labels(reason).inc()
+            self._log_once_a_minute(reason, "otlp: %d (%s) for %s from %s: %s", status, reason,
+                                    request.path, request.remote, message[:200])  # fmt: skip
         code = _RPC_CODE.get(status, 3)
         if media == PROTOBUF:
             body, ctype = rpc_status(code, message), PROTOBUF
@@ -274,7 +274,7 @@ class OtlpHandler(IngestEndpoint):
             return web.Response(status=200, body=_export_response(media, 0, ""),
                                 content_type=media)  # fmt: skip
         try:
-            result = await self._ingestor.ingest(items, pre_errors)
+            result = await self._accept(request, items, pre_errors)
         except Backpressure as exc:
             return self._error(request, media, 503, "backpressure",
                                "write-ahead log is full or closing; retry later",
@@ -287,6 +287,5 @@ class OtlpHandler(IngestEndpoint):
                 f"{len(result.errors)} usage span(s) rejected: " + "; ".join(named)
                 + (f" (+{more} more)" if more > 0 else "")
             )[:2000]  # fmt: skip
-            self._log_once_a_minute("invalid", "otlp: from %s: %s", request.remote, message[:300])
         body_out = _export_response(media, len(result.errors), message)
         return web.Response(status=200, body=body_out, content_type=media)
