@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_TOKENS = 10**12  # far above any real call; stops overflow games
 MAX_STRING = 256
@@ -192,9 +192,6 @@ class UsageReport(BaseModel):
     source: Annotated[str, Field(max_length=32)] = "canonical"
     #: free-form attribution (project, feature, env…), stored with the audit row
     tags: Tags | None = None
-    #: a client's own cost (LiteLLM's response_cost), used only when pricing finds no rate;
-    #: private, so it is neither stored nor written to the WAL
-    _fallback_cost_usd: float | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check_arithmetic(self) -> UsageReport:

@@ -108,11 +108,11 @@ class Ingestor:
 
     def validate(self, raw: Any, now: datetime) -> UsageReport:
         mapping, fallback = self.adapt(raw)
-        report = UsageReport.model_validate(mapping)
-        report._fallback_cost_usd = fallback
-        return self._complete(report, now)
+        return self._complete(UsageReport.model_validate(mapping), now, fallback)
 
-    def _complete(self, report: UsageReport, now: datetime) -> UsageReport:
+    def _complete(
+        self, report: UsageReport, now: datetime, fallback: float | None = None
+    ) -> UsageReport:
         """Defaults that need the receive time or settings: time, estimates, price."""
         fields = report.__dict__  # plain writes: pydantic's __setattr__ costs ~0.3 µs each
         if report.completed_at is None:
@@ -120,7 +120,7 @@ class Ingestor:
         if not report.completed:
             report.estimate_incomplete_stream(self._bytes_per_token, self._tokens_per_chunk)
         if report.cost_usd is None:
-            fields["cost_usd"] = self._price(report)
+            fields["cost_usd"] = self._price(report, fallback)
         return report
 
     def validate_batch(
@@ -149,9 +149,10 @@ class Ingestor:
             except ValidationError:
                 pass
             else:
-                for i, fallback in fallbacks.items():
-                    validated[i]._fallback_cost_usd = fallback
-                return [self._complete(r, now) for r in validated], []
+                return [
+                    self._complete(r, now, fallbacks.get(i) if fallbacks else None)
+                    for i, r in enumerate(validated)
+                ], []
         reports: list[UsageReport] = []
         for i, raw in enumerate(items):
             if pre_errors and i in pre_errors:
@@ -165,7 +166,9 @@ class Ingestor:
         errors.sort(key=lambda e: int(e["index"]))
         return reports, errors
 
-    def _price(self, r: UsageReport) -> float:
+    def _price(self, r: UsageReport, fallback: float | None = None) -> float:
+        """Our price; else the client's own (`fallback`, e.g. LiteLLM's response_cost);
+        else 0, counted as unpriced."""
         if self._pricer is None:
             return 0.0
         cost = self._pricer.cost(
@@ -176,8 +179,8 @@ class Ingestor:
             r.cached_input_tokens,
             r.cache_creation_input_tokens,
         )
-        if cost is None and r._fallback_cost_usd is not None:
-            return r._fallback_cost_usd  # the client's own price, for a model we cannot price
+        if cost is None and fallback is not None:
+            return fallback
         if cost is None:
             self._m.unpriced.inc()
             if r.model not in self._unpriced_logged and len(self._unpriced_logged) < 1000:

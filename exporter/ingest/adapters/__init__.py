@@ -44,6 +44,7 @@ __all__ = [
 
 #: key an adapter sets for a client-computed cost that counts only when we cannot price
 FALLBACK_COST = "fallback_cost_usd"
+_MARKERS = LITELLM_MARKERS | GPUSTACK_MARKERS
 #: provider spellings already canonical: the hot path skips inference for them
 _CANONICAL_PROVIDERS = frozenset({"openai", "anthropic", "google", "aws", "azure", "mistral",
                                   "groq", "deepseek", "cohere", "x-ai", "openrouter"})  # fmt: skip
@@ -67,8 +68,8 @@ def adapt(
     model = out.get("model")
     provider = out.get("provider", "")
     if (
-        isinstance(model, str)
-        and isinstance(provider, str)
+        type(model) is str
+        and type(provider) is str
         and (provider not in _CANONICAL_PROVIDERS or "/" in model)
     ):
         new_model, new_provider = infer(model, provider)
@@ -89,9 +90,9 @@ def _adapt(
     item: dict[str, Any] = raw
     if "usage" in item:
         return adapt_usage_body(item)
-    if not LITELLM_MARKERS.isdisjoint(item):
-        return from_litellm(item)
-    if not GPUSTACK_MARKERS.isdisjoint(item):
+    if not _MARKERS.isdisjoint(item):  # one set test on the (canonical) hot path
+        if not LITELLM_MARKERS.isdisjoint(item):
+            return from_litellm(item)
         return from_gpustack(item, key_alias)
     if "model" not in item and any(
         isinstance(k, str) and k.startswith(("gen_ai.", "ai.usage.", "ai.model.")) for k in item
