@@ -194,3 +194,14 @@ async def test_otlp_metrics_are_answered_with_what_to_send(make_client: MakeClie
     resp = await client.post("/v1/metrics", data=b"{}", headers=JSON)
     assert resp.status == 404
     assert "/v1/traces" in (await resp.json())["message"]
+
+
+async def test_free_form_metadata_is_bounded_into_tags_not_refused(make_client: MakeClient) -> None:
+    client = await make_client()
+    metadata = {f"ai.telemetry.metadata.key {i:02d}": "v" * 300 for i in range(30)}
+    attrs = {"gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 9, **metadata}
+    assert await send(client, body([span(attrs)])) == {}
+    (row,) = await stored_rows(client)
+    assert row["input_tokens"] == 9
+    assert sorted(row["tags"]) == [f"key_{i:02d}" for i in range(16)]
+    assert {len(v) for v in row["tags"].values()} == {256}

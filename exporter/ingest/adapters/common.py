@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
+
+from exporter.usage import MAX_TAG_KEY, MAX_TAG_VALUE, MAX_TAGS
 
 __all__ = [
     "ENVELOPE_FIELDS",
     "Raw",
     "ShapeError",
+    "bounded_tags",
     "details",
     "envelope",
     "int_or_zero",
@@ -100,4 +104,23 @@ def envelope(raw: Raw, source: str) -> dict[str, Any]:
         if isinstance(kind, str) and kind in _OBJECT_OPERATIONS:
             out["operation"] = _OBJECT_OPERATIONS[kind]
     out["source"] = source
+    return out
+
+
+_NOT_TAG_KEY = re.compile(r"[^A-Za-z0-9_.:/-]")
+
+
+def bounded_tags(raw: Mapping[Any, Any]) -> dict[str, str]:
+    """Tags taken from a client's free-form metadata (LiteLLM, OTel attributes), made to fit
+    the canonical bounds instead of refusing the usage they come with: keys sanitized and cut,
+    values cut, NUL replaced, the first `MAX_TAGS` keys in sorted order kept."""
+    out: dict[str, str] = {}
+    for key in sorted(str(k) for k in raw)[: MAX_TAGS * 4]:
+        name = _NOT_TAG_KEY.sub("_", key)[:MAX_TAG_KEY]
+        value = raw.get(key)
+        if not name or name in out or not isinstance(value, str | int | float | bool):
+            continue
+        out[name] = str(value).replace("\x00", "\ufffd")[:MAX_TAG_VALUE]
+        if len(out) == MAX_TAGS:
+            break
     return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from exporter.ingest.adapters.common import Raw, ShapeError, details, int_or_zero
+from exporter.ingest.adapters.common import Raw, ShapeError, bounded_tags, details, int_or_zero
 
 __all__ = ["LITELLM_MARKERS", "from_litellm"]
 
@@ -110,5 +110,5 @@ def from_litellm(raw: Raw) -> dict[str, Any]:
         out["fallback_cost_usd"] = float(cost)
     tags = metadata.get("spend_logs_metadata")
     if isinstance(tags, Mapping) and tags:
-        out["tags"] = {str(k): str(v) for k, v in tags.items()}
+        out["tags"] = bounded_tags(tags)
     return out

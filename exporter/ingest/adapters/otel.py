@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from exporter.ingest.adapters.common import ENVELOPE_FIELDS, Raw
+from exporter.ingest.adapters.common import ENVELOPE_FIELDS, Raw, bounded_tags
 
 __all__ = [
     "DEFAULT_USER_ATTRIBUTES",
@@ -176,15 +176,15 @@ def from_otel_attributes(
     return out
 
 
-def _tags(raw: Raw) -> dict[str, Any]:
+def _tags(raw: Raw) -> dict[str, str]:
     tags: dict[str, Any] = {}
     for key, value in raw.items():
         for prefix in TAG_PREFIXES:
             if key.startswith(prefix):
                 name = key[len(prefix) :]
-                if name not in ("user_id", "userId") and isinstance(value, str | int | bool):
-                    tags[name] = str(value)
-    return tags
+                if name not in ("user_id", "userId"):
+                    tags[name] = value
+    return bounded_tags(tags) if tags else {}
 
 
 def _anthropic_input(out: dict[str, Any]) -> None:
