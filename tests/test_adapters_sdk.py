@@ -249,3 +249,17 @@ async def test_usage_keys_we_do_not_read_are_counted(make_client: MakeClient) ->
     await post(client, body)
     after = metric_totals(await scrape(client), "llm_usage_unknown_usage_fields_total")
     assert after - before == 2
+
+
+async def test_tags_are_stored_on_postgres_too(make_client: MakeClient, pg_url: str) -> None:
+    client = await make_client(database_url=pg_url)
+    payloads = orjson.loads(LITELLM.read_bytes())
+    metadata = {**payloads[0]["metadata"], "spend_logs_metadata": {"project": "faq", "n": 3}}
+    tagged = {**payloads[0], "metadata": metadata}
+    await post(client, [tagged, {"request_id": "c1", "model": "gpt-4o", "provider": "openai",
+                                 "input_tokens": 5, "tags": {"env": "prod"}}])  # fmt: skip
+    rows = {r["request_id"]: r for r in await stored_rows(client)}
+    assert rows[tagged["litellm_call_id"]]["tags"] == {"n": "3", "project": "faq"}
+    assert rows["c1"]["tags"] == {"env": "prod"}
+    assert_stored(list(rows.values()), [litellm_expected(tagged),
+                                        Expected("gpt-4o", "openai", 5, 0)])  # fmt: skip
