@@ -21,8 +21,8 @@ MAX_COST_USD = 1_000_000.0
 MAX_TAGS = 16
 MAX_TAG_KEY = 64
 MAX_TAG_VALUE = 256
-#: tag keys are label-safe-ish names: letters, digits and _ . : / -
-TAG_KEY_PATTERN = r"^[A-Za-z0-9_.:/-]+$"
+#: tag keys: letters, digits and _ . - (also how the read API names them: `tag:<key>`)
+TAG_KEY_PATTERN = r"^[A-Za-z0-9_.-]+$"
 _EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 _LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 

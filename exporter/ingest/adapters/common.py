@@ -107,7 +107,7 @@ def envelope(raw: Raw, source: str) -> dict[str, Any]:
     return out
 
 
-_NOT_TAG_KEY = re.compile(r"[^A-Za-z0-9_.:/-]")
+_NOT_TAG_KEY = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def bounded_tags(raw: Mapping[Any, Any]) -> dict[str, str]:
