@@ -668,3 +668,18 @@ def test_new_sdk_fields_are_ignored_and_new_usage_fields_read() -> None:
                          "usage": {"input_tokens": 5, "output_tokens": 2,
                                    "cache_creation": by_ttl}})  # fmt: skip
     assert (message.input_tokens, message.cache_creation_input_tokens) == (105, 100)
+
+
+@pytest.mark.parametrize(
+    ("tags", "message"),
+    [
+        ({"a b": "x"}, "pattern"),
+        ({f"k{i}": "x" for i in range(17)}, "at most 16"),
+        ({"k": "x" * 257}, "at most 256"),
+        ({"k": 5}, "valid string"),
+        ({"k": "a\x00b"}, "NUL"),
+    ],
+)
+def test_canonical_tags_outside_the_bounds_are_refused(tags: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        canonical({"model": "gpt-4o", "tags": tags})
