@@ -1,4 +1,4 @@
-"""Migration 0002 on a database holding 0001-era rows, both backends: unpriced rows (cost 0
+"""Migration 0004_pricing on a database holding 0001-era rows, both backends: unpriced rows (cost 0
 with tokens) become NULL with a reason, and each rollup row's `unpriced` counts its details."""
 
 from __future__ import annotations

@@ -7,15 +7,17 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from exporter.ingest.adapters import ShapeError, adapt
+from exporter.ingest.adapters import FALLBACK_COST, ShapeError, adapt
+from exporter.ingest.adapters.otel import DEFAULT_USER_ATTRIBUTES
 from exporter.ingest.dedupe import RecentIds
 from exporter.live.usage_metrics import UsageMetrics
-from exporter.money import CostOverCap, json_default
+from exporter.money import CostOverCap, json_default, parse_cost
 from exporter.pricing import Pricer, Unpriced
 from exporter.selfmetrics import SelfMetrics
 from exporter.usage import UsageReport
@@ -69,6 +71,18 @@ def describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _fallback_cost(value: float | None) -> Decimal | None:
+    """A client's own price, exact; unusable (negative, NaN) → None; over the cap raises."""
+    if value is None:
+        return None
+    try:
+        return parse_cost(value)
+    except CostOverCap:
+        raise
+    except ValueError:
+        return None
+
+
 class Ingestor:
     """Owns the accept path; the HTTP handlers only decode bodies and encode answers."""
 
@@ -83,6 +97,7 @@ class Ingestor:
         bytes_per_input_token: float,
         tokens_per_output_chunk: float,
         retry_after: int = 5,
+        user_attributes: Sequence[str] = DEFAULT_USER_ATTRIBUTES,
     ) -> None:
         self._wal = wal
         self._usage = usage
@@ -92,16 +107,29 @@ class Ingestor:
         self._bytes_per_token = bytes_per_input_token
         self._tokens_per_chunk = tokens_per_output_chunk
         self._retry_after = retry_after
+        self._user_attributes = tuple(user_attributes)
         self._unpriced_logged: set[str] = set()
         for reason in Unpriced:  # every reason exposed from the start (0 until one happens)
             self_metrics.unpriced.labels(reason.value)
         #: called with (wal segment seq, reports) once reports are durable
         self.on_durable: list[Callable[[int, Sequence[UsageReport]], None]] = []
 
-    def validate(self, raw: Any, now: datetime) -> UsageReport:
-        return self._complete(UsageReport.model_validate(adapt(raw, key_alias)), now)
+    def adapt(self, raw: Any) -> tuple[Mapping[str, Any], float | None]:
+        """The canonical mapping and the client's fallback cost (kept out of the model)."""
+        out = adapt(raw, key_alias, self._user_attributes)
+        if FALLBACK_COST not in out:
+            return out, None
+        rest = dict(out)
+        fallback = rest.pop(FALLBACK_COST)
+        return rest, fallback if type(fallback) is float else None
 
-    def _complete(self, report: UsageReport, now: datetime) -> UsageReport:
+    def validate(self, raw: Any, now: datetime) -> UsageReport:
+        mapping, fallback = self.adapt(raw)
+        return self._complete(UsageReport.model_validate(mapping), now, fallback)
+
+    def _complete(
+        self, report: UsageReport, now: datetime, fallback: float | None = None
+    ) -> UsageReport:
         """Defaults that need the receive time or settings: time, estimates, price."""
         fields = report.__dict__  # plain writes: pydantic's __setattr__ costs ~0.3 µs each
         if report.completed_at is None:
@@ -110,7 +138,7 @@ class Ingestor:
             report.estimate_incomplete_stream(self._bytes_per_token, self._tokens_per_chunk)
         if report.cost_usd is None:
             fields["cost_sent"] = False
-            self._price(report)
+            self._price(report, fallback)
         else:
             fields["cost_sent"] = True  # set here only, never by the client
             fields["unpriced_reason"] = ""
@@ -123,21 +151,30 @@ class Ingestor:
         only a batch with an invalid item is validated again item by item, for the reasons."""
         errors: list[dict[str, Any]] = []
         adapted: list[Mapping[str, Any]] = []
+        fallbacks: dict[int, float] = {}
         for i, raw in enumerate(items):
             if pre_errors and i in pre_errors:
                 errors.append({"index": i, "error": pre_errors[i]})
                 continue
             try:
-                adapted.append(adapt(raw, key_alias))
+                mapping, fallback = self.adapt(raw)
             except ShapeError as exc:
                 errors.append({"index": i, "error": str(exc)})
+                continue
+            if fallback is not None:
+                fallbacks[len(adapted)] = fallback
+            adapted.append(mapping)
         if not errors:
             if self._pricer is not None:
                 self._pricer.refresh_if_due()
             try:
-                return [self._complete(r, now) for r in _BATCH.validate_python(adapted)], []
+                validated = _BATCH.validate_python(adapted)
+                return [
+                    self._complete(r, now, fallbacks.get(i) if fallbacks else None)
+                    for i, r in enumerate(validated)
+                ], []
             except (ValidationError, CostOverCap):
-                pass
+                pass  # validated again item by item below, for the reasons
         reports: list[UsageReport] = []
         for i, raw in enumerate(items):
             if pre_errors and i in pre_errors:
@@ -153,19 +190,24 @@ class Ingestor:
         errors.sort(key=lambda e: int(e["index"]))
         return reports, errors
 
-    def _price(self, r: UsageReport) -> None:
-        """Cost at the report's own time; unpriced → None and a reason (CostOverCap raises)."""
+    def _price(self, r: UsageReport, fallback: float | None = None) -> None:
+        """Cost at the report's own time; else the client's own (`fallback`, e.g. LiteLLM's
+        response_cost, then kept like a sent cost); else None and a reason. CostOverCap
+        raises (the item is refused)."""
         fields = r.__dict__
-        if self._pricer is None:
-            fields["unpriced_reason"] = Unpriced.UNKNOWN_MODEL.value
-            return
-        cost = self._pricer.price(fields)
+        cost = Unpriced.UNKNOWN_MODEL if self._pricer is None else self._pricer.price(fields)
         if isinstance(cost, Unpriced):
-            fields["unpriced_reason"] = cost.value
-        else:
-            fields["cost_usd"] = cost
-            if r.unpriced_reason:
+            sent = _fallback_cost(fallback)
+            if sent is not None:
+                fields["cost_usd"] = sent
+                fields["cost_sent"] = True
                 fields["unpriced_reason"] = ""
+            else:
+                fields["unpriced_reason"] = cost.value
+            return
+        fields["cost_usd"] = cost
+        if r.unpriced_reason:
+            fields["unpriced_reason"] = ""
 
     def _count_unpriced(self, accepted: Sequence[UsageReport]) -> None:
         """Once per distinct accepted report (duplicates never reach here); one log line per

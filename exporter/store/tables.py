@@ -8,11 +8,12 @@ canonical decimal TEXT that the writer adds with an exact SQL function (`dec_add
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     Column,
@@ -32,6 +33,7 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from exporter.money import COST_QUANTUM as COST_QUANTUM
 from exporter.money import COST_SCALE, money_text, stored_money
+from exporter.timeutil import as_utc
 
 metadata = MetaData(
     naming_convention={
@@ -51,19 +53,13 @@ class UTCDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
+        return None if value is None else as_utc(value)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         assert isinstance(value, datetime)
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
+        return as_utc(value)
 
 
 class Money(TypeDecorator[Decimal]):
@@ -144,13 +140,15 @@ usage_details = Table(
     Column("duration_ms", Double, nullable=True),
     Column("ttft_ms", Double, nullable=True),
     _key_text("source"),
-    # billed extras (exporter.usage.BILLED_UNITS) and the tier, as priced (migration 0002)
+    # billed extras (exporter.usage.BILLED_UNITS) and the tier, as priced (migration 0004_pricing)
     *(_count(name) for name in BILLED_COUNT_COLUMNS),
     _key_text("service_tier"),
     # why cost_usd is NULL ('' when priced or sent): pricing.Unpriced
     _key_text("unpriced_reason"),
     # the client sent cost_usd: `reprice` leaves it alone
     Column("cost_sent", Boolean, nullable=False, server_default=text("false")),
+    # free-form attribution (project, feature, env…) as sent; NULL when the report had none
+    Column("tags", JSON, nullable=True),
     Column("inserted_at", UTCDateTime(), nullable=False, server_default=func.current_timestamp()),
     PrimaryKeyConstraint("request_id"),
     Index(None, "completed_at"),
@@ -184,7 +182,7 @@ usage_rollups = Table(
     _count("reasoning_tokens"),
     Column("cost_usd", Money(), nullable=False, server_default=text("0")),
     Column("duration_ms_sum", Double, nullable=False, server_default=text("0")),
-    _count("unpriced"),  # reports stored with cost NULL (migration 0002)
+    _count("unpriced"),  # reports stored with cost NULL (migration 0004_pricing)
     PrimaryKeyConstraint(*ROLLUP_KEY),
     Index(None, "granularity", "user", "bucket_start"),
     Index(None, "granularity", "team", "bucket_start"),

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from collections.abc import Callable
 from datetime import UTC, date, datetime, time
+from typing import Any
 
+from exporter.cli.common import add_settings_flags
 from exporter.config import Settings
+from exporter.errors import ConfigError
 
-__all__ = ["add_parser", "run"]
+__all__ = ["register"]
 
 
 def _moment(value: str) -> datetime:
@@ -24,10 +26,7 @@ def _moment(value: str) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-def add_parser(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
-    common: Callable[[argparse.ArgumentParser], None],
-) -> None:
+def register(sub: Any) -> None:
     p = sub.add_parser(
         "reprice",
         help="recompute stored costs with today's price data and price file",
@@ -35,7 +34,7 @@ def add_parser(
         "the rollups by the exact difference, one transaction per batch. Idempotent: a second "
         "run changes nothing. Client-sent costs are never changed.",
     )
-    common(p)
+    add_settings_flags(p)
     p.add_argument(
         "--from", dest="since", type=_moment, required=True, help="date or time, inclusive"
     )
@@ -44,6 +43,7 @@ def add_parser(
     )
     p.add_argument("--model", help="only this model (exact name as stored)")
     p.add_argument("--price-file", help="user price file (default: the configured one)")
+    p.set_defaults(run=run)
     p.add_argument(
         "--dry-run", action="store_true", help="report what would change, change nothing"
     )
@@ -57,12 +57,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from exporter.store import Store
 
     if args.until <= args.since:
-        print("llm-usage-exporter reprice: --to must be after --from")
-        return 2
+        raise ConfigError("reprice: --to must be after --from")
     if args.batch_size < 1:
-        print("llm-usage-exporter reprice: --batch-size must be positive")
-        return 2
-    pricer = Pricer(args.price_file or settings.price_file)
+        raise ConfigError("reprice: --batch-size must be positive")
+    try:
+        pricer = Pricer(settings.price_file)  # --price-file overrides the setting
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
     async def go() -> int:
         store = Store.from_url(settings.effective_database_url)

@@ -7,8 +7,8 @@ rollups' `unpriced` count is rebuilt from the details still kept (retention may 
 older ones; their rollups keep unpriced = 0). `cost_sent` is false on old rows: whether a
 client sent their cost was not recorded, so `reprice` treats them as computed.
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0004_pricing
+Revises: 0003_tags
 Create Date: 2026-12-01
 """
 
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002"
-down_revision: str | None = "0001"
+revision: str = "0004_pricing"
+down_revision: str | None = "0003_tags"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
