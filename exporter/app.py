@@ -163,7 +163,14 @@ def create_app(settings: Settings) -> web.Application:
 
     budgets = BudgetTracker(settings.budgets, self_metrics, stored_spend)
     ingestor.on_durable.append(budgets.on_durable)
-    flusher = Flusher(wal, store.writer, self_metrics, settings, on_dropped=budgets.on_dropped)
+    flusher = Flusher(
+        wal,
+        store.writer,
+        self_metrics,
+        settings,
+        on_dropped=budgets.on_dropped,
+        retention=store.retention_schedule(settings.retention_days),
+    )
     ingestor.on_durable.append(lambda _seq, _reports: flusher.nudge())
     ingest = IngestHandlers(
         ingestor, self_metrics, settings.max_body_bytes, settings.max_batch_items
@@ -262,6 +269,7 @@ def create_app(settings: Settings) -> web.Application:
             problems.append("database schema not migrated yet")
         elif not await store.ping():
             problems.append("database not reachable")
+        problems += flusher.readiness_problems()
         if problems:
             return json_response({"status": "not ready", "problems": problems}, status=503)
         return json_response({"status": "ready"})

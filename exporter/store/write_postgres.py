@@ -33,7 +33,7 @@ from exporter.store.rows import (
 )
 from exporter.store.tables import ROLLUP_KEY, ROLLUP_SUMS
 
-__all__ = ["PG_WORK_MEM", "PG_WRITE_SQL", "write_postgres"]
+__all__ = ["PG_WORK_MEM", "PG_WRITE_SQL", "probe_postgres", "write_postgres"]
 
 #: Session setting for the flush transaction: sorts and hash aggregates of a large batch stay
 #: in memory instead of spilling to disk.
@@ -138,3 +138,12 @@ async def write_postgres(engine: AsyncEngine, payloads: Sequence[bytes]) -> tupl
             await conn.invalidate()
             raise
     return int(received), int(inserted), int(rollups)
+
+
+async def probe_postgres(engine: AsyncEngine) -> None:
+    """Run the write statement over no records: fails as a flush would (schema missing or
+    behind, permissions, database down) without writing anything."""
+    async with engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        pg: Any = raw.driver_connection
+        await pg.fetchrow(PG_WRITE_SQL, [])
