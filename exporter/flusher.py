@@ -44,8 +44,6 @@ STOP_TIMEOUT_S = 30.0
 #: A flush transaction of flush_max_reports takes seconds; past this the database is hung
 #: (not down: that fails fast) and the attempt is abandoned, rolled back and retried.
 WRITE_TIMEOUT_S = 120.0
-#: /readyz says "not ready" after this many flush failures in a row.
-UNREADY_AFTER_FAILURES = 3
 
 
 class BatchWriter(Protocol):
@@ -78,7 +76,6 @@ class Flusher:
         on_dropped: Callable[[int], None] | None = None,
         retention: RetentionSchedule | None = None,
         write_timeout: float = WRITE_TIMEOUT_S,
-        unready_after_failures: int = UNREADY_AFTER_FAILURES,
     ) -> None:
         self.wal = wal
         self.writer = store_writer
@@ -87,7 +84,7 @@ class Flusher:
         self.max_reports = settings.flush_max_reports
         self.max_backoff = settings.flush_max_backoff
         self.write_timeout = write_timeout
-        self.unready_after_failures = unready_after_failures
+        self.unready_after_failures = settings.flush_unready_after_failures
         self.on_dropped = on_dropped
         self.retention = retention
         self.quarantine = Quarantine(wal.directory.parent / "quarantine")
@@ -114,7 +111,7 @@ class Flusher:
 
     def readiness_problems(self) -> list[str]:
         """Why this replica should not get traffic, from the flush's point of view (/readyz):
-        the schema is missing, or `unready_after_failures` flushes in a row failed."""
+        the schema is missing, or `flush_unready_after_failures` flushes in a row failed."""
         exc = self._last_error
         if exc is None or not self._failures:
             return []
