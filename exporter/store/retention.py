@@ -32,7 +32,9 @@ DEFAULT_BATCH = 5_000
 #: Per batch on Postgres; a batch that cannot finish in this is halved and retried.
 STATEMENT_TIMEOUT_MS = 5_000
 LOCK_TIMEOUT_MS = 1_000
+MIN_BATCH = 100
 
+#: Rows locked by someone else are skipped (the next run gets them): retention never waits.
 PG_PURGE_SQL = """
 DELETE FROM usage_details
 WHERE ctid = ANY(ARRAY(
@@ -40,6 +42,7 @@ WHERE ctid = ANY(ARRAY(
     WHERE completed_at < :cutoff
     ORDER BY completed_at
     LIMIT :n
+    FOR UPDATE SKIP LOCKED
 ))
 """
 SQLITE_PURGE_SQL = """
@@ -80,7 +83,7 @@ async def purge_details(
     """Delete details with completed_at < older_than; returns how many rows went.
 
     A batch that times out or waits on a lock (the database busy with flushes) is halved and
-    tried again; at one row the run ends and the next run resumes where it stopped.
+    tried again; below `MIN_BATCH` rows the run ends (raising) and the next run resumes.
     """
     if older_than.tzinfo is None:
         older_than = older_than.replace(tzinfo=UTC)
@@ -92,9 +95,9 @@ async def purge_details(
         try:
             deleted = await _purge_batch(engine, older_than, n, is_pg)
         except Exception as exc:
-            if classify(exc) is not ErrorKind.UNAVAILABLE or n == 1:
+            if classify(exc) is not ErrorKind.UNAVAILABLE or n // 2 < min(MIN_BATCH, batch_size):
                 raise
-            n = max(1, n // 2)
+            n //= 2
             log.info("retention: a batch timed out or waited on a lock; trying %d rows", n)
             continue
         total += deleted
