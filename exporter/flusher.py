@@ -261,7 +261,12 @@ class Flusher:
         self._run_task = asyncio.current_task()
         if self.retention is not None and self._retention_task is None:
             self._retention_task = asyncio.get_running_loop().create_task(
-                self.retention.run(paused=lambda: self.failing), name="retention"
+                self.retention.run(
+                    paused=lambda: self.failing,
+                    on_deleted=self.metrics.retention_deleted.inc,
+                    on_failure=lambda _exc: self.metrics.retention_failures.inc(),
+                ),
+                name="retention",
             )
         first = True
         while not self._stopping:

@@ -95,7 +95,8 @@ async def test_backlog_flushes_within_one_interval_while_retention_purges(
 
         settings = Settings(data_dir=tmp_path / "data", flush_interval=FLUSH_INTERVAL)
         retention = RetentionSchedule(store.engine, 400, max_batches=10_000)
-        flusher = Flusher(wal, store.writer, SelfMetrics(), settings, retention=retention)
+        metrics = SelfMetrics()
+        flusher = Flusher(wal, store.writer, metrics, settings, retention=retention)
         started = time.monotonic()
         runner = asyncio.create_task(flusher.run())
         while wal.pending_reports:
@@ -111,6 +112,8 @@ async def test_backlog_flushes_within_one_interval_while_retention_purges(
         await flusher.stop()
         await runner
         assert retention.deleted == OLD_ROWS
+        assert metrics.retention_deleted._value.get() == OLD_ROWS
+        assert metrics.retention_failures._value.get() == 0
         assert await _count(store, "true") == BACKLOG
         await assert_stored_exactly(store, backlog)
         print(

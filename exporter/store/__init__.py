@@ -48,9 +48,6 @@ class Store:
     async def upgrade(self, revision: str = "head") -> str | None:
         return await migrate.upgrade(self.engine, revision)
 
-    async def current_revision(self) -> str | None:
-        return await migrate.current_revision(self.engine)
-
     async def ping(self, within: float = 2.0) -> bool:
         """True if the database answers within `within` seconds (for /readyz)."""
         return await ping(self.engine, within)

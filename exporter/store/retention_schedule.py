@@ -56,13 +56,21 @@ class RetentionSchedule:
         self.deleted += deleted
         return deleted
 
-    async def run(self, paused: Callable[[], bool] = lambda: False) -> None:
-        """Purge now and then every interval (skipping while `paused()`), until cancelled."""
+    async def run(
+        self,
+        paused: Callable[[], bool] = lambda: False,
+        *,
+        on_deleted: Callable[[int], object] = lambda _n: None,
+        on_failure: Callable[[BaseException], object] = lambda _exc: None,
+    ) -> None:
+        """Purge now and then every interval (skipping while `paused()`), until cancelled;
+        the callbacks feed the self-metrics."""
         while True:
             if not paused():
                 try:
-                    await self.run_once()
+                    on_deleted(await self.run_once())
                 except Exception as exc:
+                    on_failure(exc)
                     log.warning("retention failed (will retry in %.0fs): %s",
                                 self.interval, describe_error(exc))  # fmt: skip
             await asyncio.sleep(self.interval)
