@@ -26,6 +26,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from exporter.config import Settings
@@ -53,6 +54,13 @@ class BatchWriter(Protocol):
 
     async def probe(self) -> None:
         """Raise what a write would raise now, writing nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    kind: ErrorKind
+    schema_missing: bool
+    description: str
 
 
 def _read_payloads(wal: WriteAheadLog, segments: Sequence[Segment]) -> list[bytes]:
@@ -95,7 +103,9 @@ class Flusher:
         self._retention_task: asyncio.Task[None] | None = None
         self._failures = 0  # consecutive
         self._failing_since: float | None = None
-        self._last_error: BaseException | None = None
+        # What the last failure was, never the exception itself: its traceback would keep the
+        # failed batch's payloads alive for as long as the outage lasts.
+        self._last_error: _Failure | None = None
         self.metrics.wal_max_bytes.set(wal.max_bytes)
 
     # -- ingest side -------------------------------------------------------------------------
@@ -112,19 +122,19 @@ class Flusher:
     def readiness_problems(self) -> list[str]:
         """Why this replica should not get traffic, from the flush's point of view (/readyz):
         the schema is missing, or `flush_unready_after_failures` flushes in a row failed."""
-        exc = self._last_error
-        if exc is None or not self._failures:
+        last = self._last_error
+        if last is None or not self._failures:
             return []
-        if is_schema_missing(exc):
+        if last.schema_missing:
             return [
                 "database schema missing or behind: run `llm-usage-exporter db upgrade` "
-                f"({describe_error(exc, 200)})"
+                f"({last.description})"
             ]
         if self._failures < self.unready_after_failures:
             return []
         return [
             f"flush failing: {self._failures} consecutive failure(s), last "
-            f"{classify(exc).value}: {describe_error(exc, 200)}"
+            f"{last.kind.value}: {last.description}"
         ]
 
     # -- flushing ----------------------------------------------------------------------------
@@ -212,16 +222,16 @@ class Flusher:
     def _on_failure(self, exc: BaseException) -> None:
         self.metrics.flush_failures.inc()
         self._failures += 1
-        self._last_error = exc
+        self._last_error = _Failure(classify(exc), is_schema_missing(exc), describe_error(exc, 200))
         if self._failing_since is not None:
             log.debug("flush failed again (%d in a row): %s", self._failures, describe_error(exc))
             return
         self._failing_since = time.monotonic()
-        kind = classify(exc)
+        kind, schema_missing = self._last_error.kind, self._last_error.schema_missing
         why = {
             ErrorKind.UNAVAILABLE: "database unavailable",
             ErrorKind.REFUSED: "database refused the data while isolating it",
-            ErrorKind.BUG: "schema missing" if is_schema_missing(exc) else "unexpected error",
+            ErrorKind.BUG: "schema missing" if schema_missing else "unexpected error",
         }[kind]
         log.error(
             "flush failed (%s), keeping %d report(s) in the WAL (%d bytes) and retrying with "
@@ -231,7 +241,7 @@ class Flusher:
             self.wal.total_bytes,
             self.max_backoff,
             describe_error(exc),
-            exc_info=kind is ErrorKind.BUG and not is_schema_missing(exc),
+            exc_info=kind is ErrorKind.BUG and not schema_missing,
         )
 
     def _on_success(self, flushed: int) -> None:
