@@ -42,8 +42,9 @@ async def _until(check: Callable[[], Any], timeout: float = 20.0) -> None:
         await asyncio.sleep(0.05)
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-@pytest.mark.parametrize("bug", ["KeyError", "TypeError"])
+@pytest.mark.parametrize(
+    ("backend", "bug"), [*(("sqlite", b) for b in BUGS), ("postgres", "KeyError")]
+)
 async def test_a_bug_in_the_flush_path_keeps_the_wal_and_loses_nothing(
     make_client: Any, request: pytest.FixtureRequest, tmp_path: Path, backend: str, bug: str
 ) -> None:
