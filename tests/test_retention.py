@@ -124,3 +124,37 @@ async def test_backlog_flushes_within_one_interval_while_retention_purges(
     finally:
         await wal.close()
         await store.close()
+
+
+async def test_stop_during_a_purge_is_prompt_and_flushes_what_is_left(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """SIGTERM while retention is busy: retention is cancelled, the final flush runs at once."""
+    store = Store.from_url(pg_url)
+    await store.upgrade()
+    wal = WriteAheadLog(
+        tmp_path / "data" / "wal", segment_bytes=4 << 20, max_bytes=1 << 30, durability="os"
+    )
+    wal.open()
+    wal.start()
+    try:
+        await _load_expired(store, 60_000)
+        settings = Settings(data_dir=tmp_path / "data", flush_interval=3600)
+        retention = RetentionSchedule(store.engine, 400, batch_size=200, max_batches=10_000)
+        flusher = Flusher(wal, store.writer, SelfMetrics(), settings, retention=retention)
+        runner = asyncio.create_task(flusher.run())
+        while await _count(store, "request_id LIKE 'old-%'") == 60_000:
+            await asyncio.sleep(0.02)
+        late = [report(i) for i in range(500)]
+        await wal.append(orjson.dumps(late), len(late))
+        started = time.monotonic()
+        await flusher.stop(timeout=10)
+        stopped_in = time.monotonic() - started
+        await runner
+        assert retention.runs == 0  # it was cut short, not waited for
+        assert stopped_in < 5, stopped_in
+        assert wal.pending_reports == 0
+        assert await _count(store, "request_id NOT LIKE 'old-%'") == len(late)
+    finally:
+        await wal.close()
+        await store.close()
