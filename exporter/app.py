@@ -83,6 +83,7 @@ def _readiness(app: web.Application) -> Readiness:
     readiness = Readiness()
     readiness.add("wal_space", wal_space)
     readiness.add("database", database)
+    readiness.add("flush", app[FLUSHER].readiness_problems)
     return readiness
 
 
@@ -136,7 +137,14 @@ def create_app(settings: Settings) -> web.Application:
 
     budgets = BudgetTracker(settings.budgets, self_metrics, stored_spend)
     ingestor.on_durable.append(budgets.on_durable)
-    flusher = Flusher(wal, store.writer, self_metrics, settings, on_dropped=budgets.on_dropped)
+    flusher = Flusher(
+        wal,
+        store.writer,
+        self_metrics,
+        settings,
+        on_dropped=budgets.on_dropped,
+        retention=store.retention_schedule(settings.retention_days),
+    )
     ingestor.on_durable.append(lambda _seq, _reports: flusher.nudge())
 
     policy = AccessPolicy()

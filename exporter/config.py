@@ -135,6 +135,8 @@ class Settings(BaseSettings):
     flush_interval: float = Field(default=10.0, gt=0)
     flush_max_reports: int = Field(default=50_000, ge=1)
     flush_max_backoff: float = Field(default=60.0, gt=0)
+    #: /readyz answers 503 after this many flush failures in a row
+    flush_unready_after_failures: int = Field(default=3, ge=1)
     retention_days: int = Field(default=400, ge=1)
 
     # clients: where OTel spans name the caller (first match wins), attribution tags
