@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -154,6 +154,8 @@ def create_app(settings: Settings) -> web.Application:
         recent=RecentIds(settings.dedupe_cache_size),
         bytes_per_input_token=settings.bytes_per_input_token,
         tokens_per_output_chunk=settings.tokens_per_output_chunk,
+        max_report_age=settings.max_report_age,
+        max_future_skew=timedelta(seconds=settings.max_future_skew_seconds),
     )
     exposition = Exposition(usage, self_metrics)
     store = Store.from_url(settings.effective_database_url)
@@ -188,7 +190,7 @@ def create_app(settings: Settings) -> web.Application:
     ready = {"migrated": False}
 
     async def wal_ctx(app: web.Application) -> AsyncIterator[None]:
-        wal.open()
+        await wal.open_async(on_record=ingestor.remember_replayed)
         wal.start()
         yield
         await wal.close()
@@ -258,6 +260,8 @@ def create_app(settings: Settings) -> web.Application:
         problems = []
         if wal.total_bytes >= wal.max_bytes * 0.95:
             problems.append("write-ahead log is (nearly) full")
+        if wal.broken_reason is not None:
+            problems.append(f"write-ahead log cannot write: {wal.broken_reason}")
         if not ready["migrated"]:
             problems.append("database schema not migrated yet")
         elif not await store.ping():

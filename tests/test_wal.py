@@ -106,7 +106,7 @@ async def test_garbage_after_the_last_record_is_truncated(tmp_path: Path, garbag
     await wal.close()
 
 
-async def test_crc_mismatch_is_detected(tmp_path: Path) -> None:
+async def test_crc_mismatch_skips_only_the_bad_record(tmp_path: Path) -> None:
     items = payloads(3)
     await write_and_close(tmp_path, items)
     (seg,) = segment_files(tmp_path)
@@ -117,18 +117,41 @@ async def test_crc_mismatch_is_detected(tmp_path: Path) -> None:
     flipped_payload[record + HEADER + 5] ^= 0x01  # one bit in the second record's payload
     seg.write_bytes(bytes(flipped_payload))
     records, good = read_records(seg)
-    assert [r.payload for r in records] == items[:1]
-    assert good == record
+    assert [r.payload for r in records] == [items[0], items[2]]  # resynchronised past it
+    assert good == len(data)
 
     flipped_count = bytearray(data)
     flipped_count[record + 8] ^= 0x01  # the report count is covered by the crc too
     seg.write_bytes(bytes(flipped_count))
     records, good = read_records(seg)
-    assert [r.payload for r in records] == items[:1]
+    assert [r.payload for r in records] == [items[0], items[2]]
+
+    flipped_last = bytearray(data)
+    flipped_last[-3] ^= 0x01  # nothing intact after it: a torn tail
+    seg.write_bytes(bytes(flipped_last))
+    records, good = read_records(seg)
+    assert [r.payload for r in records] == items[:2] and good == 2 * record
 
     seg.write_bytes(bytes(data))
     records, good = read_records(seg)
     assert [r.payload for r in records] == items and good == len(data)
+
+
+async def test_corrupt_record_mid_segment_never_hides_later_records_at_start_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    items = payloads(6)
+    await write_and_close(tmp_path, items)
+    (seg,) = segment_files(tmp_path)
+    data = bytearray(seg.read_bytes())
+    record = HEADER + 40
+    data[2 * record : 3 * record] = os.urandom(record)  # the third record is garbage
+    seg.write_bytes(bytes(data))
+    wal = await started(tmp_path)
+    assert [p for _, p in all_records(wal)] == items[:2] + items[3:]
+    assert wal.pending_reports == sum(i + 1 for i in range(6) if i != 2)
+    assert "corrupt byte(s) before intact records" in caplog.text
+    await wal.close()
 
 
 async def test_segment_with_nothing_intact_is_removed(tmp_path: Path) -> None:
@@ -201,7 +224,7 @@ async def test_rotation_by_size_keeps_order(tmp_path: Path) -> None:
     wal = await started(tmp_path, segment_bytes=1024)
     for p in items:
         await wal.append(p, 1)
-    assert len(wal.sealed_segments()) >= 5
+    assert len(wal.sealed_segments()) >= 4  # the 5th rotates just after its last append
     assert all(s.size >= 1024 for s in wal.sealed_segments())
     await wal.close()
     wal = await started(tmp_path, segment_bytes=1024)
