@@ -81,9 +81,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _serve(settings: Settings) -> int:
-    from aiohttp import web
-
     from exporter.app import create_app
+    from exporter.server import run as run_server
 
     if not settings.tokens and not settings.bind_is_loopback() and not settings.insecure:
         log.error(
@@ -92,25 +91,21 @@ def _serve(settings: Settings) -> int:
             settings.host,
         )
         return 2
-    app = create_app(settings)
-    log.info(
-        "llm-usage-exporter %s listening on http://%s:%d (data dir %s)",
-        __version__,
-        settings.host,
-        settings.port,
-        settings.data_dir.resolve(),
-    )
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        print=None,
-        access_log=None,
-        shutdown_timeout=10,
-        handle_signals=True,
-    )
-    log.info("stopped")
-    return 0
+
+    def announce() -> None:
+        log.info(
+            "llm-usage-exporter %s listening on http://%s:%d (data dir %s)",
+            __version__,
+            settings.host,
+            settings.port,
+            settings.data_dir.resolve(),
+        )
+
+    # data-dir lock, fd limit, connection cap and timeouts: exporter/server.py
+    code = run_server(create_app, settings, announce)
+    if code == 0:
+        log.info("stopped")
+    return code
 
 
 def _db_upgrade(settings: Settings) -> int:

@@ -7,7 +7,7 @@ import logging
 from aiohttp import web
 
 from exporter.httputil import LogOncePerMinute, error_response, json_response
-from exporter.ingest.body import BodyError, ParsedBody, parse_items, read_body
+from exporter.ingest.body import BodyError, ClientGone, ParsedBody, parse_items, read_body
 from exporter.ingest.pipeline import Backpressure, Ingestor, IngestResult
 from exporter.selfmetrics import SelfMetrics
 
@@ -32,6 +32,9 @@ class IngestHandlers(IngestEndpoint):
     """POST /v1/usage and POST /v2/usage/gateway-metrics."""
 
     def _reject(self, request: web.Request, exc: BodyError) -> web.Response:
+        if isinstance(exc, ClientGone):  # nobody to answer, nothing to log
+            self._m.client_disconnects.inc()
+            return error_response(exc.status, str(exc), headers={"Connection": "close"})
         self._m.rejected.labels(exc.reason).inc()
         self._log_once_a_minute(
             exc.reason,
@@ -53,7 +56,7 @@ class IngestHandlers(IngestEndpoint):
             self._log_once_a_minute("backpressure", "ingest: answering 503 (backpressure): %s", exc)
             return error_response(
                 503,
-                "write-ahead log is full or closing; retry later",
+                "write-ahead log is full, closing or cannot write; retry later",
                 headers={"Retry-After": str(exc.retry_after)},
             )
         if result.errors:
