@@ -486,7 +486,9 @@ class WriteAheadLog:
         if now - self._last_logged.get(kind, -LOG_INTERVAL_S) >= LOG_INTERVAL_S:
             self._last_logged[kind] = now
             more = self._suppressed.pop(kind, 0)
-            log.error("wal: %s; the affected appends are answered 503%s", reason,
+            outcome = "the affected appends are answered 503" if broken else (
+                "the active segment keeps taking writes; rotation is retried")  # fmt: skip
+            log.error("wal: %s; %s%s", reason, outcome,
                       f" ({more} similar failure(s) not logged)" if more else "")  # fmt: skip
         else:
             self._suppressed[kind] = self._suppressed.get(kind, 0) + 1

@@ -214,11 +214,12 @@ def start_service(
     env: Mapping[str, str] | None = None,
     wait: bool = True,
     timeout: float = 30.0,
+    wrap: Sequence[str] = (),
 ) -> ServiceProcess:
     """Start `llm-usage-exporter <args>`, stdout+stderr to `log_path`, wait for /healthz."""
     log_file = log_path.open("wb")
     proc = subprocess.Popen(
-        [*cli_command(), *args],
+        [*wrap, *cli_command(), *args],  # wrap: e.g. prlimit for a small fd limit
         stdout=log_file,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
