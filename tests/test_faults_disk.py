@@ -161,4 +161,4 @@ async def test_rotation_failure_keeps_writing_the_active_segment_and_loses_nothi
     acked.extend(more)
     assert await client.app[FLUSHER].flush_once() == len(acked)
     await assert_stored_exactly(client.app[STORE], acked)
-    assert orjson.loads((await (await client.get("/readyz")).read()))["status"] == "ready"
+    assert orjson.loads(await (await client.get("/readyz")).read())["status"] == "ready"
