@@ -22,10 +22,10 @@ from typing import Any
 import orjson
 import pytest
 from helpers import free_port, http, parse_metrics, start_service
-from storecheck import assert_stored_exactly
+from storecheck import assert_stored_exactly, expected_rollups
 from storecheck import report as stored_report
 
-from exporter.store import Store
+from exporter.store import Store, queries
 
 INPUT_FIELDS = ("request_id", "model", "provider", "operation", "user", "team", "api_key_id",
                 "input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens",
@@ -130,6 +130,11 @@ class Service:
         self.proc = start_service(args, self.workdir / f"service-{self.starts}.log",
                                   port=self.port, env=env, timeout=60, wrap=self.wrap)  # fmt: skip
 
+    def wait_ready(self, timeout: float = 30) -> None:
+        """/readyz 200: migrated, and the flusher's start-up replay has run."""
+        wait_for(lambda: http("GET", f"{self.url}/readyz")[0] == 200, timeout, "/readyz 200")
+        time.sleep(0.3)  # the flusher's first pass runs right after the migration
+
     def stop(self) -> int:
         code: int = self.proc.stop(timeout=60)
         return code
@@ -181,7 +186,15 @@ class Sender:
 async def _check(url: str, reports: Sequence[Mapping[str, Any]]) -> None:
     store = Store.from_url(url)
     try:
-        await assert_stored_exactly(store, reports)
+        try:
+            await assert_stored_exactly(store, reports)
+        except AssertionError:
+            got = await queries.rollup_rows(store.engine)
+            want = expected_rollups(reports)
+            ids = sorted(await queries.request_ids(store.engine))
+            diff = {k: (got.get(k), want.get(k)) for k in set(got) | set(want)
+                    if k not in got or k not in want or got[k].exact() != want[k].exact()}
+            raise AssertionError(f"{len(ids)} stored ids; rollup differences: {diff}") from None
     finally:
         await store.close()
 
