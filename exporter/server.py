@@ -36,7 +36,14 @@ from exporter.app import SELF_METRICS
 from exporter.config import Settings
 from exporter.selfmetrics import SelfMetrics
 
-__all__ = ["DataDirLock", "DataDirLocked", "connection_cap", "raise_nofile_limit", "run"]
+__all__ = [
+    "DataDirLock",
+    "DataDirLocked",
+    "accept_backlog",
+    "connection_cap",
+    "raise_nofile_limit",
+    "run",
+]
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +107,17 @@ def raise_nofile_limit() -> int:
     return int(soft) if soft != resource.RLIM_INFINITY else 1 << 20
 
 
+def accept_backlog(fd_limit: int) -> int:
+    """asyncio accepts up to `backlog` sockets in one go before any close runs: part of the
+    reserve, so a burst of connections can never take the last descriptors."""
+    return max(16, min(128, fd_limit // 8))
+
+
 def connection_cap(fd_limit: int, configured: int | None) -> int:
-    """Connections allowed: the limit minus a reserve (≥ 64 or 10%), or less if configured."""
-    cap = max(16, fd_limit - max(FD_RESERVE_MIN, fd_limit // 10))
+    """Connections allowed: the limit minus a reserve (≥ 64 or 10%, plus the accept
+    backlog), or less if configured."""
+    reserve = max(FD_RESERVE_MIN, fd_limit // 10) + accept_backlog(fd_limit)
+    cap = max(16, fd_limit - reserve)
     if configured is not None and configured > cap:
         log.warning("http_max_connections %d is above what %d file descriptors allow; "
                     "using %d", configured, fd_limit, cap)  # fmt: skip
@@ -129,9 +144,9 @@ def _is_idle(handler: RequestHandler) -> bool:
 class GuardedSite(web.TCPSite):
     """A TCPSite whose protocol factory enforces the connection cap."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, *, cap: int,
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *, cap: int, backlog: int,
                  metrics: SelfMetrics) -> None:  # fmt: skip
-        super().__init__(runner, host, port, backlog=1024, reuse_address=True)
+        super().__init__(runner, host, port, backlog=backlog, reuse_address=True)
         self.cap = cap
         self.metrics = metrics
 
@@ -208,7 +223,10 @@ class _OsErrorLog:
 
 
 async def _serve(
-    app: web.Application, settings: Settings, cap: int, announce: Callable[[], None] | None
+    app: web.Application,
+    settings: Settings,
+    fd_limit: int,
+    announce: Callable[[], None] | None,
 ) -> None:
     loop = asyncio.get_running_loop()
     metrics = app[SELF_METRICS]
@@ -224,7 +242,10 @@ async def _serve(
     )
     await runner.setup()
     try:
-        site = GuardedSite(runner, settings.host, settings.port, cap=cap, metrics=metrics)
+        cap = connection_cap(fd_limit, settings.http_max_connections)
+        log.info("open-file limit %d: at most %d connections", fd_limit, cap)
+        site = GuardedSite(runner, settings.host, settings.port, cap=cap,
+                           backlog=accept_backlog(fd_limit), metrics=metrics)  # fmt: skip
         await site.start()
         metrics.http_connection_limit.set(cap)
         metrics.http_connections.set_function(lambda: len(site._connections()))
@@ -253,9 +274,7 @@ def run(
         return 1
     try:
         fd_limit = raise_nofile_limit()
-        cap = connection_cap(fd_limit, settings.http_max_connections)
-        log.info("open-file limit %d: at most %d connections", fd_limit, cap)
-        asyncio.run(_serve(make_app(settings), settings, cap, announce))
+        asyncio.run(_serve(make_app(settings), settings, fd_limit, announce))
     finally:
         lock.release()
     return 0

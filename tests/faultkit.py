@@ -192,8 +192,11 @@ async def _check(url: str, reports: Sequence[Mapping[str, Any]]) -> None:
             got = await queries.rollup_rows(store.engine)
             want = expected_rollups(reports)
             ids = sorted(await queries.request_ids(store.engine))
-            diff = {k: (got.get(k), want.get(k)) for k in set(got) | set(want)
-                    if k not in got or k not in want or got[k].exact() != want[k].exact()}
+            diff = {
+                k: (got.get(k), want.get(k))
+                for k in set(got) | set(want)
+                if k not in got or k not in want or got[k].exact() != want[k].exact()
+            }
             raise AssertionError(f"{len(ids)} stored ids; rollup differences: {diff}") from None
     finally:
         await store.close()
