@@ -33,11 +33,10 @@ def test_second_serve_on_the_same_data_dir_refuses_and_the_first_keeps_its_wal(
         wal_files = sorted((tmp_path / "data" / "wal").iterdir())
         before = {p.name: p.read_bytes() for p in wal_files}
 
-        second = subprocess.run(
-            [*cli_command(), "serve", "--port", "0", "--data-dir", str(tmp_path / "data"),
-             "--database-url", sqlite_url(tmp_path)],  # fmt: skip
-            capture_output=True, text=True, env=clean_env(), timeout=60,
-        )  # fmt: skip
+        args = ["serve", "--port", "0", "--data-dir", str(tmp_path / "data"),
+                "--database-url", sqlite_url(tmp_path)]  # fmt: skip
+        second = subprocess.run([*cli_command(), *args], capture_output=True, text=True,
+                                env=clean_env(), timeout=60)  # fmt: skip
         assert second.returncode == 1
         lines = [line for line in second.stderr.splitlines() if line.strip()]
         assert len(lines) == 1, second.stderr
@@ -119,10 +118,9 @@ def test_report_older_than_the_window_is_refused_even_after_retention_ran(
 
 
 def test_window_not_shorter_than_retention_refuses_to_start(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [*cli_command(), "serve", "--data-dir", str(tmp_path / "data")],
-        capture_output=True, text=True, timeout=60,
-        env=clean_env({"LLM_USAGE_RETENTION_DAYS": "30", "LLM_USAGE_MAX_REPORT_AGE_DAYS": "30"}),
-    )  # fmt: skip
+    env = clean_env({"LLM_USAGE_RETENTION_DAYS": "30", "LLM_USAGE_MAX_REPORT_AGE_DAYS": "30"})
+    args = ["serve", "--data-dir", str(tmp_path / "data")]
+    done = subprocess.run([*cli_command(), *args], capture_output=True, text=True,
+                          env=env, timeout=60)  # fmt: skip
     assert done.returncode == 2
     assert "max_report_age_days (30) must be shorter than retention_days (30)" in done.stderr
