@@ -480,6 +480,7 @@ class WriteAheadLog:
             if self._broken is None:
                 self._broken_since = time.monotonic()
             self._broken = reason
+            self._last_attempt = time.monotonic()  # the next try waits for probe_interval
         for hook in self.on_failure:
             hook(kind)
         now = time.monotonic()

@@ -1,19 +1,23 @@
-"""The write-ahead log on real files: reopen, torn tails, crc, the size cap, seal/drop,
-rotation, group commit, and the HTTP path (202 only once the report is on disk)."""
+"""The write-ahead log on real files: reopen, torn tails, crc and resync, the size cap,
+seal/drop, rotation, group commit, a real ENOSPC mid-write (tmpfs), and the HTTP path (202
+only once the report is on disk)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from faultkit import Tmpfs, mount_tmpfs
 from helpers import make_settings, report
 
 from exporter.app import create_app
-from exporter.wal import WalClosed, WalFull, WriteAheadLog, encode_record, read_records
+from exporter.ingest.dedupe import RecentIds
+from exporter.wal import WalBroken, WalClosed, WalFull, WriteAheadLog, encode_record, read_records
 
 HEADER = 12  # u32 length, u32 crc, u32 report count
 
@@ -305,3 +309,52 @@ async def test_accepted_reports_are_in_the_wal_before_202(
             found.extend(reports)
     assert sorted(r["request_id"] for r in found) == [f"wal-{i}" for i in range(5)]
     assert {r["request_id"]: r["input_tokens"] for r in found} == {f"wal-{i}": i for i in range(5)}
+
+
+def test_recent_ids_discard_never_evicts_a_re_added_id_early() -> None:
+    recent = RecentIds(3)
+    recent.add("a")
+    recent.discard("a")  # its write failed
+    for rid in ("b", "c", "a"):  # the retry of "a" is accepted later
+        recent.add(rid)
+    recent.add("d")  # one over capacity: the oldest live id ("b") goes, not the re-added "a"
+    assert [rid in recent for rid in "abcd"] == [True, False, True, True]
+    assert len(recent) == 3
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Tmpfs]:
+    yield from mount_tmpfs(tmp_path / "disk", "size=1m")
+
+
+async def test_failed_write_leaves_no_torn_record_before_acknowledged_ones(
+    small_disk: Tmpfs,
+) -> None:
+    directory = small_disk.path / "wal"
+    wal = await started(directory, probe_interval=0.05)
+    acked = payloads(3, 1000)
+    for p in acked:
+        await wal.append(p, 1)
+    filler = small_disk.fill(leave=20_000)
+    big = b"x" * 200_000  # cannot fit: ENOSPC part-way, a torn record on disk
+    with pytest.raises(WalBroken):
+        await wal.append(big, 1)
+    assert wal.failures >= 1 and wal.broken_reason is not None
+    assert "ENOSPC" in wal.broken_reason
+    with pytest.raises(WalBroken):  # batches fail at once while broken
+        await wal.append(b"while-broken", 1)
+    filler.unlink()
+    deadline = asyncio.get_running_loop().time() + 5
+    while wal.broken_reason is not None:  # the probe notices the space by itself
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    later = payloads(3, 500)
+    for p in later:
+        await wal.append(p, 1)
+    # the failed segment was cut back to its last good record: nothing torn sits anywhere
+    for seg in wal.sealed_segments():
+        assert seg.path.stat().st_size == seg.size
+    await wal.close()
+    wal = await started(directory)
+    assert [p for _, p in all_records(wal)] == acked + later
+    await wal.close()
