@@ -45,8 +45,9 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     data_dir = overrides.pop("data_dir", tmp_path / "data")
     # Test payloads carry fixed dates (2024-2026); a dedupe window relative to the wall clock
     # would make them expire as time passes. Tests of the window set it explicitly.
-    overrides.setdefault("retention_days", 10 * 365)
-    overrides.setdefault("max_report_age_days", 9 * 365)
+    if "retention_days" not in overrides:
+        overrides["retention_days"] = 10 * 365
+        overrides.setdefault("max_report_age_days", 9 * 365)
     return Settings(data_dir=data_dir, **overrides)
 
 
