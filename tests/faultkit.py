@@ -21,11 +21,12 @@ from typing import Any
 
 import orjson
 import pytest
+import storequeries as queries
 from helpers import free_port, http, parse_metrics, start_service
 from storecheck import assert_stored_exactly, expected_rollups
 from storecheck import report as stored_report
 
-from exporter.store import Store, queries
+from exporter.store import Store
 
 INPUT_FIELDS = ("request_id", "model", "provider", "operation", "user", "team", "api_key_id",
                 "input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens",

@@ -53,6 +53,7 @@ def test_full_disk_loses_no_acknowledged_report_and_ingest_recovers(
         "LLM_USAGE_WAL_SEGMENT_BYTES": str(64 * 1024)})  # fmt: skip
     service.start()
     try:
+        service.wait_ready()
         filler = disk.fill(leave=150_000)
         reports = make_reports(2_000, "disk")
         sender = Sender(service.url)
