@@ -227,8 +227,10 @@ class WriteAheadLog:
         for seq in seqs:
             self._load_segment(self.directory / _segment_name(seq), seq, on_record)
         self._next_seq = (seqs[-1] + 1) if seqs else 1
-        seg = self._new_segment_sync()
-        self._segments.append(seg)
+        try:
+            self._segments.append(self._new_segment_sync())
+        except OSError as exc:  # start anyway: replay what we have, answer 503, probe
+            self._failed("open", f"cannot create a WAL segment: {_describe(exc)}")
         if len(self._segments) > 1:
             log.info("wal: %d segment(s) with %d report(s) to replay",
                      len(self._segments) - 1, self.pending_reports)  # fmt: skip

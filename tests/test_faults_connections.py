@@ -101,7 +101,8 @@ def test_connection_floods_do_not_starve_a_gateway_and_the_service_recovers(
         service.wait_ready()
         m = service.metrics()
         # exporter/server.py's reserve: max(64, 10%) plus the accept backlog (1/8, 16..128)
-        expected_cap = FD_LIMIT - max(64, FD_LIMIT // 10) - max(16, min(128, FD_LIMIT // 8))
+        backlog = max(16, min(128, FD_LIMIT // 8))
+        expected_cap = FD_LIMIT - max(64, FD_LIMIT // 10) - backlog
         assert value(m, "llm_usage_http_connection_limit") == expected_cap
 
         flood = Flood(service.port, per_kind=100)  # 300 connections at a time > the cap
@@ -139,7 +140,8 @@ def test_connection_floods_do_not_starve_a_gateway_and_the_service_recovers(
                   for r in ("evicted_idle", "body_timeout")}  # fmt: skip
         assert closed["evicted_idle"] > 0 and closed["body_timeout"] > 0, closed
         assert total(during, "llm_usage_client_disconnects_total") > 0
-        assert value(during, "llm_usage_http_connections") <= expected_cap + 5
+        # one accept burst (the backlog) may land before the cap is seen: the reserve covers it
+        assert value(during, "llm_usage_http_connections") <= expected_cap + backlog
 
         # the flood is gone: connections drain and requests are fast again
         wait_for(lambda: value(service.metrics(), "llm_usage_http_connections") <= 2,

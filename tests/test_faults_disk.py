@@ -30,6 +30,7 @@ from helpers import http, scrape, total, value, wait_ready
 from storecheck import assert_stored_exactly
 
 from exporter.app import FLUSHER, STORE, WAL
+from exporter.wal import WriteAheadLog
 
 pytestmark = pytest.mark.slow
 
@@ -163,3 +164,32 @@ async def test_rotation_failure_keeps_writing_the_active_segment_and_loses_nothi
     assert await client.app[FLUSHER].flush_once() == len(acked)
     await assert_stored_exactly(client.app[STORE], acked)
     assert orjson.loads(await (await client.get("/readyz")).read())["status"] == "ready"
+
+
+async def test_start_without_room_for_a_segment_replays_and_answers_503_until_there_is(
+    few_inodes: Tmpfs, make_client: MakeClient, tmp_path: Path
+) -> None:
+    data_dir = few_inodes.path / "data"
+    first = make_reports(30, "before")
+    left = WriteAheadLog(data_dir / "wal", segment_bytes=1 << 20, max_bytes=1 << 26)
+    left.open()  # what a killed process leaves behind: a segment not yet flushed
+    left.start()
+    await left.append(orjson.dumps(first), len(first))
+    await left.close()
+    inodes = few_inodes.use_up_inodes()
+    client = await make_client(data_dir=data_dir, flush_interval=3600,
+                               database_url=f"sqlite+aiosqlite:///{tmp_path / 'u.db'}")  # fmt: skip
+    wal = client.app[WAL]
+    assert wal.pending_reports == len(first)  # replayed even though no new segment fits
+    # the WAL probes once a second: these run well before its first probe
+    resp = await client.post("/v1/usage", data=body(make_reports(3, "during")), headers=JSON)
+    assert resp.status == 503 and "Retry-After" in resp.headers
+    resp = await client.get("/readyz")
+    assert resp.status == 503 and "cannot write" in await resp.text()
+    for p in inodes:
+        p.unlink()
+    await wait_ready(client)
+    later = make_reports(3, "after")
+    assert (await client.post("/v1/usage", data=body(later), headers=JSON)).status == 202
+    await client.app[FLUSHER].flush_once()
+    await assert_stored_exactly(client.app[STORE], first + later)
