@@ -128,10 +128,16 @@ def connection_cap(fd_limit: int, configured: int | None) -> int:
 class _Refuse(asyncio.Protocol):
     """Over the cap with nobody idle to evict: a real 503, then close."""
 
+    def __init__(self, on_lost: Callable[[], None]) -> None:
+        self._on_lost = on_lost
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.WriteTransport)
         transport.write(_REFUSAL)
         transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_lost()
 
 
 def _is_idle(handler: RequestHandler) -> bool:
@@ -142,28 +148,36 @@ def _is_idle(handler: RequestHandler) -> bool:
 
 
 class GuardedSite(web.TCPSite):
-    """A TCPSite whose protocol factory enforces the connection cap."""
+    """A TCPSite whose protocol factory enforces the connection cap.
+
+    `open` counts every accepted socket until the kernel has it back (closing ones
+    included), so evictions in flight never let the process run past its descriptors."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, *, cap: int, backlog: int,
                  metrics: SelfMetrics) -> None:  # fmt: skip
         super().__init__(runner, host, port, backlog=backlog, reuse_address=True)
         self.cap = cap
         self.metrics = metrics
+        self.open = 0
 
     def _connections(self) -> dict[RequestHandler, Any]:
         server = self._runner.server
         conns: dict[RequestHandler, Any] = getattr(server, "_connections", {})
         return conns
 
+    def _lost(self) -> None:
+        self.open -= 1
+
     def _factory(self) -> asyncio.BaseProtocol:
         server = self._runner.server
         assert server is not None
-        conns = self._connections()
-        if len(conns) >= self.cap:
+        self.open += 1
+        if self.open > self.cap:
+            conns = self._connections()
             idle = next((h for h in conns if _is_idle(h)), None)  # oldest first
             if idle is None:
                 self.metrics.http_connections_closed.labels("refused_cap").inc()
-                return _Refuse()
+                return _Refuse(self._lost)
             idle.force_close()
             conns.pop(idle, None)
             self.metrics.http_connections_closed.labels("evicted_idle").inc()
@@ -171,6 +185,15 @@ class GuardedSite(web.TCPSite):
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        aiohttp_lost = server.connection_lost
+
+        def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
+            self._lost()
+            aiohttp_lost(handler, exc)
+
+        server.connection_lost = connection_lost  # type: ignore[method-assign]
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._factory, self._host, self._port, backlog=self._backlog, reuse_address=True
@@ -248,7 +271,7 @@ async def _serve(
                            backlog=accept_backlog(fd_limit), metrics=metrics)  # fmt: skip
         await site.start()
         metrics.http_connection_limit.set(cap)
-        metrics.http_connections.set_function(lambda: len(site._connections()))
+        metrics.http_connections.set_function(lambda: site.open)
         if announce is not None:
             announce()
         watchdog = loop.create_task(
