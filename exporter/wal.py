@@ -1,7 +1,7 @@
 """Append-only on-disk log of accepted reports: durability before we answer 202.
 
-Records are `[u32 length][u32 crc32][u32 report count][payload]`; the crc covers count and
-payload. Appends from concurrent requests are grouped into one write + fsync (group commit).
+Records (exporter/walformat.py) are `[u32 length][u32 crc32][u32 report count][payload]`.
+Appends from concurrent requests are grouped into one write + fsync (group commit).
 Segments rotate by size or when the flusher seals the active one; a segment is deleted only
 after the database has committed its reports, so a crash at any point replays at most what
 the database then de-duplicates by request_id.
@@ -25,13 +25,13 @@ import contextlib
 import errno
 import logging
 import os
-import struct
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
+
+from exporter.walformat import Record, encode_record, read_records, scan_records
 
 __all__ = [
     "Record",
@@ -46,10 +46,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_HEADER = struct.Struct("<III")
 _PREFIX = "wal-"
 _SUFFIX = ".log"
-MAX_RECORD = 64 * 1024 * 1024
 PROBE_BYTES = 64 * 1024
 LOG_INTERVAL_S = 60.0
 _T = TypeVar("_T")
@@ -84,75 +82,8 @@ class _Pending:
     future: asyncio.Future[int]
 
 
-@dataclass(frozen=True)
-class Record:
-    reports: int
-    payload: bytes
-
-
-@dataclass
-class Scan:
-    records: list[Record]
-    #: byte offset where the last intact record ends (what follows is a torn tail)
-    good: int
-    #: corrupt bytes skipped *before* later intact records (never expected; bit rot)
-    skipped: int = 0
-
-
 def _segment_name(seq: int) -> str:
     return f"{_PREFIX}{seq:016d}{_SUFFIX}"
-
-
-def _crc(reports: int, payload: bytes) -> int:
-    return zlib.crc32(payload, zlib.crc32(reports.to_bytes(4, "little")))
-
-
-def encode_record(payload: bytes, reports: int) -> bytes:
-    return _HEADER.pack(len(payload), _crc(reports, payload), reports) + payload
-
-
-def _record_at(data: bytes, offset: int) -> Record | None:
-    if offset + _HEADER.size > len(data):
-        return None
-    length, crc, reports = _HEADER.unpack_from(data, offset)
-    start = offset + _HEADER.size
-    end = start + length
-    if length > MAX_RECORD or end > len(data):
-        return None
-    payload = data[start:end]
-    if _crc(reports, payload) != crc:
-        return None
-    return Record(reports, payload)
-
-
-def scan_records(data: bytes) -> Scan:
-    """Every intact record; past a bad one, resynchronise at the next offset that holds an
-    intact record (a crc match by chance is a 1-in-4-billion event)."""
-    scan = Scan([], 0)
-    offset = 0
-    while offset + _HEADER.size <= len(data):
-        record = _record_at(data, offset)
-        if record is not None:
-            scan.records.append(record)
-            offset += _HEADER.size + len(record.payload)
-            scan.good = offset
-            continue
-        nxt = offset + 1
-        while nxt + _HEADER.size <= len(data) and _record_at(data, nxt) is None:
-            nxt += 1
-        if nxt + _HEADER.size > len(data):
-            break  # nothing intact follows: a torn tail
-        scan.skipped += nxt - offset
-        offset = nxt
-    return scan
-
-
-def read_records(path: Path, limit: int | None = None) -> tuple[list[Record], int]:
-    """All intact records of a segment (its first `limit` bytes), and where intact data ends."""
-    with path.open("rb") as f:
-        data = f.read() if limit is None else f.read(limit)
-    scan = scan_records(data)
-    return scan.records, scan.good
 
 
 class WriteAheadLog:
