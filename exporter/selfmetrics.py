@@ -32,6 +32,8 @@ REJECT_REASONS = (
 )
 WAL_FAILURE_KINDS = ("write", "open", "rotate")
 CONNECTION_CLOSE_REASONS = ("evicted_idle", "refused_cap", "body_timeout")
+#: what accept() fails with when the process or system runs out of resources
+OS_ERRNOS = ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
 
 
 class SelfMetrics:
@@ -134,6 +136,8 @@ class SelfMetrics:
             ["errno"],
             registry=r,
         )
+        for name in OS_ERRNOS:
+            self.os_errors.labels(name)
         self.label_overflow = Counter(
             "llm_usage_label_overflow",
             "Label values folded into __other__ by the cardinality caps.",
