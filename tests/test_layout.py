@@ -15,6 +15,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
 MAX_LINES = 400
 #: Modules allowed past MAX_LINES, each with why (keep this short; split instead).
 LONG_MODULES: dict[str, str] = {
+    "exporter.wal": "the segment writer with its failure handling (truncate back, fresh "
+    "segment, probe); the segment set and replay can move out once the fault work settles",
     "exporter.client.client": "the SDK's UsageClient (414 lines, landed with the SDK); its wire "
     "helpers (encode_batch, _retry_after, _RequestIds) can move to a module of their own",
 }
@@ -34,6 +36,7 @@ GROUPS: dict[str, str] = {
     "exporter.pricing": "pricing",
     "exporter.live": "live",
     "exporter.wal": "wal",
+    "exporter.walformat": "wal",
     "exporter.store": "store",
     "exporter.ingest": "ingest",
     "exporter.otlp": "ingest",  # an ingest endpoint (moving into ingest/)
@@ -45,6 +48,7 @@ GROUPS: dict[str, str] = {
     "exporter.appkeys": "wiring",
     "exporter.startup": "wiring",
     "exporter.reprice": "wiring",  # pricing x store: re-pricing stored rows (the CLI runs it)
+    "exporter.server": "wiring",
     "exporter.app": "app",
     "exporter.cli": "cli",
     "exporter.__main__": "cli",
