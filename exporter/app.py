@@ -7,8 +7,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
 from aiohttp import web
@@ -16,8 +14,8 @@ from aiohttp import web
 from exporter import __version__
 from exporter.api.budgets import BudgetHandlers
 from exporter.auth import Authenticator
-from exporter.budgets import BudgetTracker
-from exporter.config import BudgetSpec, Scope, Settings
+from exporter.budgets import BudgetTracker, SpendQuery
+from exporter.config import Scope, Settings
 from exporter.flusher import Flusher
 from exporter.httputil import error_response, json_response
 from exporter.ingest.dedupe import RecentIds
@@ -158,12 +156,10 @@ def create_app(settings: Settings) -> web.Application:
     exposition = Exposition(usage, self_metrics)
     store = Store.from_url(settings.effective_database_url)
 
-    async def stored_spend(spec: BudgetSpec, since: datetime, until: datetime) -> Decimal:
-        return await store.spend(since, until, spec.user, spec.team, spec.api_key_id, spec.model)
-
-    budgets = BudgetTracker(settings.budgets, self_metrics, stored_spend)
+    budgets = BudgetTracker.from_settings(settings, SpendQuery(store.engine), self_metrics)
     ingestor.on_durable.append(budgets.on_durable)
-    flusher = Flusher(wal, store.writer, self_metrics, settings, on_dropped=budgets.on_dropped)
+    flusher = Flusher(wal, store.writer, self_metrics, settings, on_dropped=budgets.on_dropped,
+                      commit_lock=budgets.db_lock)  # fmt: skip
     ingestor.on_durable.append(lambda _seq, _reports: flusher.nudge())
     ingest = IngestHandlers(
         ingestor, self_metrics, settings.max_body_bytes, settings.max_batch_items
@@ -189,6 +185,7 @@ def create_app(settings: Settings) -> web.Application:
 
     async def wal_ctx(app: web.Application) -> AsyncIterator[None]:
         wal.open()
+        await budgets.load_wal(wal)  # before the flusher can drop a segment
         wal.start()
         yield
         await wal.close()

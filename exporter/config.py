@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ from pydantic_settings import (
 
 Scope = Literal["ingest", "read", "admin"]
 ExtraLabel = Literal["provider", "team"]
+BudgetDimension = Literal["user", "team", "api_key_id", "model"]
 
 
 class TokenSpec(BaseModel):
@@ -29,7 +31,12 @@ class TokenSpec(BaseModel):
 
 
 class BudgetSpec(BaseModel):
-    """One spending limit. Empty match fields mean "any"; all empty is a global budget."""
+    """One spending limit. Empty match fields mean "any"; all empty is a global budget.
+
+    `per` makes it a template: one budget per distinct value of that field (every user gets
+    their own $20). `window` is day|week|month (in `timezone`, UTC by default) or a rolling
+    length of whole hours such as "30d", "7d" or "24h".
+    """
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
@@ -37,8 +44,10 @@ class BudgetSpec(BaseModel):
     team: str | None = None
     api_key_id: str | None = None
     model: str | None = None
-    window: Literal["day", "week", "month"] = "month"
-    limit_usd: float = Field(gt=0)
+    per: BudgetDimension | None = None
+    window: str = "month"
+    timezone: str | None = None
+    limit_usd: Decimal = Field(gt=0, max_digits=20, decimal_places=10)
     warn_ratios: list[float] = Field(default_factory=lambda: [0.8])
 
     @field_validator("warn_ratios")
@@ -47,6 +56,20 @@ class BudgetSpec(BaseModel):
         if any(not 0 < r < 1 for r in v):
             raise ValueError("warn ratios must be between 0 and 1 (exclusive)")
         return sorted(v)
+
+    @model_validator(mode="after")
+    def _window_and_template(self) -> BudgetSpec:
+        from exporter.budgets.window import parse_window  # budgets imports config, not back
+
+        try:
+            kind = parse_window(self.window, self.timezone)
+        except (ValueError, KeyError) as exc:  # ZoneInfoNotFoundError is a KeyError
+            raise ValueError(f"bad window/timezone: {exc}") from None
+        if kind.rolling is not None and self.timezone not in (None, "UTC"):
+            raise ValueError("rolling windows are whole UTC hours: no timezone")
+        if self.per is not None and getattr(self, self.per) is not None:
+            raise ValueError(f"per = {self.per!r} cannot also match a fixed {self.per}")
+        return self
 
 
 class Settings(BaseSettings):

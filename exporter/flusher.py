@@ -95,6 +95,7 @@ class Flusher:
         settings: Settings,
         *,
         on_dropped: Callable[[int], None] | None = None,
+        commit_lock: asyncio.Lock | None = None,
         retention_interval: float = RETENTION_INTERVAL_S,
         write_timeout: float = WRITE_TIMEOUT_S,
     ) -> None:
@@ -108,6 +109,9 @@ class Flusher:
         self.retention_interval = retention_interval
         self.write_timeout = write_timeout
         self.on_dropped = on_dropped
+        #: held from each write until its segments are dropped (budgets: no spend query sees
+        #: a commit that on_dropped has not reported yet)
+        self.commit_lock = commit_lock or asyncio.Lock()
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -173,26 +177,27 @@ class Flusher:
         for group in self._groups(self.wal.sealed_segments()):
             # Disk reads off the event loop; only this group's records are in memory.
             payloads = await loop.run_in_executor(None, _read_payloads, self.wal, group)
-            started = time.perf_counter()
-            try:
-                async with asyncio.timeout(self.write_timeout):
-                    result = await self.writer.write_payloads(payloads)
-            except Exception as exc:
-                if not is_data_error(exc):
-                    raise
-                inserted = await self._isolate(group, payloads, exc)
-            else:
-                self.metrics.flush_duration.observe(time.perf_counter() - started)
-                inserted = result.inserted
-            self.metrics.flushed.inc(inserted)
-            for seg in group:  # committed: now, and only now, the segments may go
-                self.wal.drop(seg)
-                flushed += seg.reports
-                if self.on_dropped is not None:
-                    try:
-                        self.on_dropped(seg.seq)
-                    except Exception:
-                        log.exception("flush: on_dropped hook failed for segment %d", seg.seq)
+            async with self.commit_lock:
+                started = time.perf_counter()
+                try:
+                    async with asyncio.timeout(self.write_timeout):
+                        result = await self.writer.write_payloads(payloads)
+                except Exception as exc:
+                    if not is_data_error(exc):
+                        raise
+                    inserted = await self._isolate(group, payloads, exc)
+                else:
+                    self.metrics.flush_duration.observe(time.perf_counter() - started)
+                    inserted = result.inserted
+                self.metrics.flushed.inc(inserted)
+                for seg in group:  # committed: now, and only now, the segments may go
+                    self.wal.drop(seg)
+                    flushed += seg.reports
+                    if self.on_dropped is not None:
+                        try:
+                            self.on_dropped(seg.seq)
+                        except Exception:
+                            log.exception("flush: on_dropped hook failed for segment %d", seg.seq)
             log.debug(
                 "flush: committed %d segment(s), %d report(s), %d new",
                 len(group),

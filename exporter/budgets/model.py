@@ -1,0 +1,140 @@
+"""One configured budget, compiled: its window, match, stored spend and what a read shows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any, Literal
+
+from exporter.budgets.spend import Match
+from exporter.budgets.window import HOUR, WindowKind, parse_window
+from exporter.config import BudgetSpec
+from exporter.store.tables import COST_QUANTUM
+
+__all__ = ["Budget", "BudgetView", "cost_decimal"]
+
+ZERO = Decimal(0)
+DIMS = ("user", "team", "api_key_id", "model")
+Status = Literal["ok", "warning", "exceeded"]
+
+
+def cost_decimal(value: Any) -> Decimal:
+    """A report's cost as the store keeps it: shortest float repr, 1e-10 USD, half up."""
+    if value is None:
+        return ZERO
+    text = repr(value) if isinstance(value, float) else str(value)
+    return Decimal(text).quantize(COST_QUANTUM, rounding=ROUND_HALF_UP)
+
+
+def money(d: Decimal) -> str:
+    return format(d.quantize(COST_QUANTUM), "f")
+
+
+@dataclass(slots=True, eq=False)
+class Budget:
+    index: int
+    spec: BudgetSpec
+    kind: WindowKind = field(init=False)
+    match: Match = field(init=False)
+    fixed: tuple[str | None, str | None, str | None, str | None] = field(init=False)
+    start: datetime = field(init=False)
+    end: datetime = field(init=False)
+    #: the last landed spend query: per value, its window, its epoch (0: none or a snapshot)
+    stored: dict[str, Decimal] = field(default_factory=dict)
+    head: dict[str, Decimal] = field(default_factory=dict)  # rolling: the oldest hour
+    covered: tuple[datetime, datetime] | None = None
+    epoch: int = 0
+    refreshed_at: datetime | None = None
+    gauge_values: dict[str, None] = field(default_factory=dict)  # ordered set, capped
+
+    def __post_init__(self) -> None:
+        s = self.spec
+        self.kind = parse_window(s.window, s.timezone)
+        self.fixed = (s.user, s.team, s.api_key_id, s.model)
+        self.match = Match(*self.fixed, per=s.per)
+        self.start = self.end = datetime.min.replace(tzinfo=self.kind.tz)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def roll(self, now: datetime) -> None:
+        if not self.start <= now < self.end:
+            self.start, self.end = self.kind.bounds(now)
+
+    def key_of(self, at: datetime) -> datetime:
+        """Ledger key of spend completed at `at` (fast path: the current window)."""
+        if self.kind.rolling is None and self.start <= at < self.end:
+            return self.start
+        return self.kind.key(at)
+
+    def stored_for(self, value: str) -> Decimal:
+        """Stored spend of `value` in the current window, never below what the database had
+        at the last landed query: a rolling window that slid drops its oldest stored hour
+        (after a longer stall it keeps more, reading high, never low)."""
+        if self.covered is None:
+            return ZERO
+        qs = self.covered[0]
+        if self.kind.rolling is None:
+            return self.stored.get(value, ZERO) if qs == self.start else ZERO
+        total = self.stored.get(value, ZERO)
+        if qs < self.start and qs + HOUR <= self.start:
+            total -= self.head.get(value, ZERO)
+        return total
+
+
+@dataclass(slots=True)
+class BudgetView:
+    """What one budget (one template value) reads at one instant."""
+
+    budget: Budget
+    value: str
+    stored: Decimal
+    unflushed: Decimal
+
+    @property
+    def spent(self) -> Decimal:
+        return self.stored + self.unflushed
+
+    @property
+    def label(self) -> str:
+        return f"{self.budget.name}:{self.value}" if self.budget.spec.per else self.budget.name
+
+    @property
+    def ratio(self) -> float:
+        return float(self.spent / self.budget.spec.limit_usd)
+
+    @property
+    def status(self) -> Status:
+        if self.spent >= self.budget.spec.limit_usd:
+            return "exceeded"
+        warn = self.budget.spec.warn_ratios
+        if warn and self.ratio >= warn[0]:
+            return "warning"
+        return "ok"
+
+    def as_json(self) -> dict[str, Any]:
+        b, s = self.budget, self.budget.spec
+        match = {d: v for d, v in zip(DIMS, b.fixed, strict=True) if v}
+        if s.per:
+            match[s.per] = self.value
+        return {
+            "name": s.name,
+            "budget": self.label,
+            "per": s.per,
+            "match": match,
+            "window": s.window,
+            "timezone": s.timezone or "UTC",
+            "window_start": b.start.isoformat(),
+            "window_end": b.end.isoformat(),
+            "resets_at": b.end.isoformat(),
+            "limit_usd": money(s.limit_usd),
+            "spent_usd": money(self.spent),
+            "stored_usd": money(self.stored),
+            "unflushed_usd": money(self.unflushed),
+            "usage_ratio": round(self.ratio, 6),
+            "warn_ratios": s.warn_ratios,
+            "status": self.status,
+            "refreshed_at": b.refreshed_at.isoformat() if b.refreshed_at else None,
+        }

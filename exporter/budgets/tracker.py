@@ -1,0 +1,310 @@
+"""Budget spend at every instant = stored spend (every replica's flushed reports, from the
+database) + this replica's unflushed reports (its WAL), exact in Decimal.
+
+The unflushed part lives in a `Ledger` per WAL segment and is fed by ingest (`on_durable`), by
+the WAL at start-up (`load_wal`) and by the last state saved to the data dir (`budgets.json`),
+so neither a flush, a refresh nor a restart with the database down makes spend read low.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+
+from exporter.budgets import snapshot
+from exporter.budgets.index import SpecIndex
+from exporter.budgets.ledger import Ledger, Segment
+from exporter.budgets.model import Budget, BudgetView, cost_decimal
+from exporter.budgets.spend import Match
+from exporter.budgets.window import HOUR
+from exporter.config import BudgetSpec, Settings
+from exporter.selfmetrics import SelfMetrics
+from exporter.wal import WriteAheadLog
+
+__all__ = ["BudgetTracker", "SpendReader"]
+
+log = logging.getLogger(__name__)
+
+#: (window start, window end, match) → stored spend per template value
+SpendReader = Callable[[datetime, datetime, Match], Awaitable[dict[str, Decimal]]]
+
+
+class _Report(Protocol):
+    user: str
+    team: str
+    api_key_id: str
+    model: str
+    completed_at: datetime | None
+    cost_usd: Any
+
+
+class BudgetTracker:
+    def __init__(
+        self,
+        specs: Sequence[BudgetSpec],
+        spend: SpendReader,
+        *,
+        gauge_caps: Mapping[str, int] | None = None,
+        on_overflow: Callable[[str], None] | None = None,
+        state_path: Path | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.budgets = [Budget(i, s) for i, s in enumerate(specs)]
+        self._by_name = {b.name: b for b in self.budgets}
+        self._index = SpecIndex(self.budgets)
+        self._spend = spend
+        self._clock = clock
+        self._caps = dict(gauge_caps or {})
+        self._on_overflow = on_overflow
+        self._state_path = state_path
+        self.ledger = Ledger()
+        #: held by each spend query and by the flusher around each commit + drop, so a query
+        #: never runs between a commit and the ledger learning of it
+        self.db_lock = asyncio.Lock()
+        self._epoch = 0  # spend queries started so far
+        self._failing = False
+        self._save_failing = False
+        now = clock()
+        for b in self.budgets:
+            b.roll(now)
+            if not b.spec.per:
+                b.gauge_values[""] = None
+        if state_path is not None:
+            self._restore(state_path)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, spend: SpendReader, self_metrics: SelfMetrics
+    ) -> BudgetTracker:
+        """The app's tracker: gauges in the self-metrics registry, capped like the labels,
+        its state file in the data dir."""
+        from exporter.budgets.gauges import BudgetCollector
+
+        tracker = cls(
+            settings.budgets,
+            spend,
+            gauge_caps={"user": settings.max_users, "team": settings.max_teams,
+                        "api_key_id": settings.max_users, "model": settings.max_models},
+            on_overflow=self_metrics.overflow,
+            state_path=settings.data_dir / "budgets.json" if settings.budgets else None,
+        )  # fmt: skip
+        self_metrics.registry.register(BudgetCollector(tracker))
+        return tracker
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.budgets)
+
+    # -- unflushed spend: ingest, WAL replay, flusher ----------------------------------------
+    def on_durable(self, seq: int, reports: Sequence[_Report]) -> None:
+        if not self.budgets:
+            return
+        seg = self.ledger.segment(seq)
+        for r in reports:
+            if r.cost_usd and r.completed_at is not None:
+                self._add(seg, r.user, r.team, r.api_key_id, r.model, r.completed_at,
+                          cost_decimal(r.cost_usd))  # fmt: skip
+
+    def _add(self, seg: Segment, user: str, team: str, api_key_id: str, model: str,
+             at: datetime, amount: Decimal) -> None:  # fmt: skip
+        ids = (user, team, api_key_id, model)
+        for b in self._index.matching(*ids):
+            per = b.spec.per
+            value = ids[_DIM[per]] if per else ""
+            seg.add((b.index, value), b.key_of(at), amount)
+            if per and value not in b.gauge_values:
+                self._note_value(b, value)
+
+    async def load_wal(self, wal: WriteAheadLog) -> int:
+        """Rebuild the unflushed ledger from the WAL's sealed segments (after `wal.open()`,
+        before the flusher starts); returns the reports read."""
+        if not self.budgets:
+            return 0
+        segments = wal.sealed_segments()
+        rows = await asyncio.to_thread(_read_segments, wal, segments)
+        n = 0
+        for seq, reports in rows:
+            seg = self.ledger.segment(seq)
+            for user, team, key, model, at, cost in reports:
+                n += 1
+                if cost:
+                    self._add(seg, user, team, key, model, at, cost)
+        if n:
+            log.info("budgets: %d unflushed report(s) read back from the WAL", n)
+        return n
+
+    def on_dropped(self, seq: int) -> None:
+        """The flusher committed segment `seq` and dropped it from the WAL."""
+        if self.ledger.mark_dropped(seq, self._epoch):
+            self._save()
+
+    # -- stored spend ------------------------------------------------------------------------
+    async def refresh(self) -> None:
+        now = self._clock()
+        error: Exception | None = None
+        for b in self.budgets:
+            b.roll(now)
+            start, end = b.start, b.end
+            try:
+                async with self.db_lock:
+                    self._epoch += 1
+                    epoch = self._epoch
+                    stored = await self._spend(start, end, b.match)
+                    head = {}
+                    if b.kind.rolling is not None:
+                        head = await self._spend(start, start + HOUR, b.match)
+            except Exception as exc:  # the database may be down; keep serving last values
+                error = exc
+                continue
+            b.stored, b.head, b.covered, b.epoch = stored, head, (start, end), epoch
+            b.refreshed_at = now
+            if b.spec.per:
+                for value in stored:
+                    if value not in b.gauge_values:
+                        self._note_value(b, value)
+        self._collect()
+        self._save()
+        if error is not None and not self._failing:
+            log.warning("budgets: spend query failed (%s: %s); keeping last values",
+                        type(error).__name__, str(error)[:300])  # fmt: skip
+        elif error is None and self._failing:
+            log.info("budgets: spend query works again")
+        self._failing = error is not None
+
+    def _collect(self) -> None:
+        """Forget dropped segments every budget's stored spend now holds."""
+        done = []
+        for seg in self.ledger:
+            if seg.dropped is None:
+                continue
+            for (i, _value), by_key in seg.entries.items():
+                b = self.budgets[i]
+                if b.epoch <= seg.dropped or b.covered is None:
+                    if any(k >= b.start for k in by_key):
+                        break
+                elif any(k >= b.start and not b.covered[0] <= k < b.covered[1] for k in by_key):
+                    break
+            else:
+                done.append(seg.seq)
+        self.ledger.collect(done)
+
+    async def run(self, interval: float, stop: asyncio.Event) -> None:
+        """Refresh until `stop` is set; never cancelled mid-query (that upsets DB drivers)."""
+        while not stop.is_set():
+            await self.refresh()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    # -- read side ---------------------------------------------------------------------------
+    def view(self, b: Budget, value: str, now: datetime | None = None) -> BudgetView:
+        b.roll(self._clock() if now is None else now)
+        pending = self.ledger.pending((b.index, value), b.start, b.end, b.epoch, b.covered)
+        return BudgetView(b, value, b.stored_for(value), pending)
+
+    def values(self, b: Budget) -> list[str]:
+        """Every template value with spend in the stored result or the ledger ('' if none)."""
+        if not b.spec.per:
+            return [""]
+        seen = dict.fromkeys(b.stored)
+        for seg in self.ledger:
+            for i, value in seg.entries:
+                if i == b.index:
+                    seen[value] = None
+        return sorted(seen)
+
+    def states(self) -> list[BudgetView]:
+        now = self._clock()
+        return [self.view(b, v, now) for b in self.budgets for v in self.values(b)]
+
+    def gauge_views(self) -> Iterable[BudgetView]:
+        now = self._clock()
+        for b in self.budgets:
+            for v in b.gauge_values:
+                yield self.view(b, v, now)
+
+    def check(self, user: str, team: str, api_key_id: str, model: str) -> dict[str, Any]:
+        """Is one more request within every budget that matches it?"""
+        now = self._clock()
+        ids = (user, team, api_key_id, model)
+        views = [
+            self.view(b, ids[_DIM[b.spec.per]] if b.spec.per else "", now)
+            for b in self._index.matching(*ids)
+        ]
+        refused = [v for v in views if v.status == "exceeded"]
+        return {
+            "allowed": not refused,
+            "exceeded": [v.label for v in refused],
+            "refused_by": [
+                {"budget": v.label, "resets_at": v.budget.end.isoformat()} for v in refused
+            ],
+            "budgets": [v.as_json() for v in views],
+        }
+
+    # -- gauges: template values up to the label cap of their dimension ------------------------
+    def _note_value(self, b: Budget, value: str) -> None:
+        cap = self._caps.get(b.spec.per or "", 2000)
+        if len(b.gauge_values) < cap:
+            b.gauge_values[value] = None
+        elif self._on_overflow is not None:
+            self._on_overflow("budget")
+
+    # -- the state file: stored spend + dropped-but-not-yet-seen spend survive a restart -----
+    def _save(self) -> None:
+        if self._state_path is None:
+            return
+        try:
+            snapshot.save(self._state_path, self.budgets, self.ledger)
+        except OSError as exc:
+            if not self._save_failing:
+                log.error(
+                    "budgets: cannot write %s (%s); a restart with the database down "
+                    "may read spend low until the first refresh",
+                    self._state_path,
+                    exc,
+                )
+            self._save_failing = True
+        else:
+            self._save_failing = False
+
+    def _restore(self, path: Path) -> None:
+        try:
+            loaded = snapshot.load(path, self._by_name, self.ledger)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("budgets: ignoring unreadable %s (%s)", path, exc)
+            return
+        if loaded:
+            log.info("budgets: stored spend of %d budget(s) restored from %s", loaded, path)
+
+
+_DIM = {"user": 0, "team": 1, "api_key_id": 2, "model": 3}
+_Row = tuple[str, str, str, str, datetime, Decimal]
+
+
+def _read_segments(wal: WriteAheadLog, segments: Sequence[Any]) -> list[tuple[int, list[_Row]]]:
+    out: list[tuple[int, list[_Row]]] = []
+    for seg in segments:
+        rows: list[_Row] = []
+        for record in wal.read(seg):
+            for d in orjson.loads(record.payload):
+                at = d.get("completed_at")
+                if at is None:
+                    continue
+                rows.append((d.get("user", ""), d.get("team", ""), d.get("api_key_id", ""),
+                             d.get("model", ""), _parse_time(at),
+                             cost_decimal(d.get("cost_usd"))))  # fmt: skip
+        out.append((seg.seq, rows))
+    return out
+
+
+def _parse_time(value: Any) -> datetime:
+    dt = datetime.fromisoformat(value) if isinstance(value, str) else value
+    assert isinstance(dt, datetime)
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
