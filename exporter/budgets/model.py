@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Literal
 
@@ -53,14 +53,16 @@ class Budget:
         self.kind = parse_window(s.window, s.timezone)
         self.fixed = (s.user, s.team, s.api_key_id, s.model)
         self.match = Match(*self.fixed, per=s.per)
-        self.start = self.end = datetime.min.replace(tzinfo=self.kind.tz)
+        self.start, self.end = self.kind.bounds(datetime.now(UTC))  # rolled by the tracker
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     def roll(self, now: datetime) -> None:
-        if not self.start <= now < self.end:
+        # a rolling window is the same only within its current hour
+        since = self.start if self.kind.rolling is None else self.end - HOUR
+        if not since <= now < self.end:
             self.start, self.end = self.kind.bounds(now)
 
     def key_of(self, at: datetime) -> datetime:

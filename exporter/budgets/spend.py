@@ -103,10 +103,11 @@ async def stored_spend(
             table = usage_details if granularity == "detail" else usage_rollups
             stmt = _select(table, granularity, start, end, match, is_pg)
             result = await conn.stream(stmt)
-            async for value, cost in result:
-                if cost is not None:
-                    key = str(value)
-                    totals[key] = totals.get(key, Decimal(0)) + to_decimal(cost)
+            async for rows in result.partitions(5000):  # one thread hop per partition
+                for value, cost in rows:
+                    if cost is not None:
+                        key = str(value)
+                        totals[key] = totals.get(key, Decimal(0)) + to_decimal(cost)
     return totals
 
 
