@@ -16,9 +16,7 @@ from test_budget_live import BUDGETS, CHECK, USERS, assert_bracketed, oracle
 FLUSH, REFRESH, SLACK = 0.4, 0.3, 1.5
 
 
-def test_each_replica_within_the_documented_bound_of_the_other(
-    tmp_path: Path, pg_url: str
-) -> None:
+def test_each_replica_within_the_documented_bound_of_the_other(tmp_path: Path, pg_url: str) -> None:
     config = write_config(tmp_path / "budgets.toml", BUDGETS)
     env = {"LLM_USAGE_FLUSH_INTERVAL": str(FLUSH),
            "LLM_USAGE_BUDGET_REFRESH_INTERVAL": str(REFRESH)}  # fmt: skip
@@ -41,9 +39,7 @@ def test_each_replica_within_the_documented_bound_of_the_other(
         for i, poller in enumerate(pollers):
             own, other = load.snapshot(i), load.snapshot(1 - i)
             assert len(own) > 20 and len(other) > 20
-            checked = assert_bracketed(
-                poller.polls, other, lag=FLUSH + REFRESH + SLACK, own=own
-            )
+            checked = assert_bracketed(poller.polls, other, lag=FLUSH + REFRESH + SLACK, own=own)
             assert checked >= 20, checked
         # settled: both replicas read exactly the whole truth
         reports = [r for i in (0, 1) for b in load.snapshot(i) for r in b.reports]
