@@ -14,7 +14,7 @@ from exporter.store.tables import COST_QUANTUM
 
 __all__ = ["Budget", "BudgetView", "cost_decimal"]
 
-ZERO = Decimal(0)
+ZERO = Decimal(0).quantize(COST_QUANTUM)
 DIMS = ("user", "team", "api_key_id", "model")
 Status = Literal["ok", "warning", "exceeded"]
 
@@ -47,13 +47,28 @@ class Budget:
     epoch: int = 0
     refreshed_at: datetime | None = None
     gauge_values: dict[str, None] = field(default_factory=dict)  # ordered set, capped
+    #: JSON parts that change only with the config or the window (a check reads many budgets)
+    static_json: dict[str, Any] = field(init=False)
+    match_json: dict[str, str] = field(init=False)
+    window_json: dict[str, str] = field(init=False)
 
     def __post_init__(self) -> None:
         s = self.spec
         self.kind = parse_window(s.window, s.timezone)
         self.fixed = (s.user, s.team, s.api_key_id, s.model)
         self.match = Match(*self.fixed, per=s.per)
-        self.start, self.end = self.kind.bounds(datetime.now(UTC))  # rolled by the tracker
+        self.match_json = {d: v for d, v in zip(DIMS, self.fixed, strict=True) if v is not None}
+        self.static_json = {
+            "name": s.name, "per": s.per, "window": s.window, "timezone": s.timezone or "UTC",
+            "limit_usd": money(s.limit_usd), "warn_ratios": s.warn_ratios,
+        }  # fmt: skip
+        self._set_window(*self.kind.bounds(datetime.now(UTC)))  # rolled by the tracker
+
+    def _set_window(self, start: datetime, end: datetime) -> None:
+        self.start, self.end = start, end
+        end_text = end.isoformat()
+        self.window_json = {"window_start": start.isoformat(), "window_end": end_text,
+                            "resets_at": end_text}  # fmt: skip
 
     @property
     def name(self) -> str:
@@ -63,7 +78,7 @@ class Budget:
         # a rolling window is the same only within its current hour
         since = self.start if self.kind.rolling is None else self.end - HOUR
         if not since <= now < self.end:
-            self.start, self.end = self.kind.bounds(now)
+            self._set_window(*self.kind.bounds(now))
 
     def key_of(self, at: datetime) -> datetime:
         """Ledger key of spend completed at `at` (fast path: the current window)."""
@@ -117,26 +132,22 @@ class BudgetView:
         return "ok"
 
     def as_json(self) -> dict[str, Any]:
-        b, s = self.budget, self.budget.spec
-        match = {d: v for d, v in zip(DIMS, b.fixed, strict=True) if v}
-        if s.per:
-            match[s.per] = self.value
+        b = self.budget
+        match = {**b.match_json, b.spec.per: self.value} if b.spec.per else b.match_json
+        spent = self.stored + self.unflushed
+        limit = b.spec.limit_usd
+        ratio = float(spent / limit)
+        warn = b.spec.warn_ratios
+        status = "exceeded" if spent >= limit else "warning" if warn and ratio >= warn[0] else "ok"
         return {
-            "name": s.name,
+            **b.static_json,
             "budget": self.label,
-            "per": s.per,
             "match": match,
-            "window": s.window,
-            "timezone": s.timezone or "UTC",
-            "window_start": b.start.isoformat(),
-            "window_end": b.end.isoformat(),
-            "resets_at": b.end.isoformat(),
-            "limit_usd": money(s.limit_usd),
-            "spent_usd": money(self.spent),
-            "stored_usd": money(self.stored),
-            "unflushed_usd": money(self.unflushed),
-            "usage_ratio": round(self.ratio, 6),
-            "warn_ratios": s.warn_ratios,
-            "status": self.status,
+            **b.window_json,
+            "spent_usd": format(spent, "f"),  # amounts are all in 1e-10 steps already
+            "stored_usd": format(self.stored, "f"),
+            "unflushed_usd": format(self.unflushed, "f"),
+            "usage_ratio": round(ratio, 6),
+            "status": status,
             "refreshed_at": b.refreshed_at.isoformat() if b.refreshed_at else None,
         }

@@ -42,9 +42,8 @@ def save(path: Path, budgets: Sequence[Budget], ledger: Ledger) -> None:
             "refreshed_at": b.refreshed_at.isoformat() if b.refreshed_at else None,
         }
     unseen: list[list[str]] = []
-    for seg in ledger:
-        if seg.dropped is None:
-            continue  # still in the WAL: read back from there
+    for seg in ledger.dropped():  # those still in the WAL are read back from there
+        assert seg.dropped is not None
         for (i, value), by_key in seg.entries.items():
             b = budgets[i]
             if b.epoch > seg.dropped and b.covered is not None:
@@ -83,9 +82,6 @@ def load(path: Path, by_name: Mapping[str, Budget], ledger: Ledger) -> int:
     for name, value, at, amount in data["dropped"]:
         b = by_name.get(name)
         if b is not None:
-            seg.add((b.index, value), datetime.fromisoformat(at), Decimal(amount))
-    if seg.entries:
-        seg.dropped = 0
-    else:
-        ledger.collect([-1])
+            ledger.add(seg, (b.index, value), datetime.fromisoformat(at), Decimal(amount))
+    ledger.mark_dropped(-1, 0)  # seen by every query that lands from now on
     return restored

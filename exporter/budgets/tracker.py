@@ -119,7 +119,7 @@ class BudgetTracker:
         for b in self._index.matching(*ids):
             per = b.spec.per
             value = ids[_DIM[per]] if per else ""
-            seg.add((b.index, value), b.key_of(at), amount)
+            self.ledger.add(seg, (b.index, value), b.key_of(at), amount)
             if per and value not in b.gauge_values:
                 self._note_value(b, value)
 
@@ -182,9 +182,8 @@ class BudgetTracker:
     def _collect(self) -> None:
         """Forget dropped segments every budget's stored spend now holds."""
         done = []
-        for seg in self.ledger:
-            if seg.dropped is None:
-                continue
+        for seg in self.ledger.dropped():
+            assert seg.dropped is not None
             for (i, _value), by_key in seg.entries.items():
                 b = self.budgets[i]
                 if b.epoch <= seg.dropped or b.covered is None:
@@ -214,10 +213,10 @@ class BudgetTracker:
         if not b.spec.per:
             return [""]
         seen = dict.fromkeys(b.stored)
-        for seg in self.ledger:
-            for i, value in seg.entries:
-                if i == b.index:
-                    seen[value] = None
+        keys = [*self.ledger.live_keys(), *(k for s in self.ledger.dropped() for k in s.entries)]
+        for i, value in keys:
+            if i == b.index:
+                seen[value] = None
         return sorted(seen)
 
     def states(self) -> list[BudgetView]:
