@@ -25,25 +25,27 @@ class SpecIndex(Generic[T]):
 
     def __init__(self, specs: Sequence[T]) -> None:
         self._global: list[T] = []
-        self._by: tuple[dict[str, list[T]], ...] = ({}, {}, {}, {})
+        #: per field: value → [(spec, the later fields it also fixes as (position, value))]
+        self._by: tuple[dict[str, list[tuple[T, tuple[tuple[int, str], ...]]]], ...] = (
+            {}, {}, {}, {},
+        )  # fmt: skip
         for s in specs:
             for i, v in enumerate(s.fixed):
                 if v is not None:
-                    self._by[i].setdefault(v, []).append(s)
+                    rest = tuple((j, f) for j, f in enumerate(s.fixed) if j > i and f is not None)
+                    self._by[i].setdefault(v, []).append((s, rest))
                     break
             else:
                 self._global.append(s)
 
     def matching(self, user: str, team: str, api_key_id: str, model: str) -> list[T]:
-        """Specs matching these identities, in configuration order of their index bucket."""
+        """Specs matching these identities: the global ones, then by field."""
         key = (user, team, api_key_id, model)
         out = list(self._global)
         for i, v in enumerate(key):
             bucket = self._by[i].get(v)
             if bucket:
-                out.extend(
-                    s
-                    for s in bucket
-                    if all(f is None or f == key[j] for j, f in enumerate(s.fixed) if j > i)
-                )
+                for s, rest in bucket:
+                    if not rest or all(key[j] == f for j, f in rest):
+                        out.append(s)
         return out

@@ -82,7 +82,7 @@ class Budget:
 
     def key_of(self, at: datetime) -> datetime:
         """Ledger key of spend completed at `at` (fast path: the current window)."""
-        if self.kind.rolling is None and self.start <= at < self.end:
+        if self.start <= at < self.end and self.kind.rolling is None:
             return self.start
         return self.kind.key(at)
 

@@ -105,22 +105,38 @@ class BudgetTracker:
 
     # -- unflushed spend: ingest, WAL replay, flusher ----------------------------------------
     def on_durable(self, seq: int, reports: Sequence[_Report]) -> None:
+        """Reports of WAL segment `seq` are durable: count their spend as unflushed. The batch
+        is summed per identity and minute first (window edges fall on whole minutes in every
+        zone since 1972), so the matching runs once per group, not once per report."""
         if not self.budgets:
             return
-        seg = self.ledger.segment(seq)
+        groups: dict[tuple[str, str, str, str, datetime], Decimal] = {}
         for r in reports:
             if r.cost_usd and r.completed_at is not None:
-                self._add(seg, r.user, r.team, r.api_key_id, r.model, r.completed_at,
-                          cost_decimal(r.cost_usd))  # fmt: skip
+                key = (r.user, r.team, r.api_key_id, r.model,
+                       r.completed_at.replace(second=0, microsecond=0))  # fmt: skip
+                cost = cost_decimal(r.cost_usd)
+                groups[key] = groups[key] + cost if key in groups else cost
+        self._add_groups(self.ledger.segment(seq), groups)
 
-    def _add(self, seg: Segment, user: str, team: str, api_key_id: str, model: str,
-             at: datetime, amount: Decimal) -> None:  # fmt: skip
-        ids = (user, team, api_key_id, model)
-        for b in self._index.matching(*ids):
-            per = b.spec.per
-            value = ids[_DIM[per]] if per else ""
-            self.ledger.add(seg, (b.index, value), b.key_of(at), amount)
-            if per and value not in b.gauge_values:
+    def _add_groups(
+        self, seg: Segment, groups: Mapping[tuple[str, str, str, str, datetime], Decimal]
+    ) -> None:
+        matched: dict[tuple[str, str, str, str], list[Budget]] = {}
+        acc: dict[tuple[int, str, datetime], Decimal] = {}  # the batch's sums, then the ledger
+        for (user, team, api_key_id, model, at), amount in groups.items():
+            ids = (user, team, api_key_id, model)
+            budgets = matched.get(ids)
+            if budgets is None:
+                budgets = matched[ids] = self._index.matching(*ids)
+            for b in budgets:
+                per = b.spec.per
+                key = (b.index, ids[_DIM[per]] if per else "", b.key_of(at))
+                acc[key] = acc[key] + amount if key in acc else amount
+        for (i, value, at), amount in acc.items():
+            self.ledger.add(seg, (i, value), at, amount)
+            b = self.budgets[i]
+            if b.spec.per and value not in b.gauge_values:
                 self._note_value(b, value)
 
     async def load_wal(self, wal: WriteAheadLog) -> int:
@@ -132,11 +148,13 @@ class BudgetTracker:
         rows = await asyncio.to_thread(_read_segments, wal, segments)
         n = 0
         for seq, reports in rows:
-            seg = self.ledger.segment(seq)
+            groups: dict[tuple[str, str, str, str, datetime], Decimal] = {}
             for user, team, key, model, at, cost in reports:
                 n += 1
                 if cost:
-                    self._add(seg, user, team, key, model, at, cost)
+                    k = (user, team, key, model, at.replace(second=0, microsecond=0))
+                    groups[k] = groups[k] + cost if k in groups else cost
+            self._add_groups(self.ledger.segment(seq), groups)
         if n:
             log.info("budgets: %d unflushed report(s) read back from the WAL", n)
         return n
