@@ -120,7 +120,7 @@ async def test_windows_and_templates_match_the_oracle(tmp_path: Path) -> None:
             tracker.on_durable(seq, batch)
             if seq <= 5:
                 async with tracker.db_lock:
-                    await store.write([r.model_dump(mode="json") for r in batch])
+                    await store.writer.write([r.model_dump(mode="json") for r in batch])
                     tracker.on_dropped(seq)
         times = sorted(
             {f + timedelta(minutes=m) for f in FOCUS for m in (-61, -1, 0, 1, 31, 600)}
