@@ -21,6 +21,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -37,7 +38,7 @@ from common import (
     replace_section,
 )
 
-from exporter.budgets import BudgetTracker, Match
+from exporter.budgets import BudgetTracker, Filters
 from exporter.budgets.index import SpecIndex
 from exporter.config import BudgetSpec
 from exporter.usage import UsageReport
@@ -127,7 +128,9 @@ def _query(rng: random.Random) -> str:
     return "&".join(f"{k}={v}" for k, v in identities(rng).items())
 
 
-async def _no_spend(since: datetime, until: datetime, match: Match) -> dict[str, Decimal]:
+async def _no_spend(
+    since: datetime, until: datetime, filters: Filters, group: Sequence[str]
+) -> dict[tuple[str, ...], Decimal]:
     return {}
 
 

@@ -41,6 +41,12 @@ def specs() -> list[BudgetSpec]:
         for w in ("day", "week", "month")
     ]
     out += [BudgetSpec(name=f"rolling-{w}", window=w, limit_usd=100) for w in ("24h", "7d", "30d")]
+    # budgets of one kind share one grouped query: per user, per team and user, per team × user
+    out += [BudgetSpec(name=f"user-{u}", user=u, window="day", limit_usd=5) for u in USERS]
+    out += [BudgetSpec(name=f"{t}-{u}", team=t, user=u, window="7d", limit_usd=5)
+            for t in TEAMS for u in USERS[:2]]  # fmt: skip
+    out += [BudgetSpec(name=f"{t}-per-user", team=t, per="user", window="month", limit_usd=5)
+            for t in TEAMS]  # fmt: skip
     out += [
         BudgetSpec(name="per-user-ny-day", per="user", window="day",
                    timezone="America/New_York", limit_usd=5),
@@ -123,8 +129,8 @@ async def test_windows_and_templates_match_the_oracle(tmp_path: Path) -> None:
                     await store.writer.write([r.model_dump(mode="json") for r in batch])
                     tracker.on_dropped(seq)
         times = sorted(
-            {f + timedelta(minutes=m) for f in FOCUS for m in (-61, -1, 0, 1, 31, 600)}
-            | {f + timedelta(minutes=m + 60) for f in FOCUS for m in (-1, 0, 1)}
+            {f + timedelta(minutes=m) for f in FOCUS for m in (-61, -1, 0, 31, 600)}
+            | {f + timedelta(minutes=m + 60) for f in FOCUS for m in (0, 1)}
         )
         candidates = {
             (b.name, v): [r for r in raw if matches(b.spec, v, r)]

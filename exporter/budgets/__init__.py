@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from exporter.budgets.gauges import BudgetCollector
 from exporter.budgets.model import BudgetView, cost_decimal
-from exporter.budgets.spend import Match, SpendQuery, stored_spend
+from exporter.budgets.spend import Filters, SpendQuery, stored_spend
 from exporter.budgets.tracker import BudgetTracker
 from exporter.budgets.window import parse_window, window_bounds
 
@@ -19,7 +19,7 @@ __all__ = [
     "BudgetCollector",
     "BudgetTracker",
     "BudgetView",
-    "Match",
+    "Filters",
     "SpendQuery",
     "cost_decimal",
     "parse_window",

@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Literal
 
-from exporter.budgets.spend import Match
 from exporter.budgets.window import HOUR, WindowKind, parse_window
 from exporter.config import BudgetSpec
 from exporter.store.tables import COST_QUANTUM
@@ -36,7 +35,6 @@ class Budget:
     index: int
     spec: BudgetSpec
     kind: WindowKind = field(init=False)
-    match: Match = field(init=False)
     fixed: tuple[str | None, str | None, str | None, str | None] = field(init=False)
     start: datetime = field(init=False)
     end: datetime = field(init=False)
@@ -56,7 +54,6 @@ class Budget:
         s = self.spec
         self.kind = parse_window(s.window, s.timezone)
         self.fixed = (s.user, s.team, s.api_key_id, s.model)
-        self.match = Match(*self.fixed, per=s.per)
         self.match_json = {d: v for d, v in zip(DIMS, self.fixed, strict=True) if v is not None}
         self.static_json = {
             "name": s.name, "per": s.per, "window": s.window, "timezone": s.timezone or "UTC",

@@ -1,4 +1,7 @@
-"""Stored spend of one budget spec in one window, per template value, exactly.
+"""Stored spend in one window, grouped by the fields budgets match on, exactly.
+
+Budgets that share a window and the fields they fix (700 per-user day budgets) are read by
+one grouped query, so a refresh costs a query per kind of budget, not per budget.
 
 Whole UTC days come from day rollups, whole hours from hour rollups and the sub-hour edges of
 windows in zones with a :30 or :45 offset from the audit rows, so any window is exact. Costs are
@@ -8,34 +11,22 @@ floats). NULL costs (unpriced reports) count as 0.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, and_, func, literal, select
+from sqlalchemy import ColumnElement, and_, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.store.tables import to_decimal, usage_details, usage_rollups
 
-__all__ = ["Match", "SpendQuery", "stored_spend"]
-
-DIMENSIONS = ("user", "team", "api_key_id", "model")
+__all__ = ["Filters", "SpendQuery", "stored_spend"]
 
 
-@dataclass(frozen=True, slots=True)
-class Match:
-    """Fixed match fields (None = any) and the template field to group by (None = one total)."""
-
-    user: str | None = None
-    team: str | None = None
-    api_key_id: str | None = None
-    model: str | None = None
-    per: str | None = None
-
-    def fixed(self) -> Mapping[str, str]:
-        return {d: v for d in DIMENSIONS if (v := getattr(self, d)) is not None}
+#: field → the values to keep (a superset is fine: results are keyed by the grouped fields)
+Filters = Mapping[str, Sequence[str]]
+MAX_IN = 5000  # past this many values a filter is dropped: the grouping still separates them
 
 
 _DAY = timedelta(days=1)
@@ -76,37 +67,42 @@ def spans(since: datetime, until: datetime) -> list[tuple[str, datetime, datetim
     return out
 
 
-def _select(table: Table, granularity: str, start: datetime, end: datetime, m: Match,
-            is_pg: bool) -> Any:  # fmt: skip
-    t = table
+def _select(granularity: str, start: datetime, end: datetime, filters: Filters,
+            group: Sequence[str], is_pg: bool) -> Any:  # fmt: skip
+    t = usage_details if granularity == "detail" else usage_rollups
     time_col = t.c.completed_at if granularity == "detail" else t.c.bucket_start
     conds: list[ColumnElement[bool]] = [time_col >= start, time_col < end]
     if granularity != "detail":
         conds.append(t.c.granularity == granularity)
-    conds.extend(t.c[d] == v for d, v in m.fixed().items())
-    group = t.c[m.per] if m.per else literal("")
+    for d, values in filters.items():
+        if len(values) == 1:
+            conds.append(t.c[d] == values[0])
+        elif len(values) <= MAX_IN:
+            conds.append(t.c[d].in_(values))
+    cols = [t.c[d] for d in group]
     if is_pg:
-        stmt = select(group, func.sum(t.c.cost_usd)).where(and_(*conds))
-        return stmt.group_by(t.c[m.per]) if m.per else stmt
-    return select(group, t.c.cost_usd).where(and_(*conds))
+        stmt = select(*cols, func.sum(t.c.cost_usd)).where(and_(*conds))
+        return stmt.group_by(*cols) if cols else stmt
+    return select(*cols, t.c.cost_usd).where(and_(*conds))
 
 
 async def stored_spend(
-    engine: AsyncEngine, since: datetime, until: datetime, match: Match
-) -> dict[str, Decimal]:
-    """Stored USD completed in [since, until) per template value ('' without a template);
-    values that spent nothing are absent."""
+    engine: AsyncEngine, since: datetime, until: datetime, filters: Filters, group: Sequence[str]
+) -> dict[tuple[str, ...], Decimal]:
+    """Stored USD completed in [since, until) per value of the `group` fields (one total under
+    `()` without any), for the rows whose fields are among `filters`; zero sums are absent."""
     is_pg = engine.dialect.name == "postgresql"
-    totals: dict[str, Decimal] = {}
+    n = len(group)
+    totals: dict[tuple[str, ...], Decimal] = {}
     async with engine.connect() as conn:
         for granularity, start, end in spans(since, until):
-            table = usage_details if granularity == "detail" else usage_rollups
-            stmt = _select(table, granularity, start, end, match, is_pg)
+            stmt = _select(granularity, start, end, filters, group, is_pg)
             result = await conn.stream(stmt)
             async for rows in result.partitions(5000):  # one thread hop per partition
-                for value, cost in rows:
+                for row in rows:
+                    cost = row[n]
                     if cost is not None:
-                        key = str(value)
+                        key = tuple(str(v) for v in row[:n])
                         totals[key] = totals.get(key, Decimal(0)) + to_decimal(cost)
     return totals
 
@@ -117,5 +113,7 @@ class SpendQuery:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
 
-    async def __call__(self, since: datetime, until: datetime, match: Match) -> dict[str, Decimal]:
-        return await stored_spend(self._engine, since, until, match)
+    async def __call__(
+        self, since: datetime, until: datetime, filters: Filters, group: Sequence[str]
+    ) -> dict[tuple[str, ...], Decimal]:
+        return await stored_spend(self._engine, since, until, filters, group)

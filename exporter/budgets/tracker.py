@@ -23,7 +23,7 @@ from exporter.budgets import snapshot
 from exporter.budgets.index import SpecIndex
 from exporter.budgets.ledger import Ledger, Segment
 from exporter.budgets.model import Budget, BudgetView, cost_decimal
-from exporter.budgets.spend import Match
+from exporter.budgets.spend import Filters
 from exporter.budgets.window import HOUR
 from exporter.config import BudgetSpec, Settings
 from exporter.selfmetrics import SelfMetrics
@@ -33,8 +33,10 @@ __all__ = ["BudgetTracker", "SpendReader"]
 
 log = logging.getLogger(__name__)
 
-#: (window start, window end, match) → stored spend per template value
-SpendReader = Callable[[datetime, datetime, Match], Awaitable[dict[str, Decimal]]]
+#: (window start, window end, filters, grouped fields) → stored spend per group
+SpendReader = Callable[
+    [datetime, datetime, Filters, Sequence[str]], Awaitable[dict[tuple[str, ...], Decimal]]
+]
 
 
 class _Report(Protocol):
@@ -166,33 +168,47 @@ class BudgetTracker:
 
     # -- stored spend ------------------------------------------------------------------------
     async def refresh(self) -> None:
+        """Re-read stored spend: one grouped query per (window, fixed fields, template field)."""
         now = self._clock()
         error: Exception | None = None
+        kinds: dict[tuple[Any, ...], list[Budget]] = {}
         for b in self.budgets:
             b.roll(now)
-            start, end = b.start, b.end
+            fixed = tuple(i for i, v in enumerate(b.fixed) if v is not None)
+            sig = (b.start, b.end, b.kind.rolling is not None, fixed, b.spec.per)
+            kinds.setdefault(sig, []).append(b)
+        for (start, end, rolling, fixed, per), members in kinds.items():
+            fields = [_DIMS[i] for i in fixed]
+            group = [*fields, per] if per else fields
+            filters = {_DIMS[i]: sorted({str(b.fixed[i]) for b in members}) for i in fixed}
             try:
                 async with self.db_lock:
                     self._epoch += 1
                     epoch = self._epoch
-                    stored = await self._spend(start, end, b.match)
+                    stored = await self._spend(start, end, filters, group)
                     head = {}
-                    if b.kind.rolling is not None:
-                        head = await self._spend(start, start + HOUR, b.match)
+                    if rolling:
+                        head = await self._spend(start, start + HOUR, filters, group)
             except Exception as exc:  # the database may be down; keep serving last values
                 error = exc
                 continue
-            b.stored, b.head, b.covered, b.epoch = stored, head, (start, end), epoch
-            b.refreshed_at = now
-            if b.spec.per:
-                for value in stored:
-                    if value not in b.gauge_values:
-                        self._note_value(b, value)
+            stored_by, head_by = _split(stored, len(fields)), _split(head, len(fields))
+            for b in members:
+                prefix = tuple(str(b.fixed[i]) for i in fixed)
+                b.stored, b.head = stored_by.get(prefix, {}), head_by.get(prefix, {})
+                b.covered, b.epoch, b.refreshed_at = (start, end), epoch, now
+                if per:
+                    for value in b.stored:
+                        if value not in b.gauge_values:
+                            self._note_value(b, value)
         self._collect()
         self._save()
         if error is not None and not self._failing:
-            log.warning("budgets: spend query failed (%s: %s); keeping last values",
-                        type(error).__name__, str(error)[:300])  # fmt: skip
+            log.warning(
+                "budgets: spend query failed (%s: %s); keeping last values",
+                type(error).__name__,
+                str(error)[:300],
+            )
         elif error is None and self._failing:
             log.info("budgets: spend query works again")
         self._failing = error is not None
@@ -301,7 +317,22 @@ class BudgetTracker:
             log.info("budgets: stored spend of %d budget(s) restored from %s", loaded, path)
 
 
-_DIM = {"user": 0, "team": 1, "api_key_id": 2, "model": 3}
+_DIMS = ("user", "team", "api_key_id", "model")
+_DIM = {d: i for i, d in enumerate(_DIMS)}
+
+
+def _split(
+    rows: Mapping[tuple[str, ...], Decimal], n: int
+) -> dict[tuple[str, ...], dict[str, Decimal]]:
+    """Grouped rows by their first `n` fields (a budget's fixed values) → template value
+    (the last field, or '') → spend."""
+    out: dict[tuple[str, ...], dict[str, Decimal]] = {}
+    for key, amount in rows.items():
+        value = key[n] if len(key) > n else ""
+        out.setdefault(key[:n], {})[value] = amount
+    return out
+
+
 _Row = tuple[str, str, str, str, datetime, Decimal]
 
 
