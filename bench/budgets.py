@@ -39,6 +39,9 @@ from common import (
     replace_section,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from pgcluster import start_cluster
+
 from exporter.budgets import BudgetTracker, Filters
 from exporter.budgets.index import SpecIndex
 from exporter.config import BudgetSpec
@@ -91,7 +94,9 @@ def _request(conn: http.client.HTTPConnection, method: str, path: str,
     return data
 
 
-def bench_http(requests: int, reports: int, workdir: Path) -> dict[str, Any]:
+def bench_http(
+    requests: int, reports: int, workdir: Path, database_url: str | None = None
+) -> dict[str, Any]:
     toml = workdir / "budgets.toml"
     lines = []
     for b in budget_config():
@@ -99,14 +104,20 @@ def bench_http(requests: int, reports: int, workdir: Path) -> dict[str, Any]:
         lines += [f"{k} = {json.dumps(v)}" for k, v in b.items()]
     toml.write_text("\n".join(lines) + "\n")
     rng = random.Random(1)
+    db = {"database_url": database_url} if database_url else {}
     with our_server(workdir, "os", config=str(toml), flush_interval="2",
-                    budget_refresh_interval="5") as server:  # fmt: skip
+                    budget_refresh_interval="5", **db) as server:  # fmt: skip
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         for start in range(0, reports, 500):
             batch = [report(i, rng) for i in range(start, min(reports, start + 500))]
             _request(conn, "POST", "/v1/usage", json.dumps(batch).encode())
             if start == reports // 2:
                 time.sleep(6)  # the first half is flushed and refreshed: stored spend
+        for _ in range(600):  # the rest flushed (stored + unflushed stay in the mix)
+            text = _request(conn, "GET", "/metrics").decode()
+            if "\nllm_usage_pending_reports 0.0" in text:
+                break
+            time.sleep(0.1)
         for _ in range(200):  # warm up
             _request(conn, "GET", "/v1/budgets/check?" + _query(rng))
         lat: list[float] = []
@@ -118,11 +129,27 @@ def bench_http(requests: int, reports: int, workdir: Path) -> dict[str, Any]:
             data = _request(conn, "GET", "/v1/budgets/check?" + q)
             lat.append(time.perf_counter() - t0)
             matched += len(json.loads(data)["budgets"])
-        cpu = (proc_cpu_seconds(server.proc.pid) - cpu0) / requests
+        cpu = (proc_cpu_seconds(server.proc.pid) - cpu0) / requests  # refreshes included
+        base: list[float] = []  # the baseline: the same client and server, a trivial route
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            _request(conn, "GET", "/healthz")
+            base.append(time.perf_counter() - t0)
         conn.close()
     lat.sort()
-    return {"p50": percentile(lat, 50), "p90": percentile(lat, 90), "p99": percentile(lat, 99),
-            "max": lat[-1], "matched": matched / requests, "cpu": cpu}  # fmt: skip
+    base.sort()
+    return {
+        "base_p50": percentile(base, 50),
+        "base_p90": percentile(base, 90),
+        "base_p99": percentile(base, 99),
+        "base_max": base[-1],
+        "p50": percentile(lat, 50),
+        "p90": percentile(lat, 90),
+        "p99": percentile(lat, 99),
+        "max": lat[-1],
+        "matched": matched / requests,
+        "cpu": cpu,
+    }
 
 
 def _query(rng: random.Random) -> str:
@@ -187,26 +214,44 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--requests", type=int, default=5000)
     p.add_argument("--reports", type=int, default=20000)
+    p.add_argument("--backends", default="sqlite,postgres", help="sqlite, postgres or both")
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args()
     print("in-process …", file=sys.stderr)
     inproc = bench_inprocess()
-    print("HTTP …", file=sys.stderr)
+    results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-budgets-") as tmp:
-        h = bench_http(args.requests, args.reports, Path(tmp))
+        for backend in args.backends.split(","):
+            print(f"HTTP ({backend}) …", file=sys.stderr)
+            if backend == "postgres":
+                cluster = start_cluster()
+                try:
+                    url = cluster.url(cluster.create_database("budgets"))
+                    results[backend] = bench_http(args.requests, args.reports, Path(tmp), url)
+                finally:
+                    cluster.destroy()
+            else:
+                results[backend] = bench_http(args.requests, args.reports, Path(tmp))
+    h = next(iter(results.values()))
     us = 1e6
     ref = reference_us()
     body = "\n\n".join([
         f"{now_utc()}; {machine_note()}; `python bench/budgets.py --requests {args.requests} "
-        f"--reports {args.reports}`. 1,000 budgets (700 per user, 150 per team in five time "
-        f"zones, 40 per model, 100 per API key with a rolling 30d window, 8 global, 2 "
-        f"templates); a check matches {h['matched']:.1f} of them on average. Machine speed at "
-        f"the time: `sum(range(1000))` took {ref:.1f} µs (about 8-10 µs on an idle core; the "
-        f"box is shared by other jobs, so scale the figures by that ratio).",
+        f"--reports {args.reports} --backends {args.backends}`. 1,000 budgets (700 per user, "
+        f"150 per team in five time zones, 40 per model, 100 per API key with a rolling 30d "
+        f"window, 8 global, 2 templates); a check matches {h['matched']:.1f} of them on "
+        f"average. Machine speed at the time: `sum(range(1000))` took {ref:.1f} µs (about "
+        f"8-10 µs on an idle core; the box is shared by other jobs, so scale the figures by "
+        f"that ratio).",
         md_table(["what", "p50", "p90", "p99", "max", "server CPU per check"], [
-            ["`GET /v1/budgets/check` over loopback (real service, one keep-alive client)",
-             f"{h['p50'] * us:.0f} µs", f"{h['p90'] * us:.0f} µs", f"{h['p99'] * us:.0f} µs",
-             f"{h['max'] * us:.0f} µs", f"{h['cpu'] * us:.0f} µs"],
+            *([f"`GET /v1/budgets/check` over loopback, {backend} (real service, one keep-alive "
+               "client)", f"{r['p50'] * us:.0f} µs", f"{r['p90'] * us:.0f} µs",
+               f"{r['p99'] * us:.0f} µs", f"{r['max'] * us:.0f} µs", f"{r['cpu'] * us:.0f} µs"]
+              for backend, r in results.items()),
+            *([f"baseline: `GET /healthz`, {backend} (same client and server)",
+               f"{r['base_p50'] * us:.0f} µs", f"{r['base_p90'] * us:.0f} µs",
+               f"{r['base_p99'] * us:.0f} µs", f"{r['base_max'] * us:.0f} µs", ""]
+              for backend, r in results.items()),
             ["`BudgetTracker.check` + `orjson.dumps` (the handler's work, in process)",
              f"{inproc['check_p50'] * us:.1f} µs", f"{inproc['check_p90'] * us:.1f} µs",
              f"{inproc['check_p99'] * us:.1f} µs", "", ""],

@@ -45,6 +45,7 @@ class Budget:
     epoch: int = 0
     refreshed_at: datetime | None = None
     gauge_values: dict[str, None] = field(default_factory=dict)  # ordered set, capped
+    refreshed_json: str | None = None  # refreshed_at as ISO text
     #: JSON parts that change only with the config or the window (a check reads many budgets)
     static_json: dict[str, Any] = field(init=False)
     match_json: dict[str, str] = field(init=False)
@@ -146,5 +147,5 @@ class BudgetView:
             "unflushed_usd": format(self.unflushed, "f"),
             "usage_ratio": round(ratio, 6),
             "status": status,
-            "refreshed_at": b.refreshed_at.isoformat() if b.refreshed_at else None,
+            "refreshed_at": b.refreshed_json,
         }

@@ -76,6 +76,7 @@ def load(path: Path, by_name: Mapping[str, Budget], ledger: Ledger) -> int:
         b.stored = {k: Decimal(v) for k, v in s["stored"].items()}
         b.head = {k: Decimal(v) for k, v in s["head"].items()}
         b.refreshed_at = datetime.fromisoformat(s["refreshed_at"]) if s["refreshed_at"] else None
+        b.refreshed_json = s["refreshed_at"]
         b.epoch = 0
         restored += 1
     seg = ledger.segment(-1)  # below every WAL sequence number

@@ -11,6 +11,7 @@ floats). NULL costs (unpriced reports) count as 0.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -29,6 +30,7 @@ Filters = Mapping[str, Sequence[str]]
 MAX_IN = 5000  # past this many values a filter is dropped: the grouping still separates them
 
 
+_ZERO = Decimal(0)
 _DAY = timedelta(days=1)
 _HOUR = timedelta(hours=1)
 
@@ -98,12 +100,17 @@ async def stored_spend(
         for granularity, start, end in spans(since, until):
             stmt = _select(granularity, start, end, filters, group, is_pg)
             result = await conn.stream(stmt)
-            async for rows in result.partitions(5000):  # one thread hop per partition
+            # SQLite sums in Python (exactly): in slices, yielding between them, so a refresh
+            # over a big window never holds the event loop for long (checks stay fast)
+            async for rows in result.partitions(500):
                 for row in rows:
                     cost = row[n]
                     if cost is not None:
                         key = tuple(str(v) for v in row[:n])
-                        totals[key] = totals.get(key, Decimal(0)) + to_decimal(cost)
+                        totals[key] = totals.get(key, _ZERO) + (
+                            cost if isinstance(cost, Decimal) else to_decimal(cost)
+                        )
+                await asyncio.sleep(0)
     return totals
 
 

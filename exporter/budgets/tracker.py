@@ -170,6 +170,7 @@ class BudgetTracker:
     async def refresh(self) -> None:
         """Re-read stored spend: one grouped query per (window, fixed fields, template field)."""
         now = self._clock()
+        refreshed = now.isoformat()
         error: Exception | None = None
         kinds: dict[tuple[Any, ...], list[Budget]] = {}
         for b in self.budgets:
@@ -197,6 +198,7 @@ class BudgetTracker:
                 prefix = tuple(str(b.fixed[i]) for i in fixed)
                 b.stored, b.head = stored_by.get(prefix, {}), head_by.get(prefix, {})
                 b.covered, b.epoch, b.refreshed_at = (start, end), epoch, now
+                b.refreshed_json = refreshed
                 if per:
                     for value in b.stored:
                         if value not in b.gauge_values:
