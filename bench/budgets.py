@@ -48,6 +48,7 @@ from exporter.config import BudgetSpec
 from exporter.usage import UsageReport
 
 USERS, TEAMS, KEYS, MODELS = 2000, 200, 300, 40
+REFRESH = "5"
 ZONES = ["UTC", "Asia/Tokyo", "America/New_York", "Europe/Berlin", "Asia/Kolkata"]
 
 
@@ -106,9 +107,9 @@ def bench_http(
     rng = random.Random(1)
     db = {"database_url": database_url} if database_url else {}
     with our_server(workdir, "os", config=str(toml), flush_interval="2",
-                    budget_refresh_interval="5", **db) as server:  # fmt: skip
+                    budget_refresh_interval=REFRESH, **db) as server:  # fmt: skip
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-        for start in range(0, reports, 500):
+        for start in range(0, reports, 500):  # noqa: B007
             batch = [report(i, rng) for i in range(start, min(reports, start + 500))]
             _request(conn, "POST", "/v1/usage", json.dumps(batch).encode())
             if start == reports // 2:

@@ -167,3 +167,35 @@ async def test_windows_and_templates_match_the_oracle(tmp_path: Path) -> None:
         assert len(tracker.ledger) == 3  # dropped segments are forgotten once seen and past
     finally:
         await store.close()
+
+
+async def test_sqlite_spend_is_exact_for_odd_cost_text_and_past_integer_overflow(
+    tmp_path: Path,
+) -> None:
+    """SQLite sums integer units in SQL; rows not in the canonical ten-decimal text, and sums
+    past 2**63 units, fall back to Decimal in Python with the same exact result."""
+    from sqlalchemy import text
+
+    from exporter.budgets import stored_spend
+
+    store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'u.db'}")
+    await store.upgrade()
+    at = T(2026, 5, 5, 12, 30, tzinfo=UTC)
+    reports = [{"request_id": f"x{i}", "model": "m", "user": f"u{i % 2}", "cost_usd": 0.25,
+                "completed_at": at.isoformat()} for i in range(4)]  # fmt: skip
+    try:
+        await store.writer.write(reports)
+        day = (T(2026, 5, 5, tzinfo=UTC), T(2026, 5, 6, tzinfo=UTC))
+        got = await stored_spend(store.engine, *day, {}, ["user"])
+        assert got == {("u0",): Decimal("0.5"), ("u1",): Decimal("0.5")}
+        async with store.engine.begin() as conn:  # odd text, then a sum past int64 units
+            await conn.execute(text("UPDATE usage_rollups SET cost_usd = '1.5' WHERE user = 'u0'"))
+        got = await stored_spend(store.engine, *day, {}, ["user"])
+        assert got == {("u0",): Decimal("1.5"), ("u1",): Decimal("0.5")}
+        big = "900000000.0000000000"
+        async with store.engine.begin() as conn:
+            await conn.execute(text(f"UPDATE usage_rollups SET cost_usd = '{big}'"))
+        got = await stored_spend(store.engine, *day, {}, [])
+        assert got == {(): Decimal(big) * 2}
+    finally:
+        await store.close()

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, select
+from sqlalchemy import ColumnElement, Integer, and_, case, cast, func, select, type_coerce
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.store.tables import to_decimal, usage_details, usage_rollups
@@ -69,8 +69,7 @@ def spans(since: datetime, until: datetime) -> list[tuple[str, datetime, datetim
     return out
 
 
-def _select(granularity: str, start: datetime, end: datetime, filters: Filters,
-            group: Sequence[str], is_pg: bool) -> Any:  # fmt: skip
+def _where(granularity: str, start: datetime, end: datetime, filters: Filters) -> Any:
     t = usage_details if granularity == "detail" else usage_rollups
     time_col = t.c.completed_at if granularity == "detail" else t.c.bucket_start
     conds: list[ColumnElement[bool]] = [time_col >= start, time_col < end]
@@ -81,35 +80,65 @@ def _select(granularity: str, start: datetime, end: datetime, filters: Filters,
             conds.append(t.c[d] == values[0])
         elif len(values) <= MAX_IN:
             conds.append(t.c[d].in_(values))
+    return t, and_(*conds)
+
+
+def _units_select(t: Any, where: Any, group: Sequence[str]) -> Any:
+    """SQLite: an exact SUM in 1e-10 USD integer units of the canonical cost text (ten
+    decimals, as the store writes it), with a count of rows not in that form (then Python
+    sums that span instead)."""
+    c = t.c.cost_usd
+    canonical = and_(func.instr(c, ".") > 0, func.length(c) - func.instr(c, ".") == 10)
+    units = func.sum(case((canonical, cast(func.replace(c, ".", ""), Integer))))
+    odd = func.sum(case((and_(c.is_not(None), ~canonical), 1), else_=0))
     cols = [t.c[d] for d in group]
-    if is_pg:
-        stmt = select(*cols, func.sum(t.c.cost_usd)).where(and_(*conds))
-        return stmt.group_by(*cols) if cols else stmt
-    return select(*cols, t.c.cost_usd).where(and_(*conds))
+    stmt = select(*cols, type_coerce(units, Integer), type_coerce(odd, Integer)).where(where)
+    return stmt.group_by(*cols) if cols else stmt
 
 
 async def stored_spend(
     engine: AsyncEngine, since: datetime, until: datetime, filters: Filters, group: Sequence[str]
 ) -> dict[tuple[str, ...], Decimal]:
     """Stored USD completed in [since, until) per value of the `group` fields (one total under
-    `()` without any), for the rows whose fields are among `filters`; zero sums are absent."""
+    `()` without any), for the rows whose fields are among `filters`; zero sums are absent.
+    Exact on both backends: Postgres sums NUMERIC; SQLite sums integer units in SQL (on its
+    own thread, not the event loop), or Decimals in Python for odd rows or on overflow."""
     is_pg = engine.dialect.name == "postgresql"
     n = len(group)
     totals: dict[tuple[str, ...], Decimal] = {}
+
+    def add(key: tuple[Any, ...], amount: Decimal) -> None:
+        k = tuple(str(v) for v in key)
+        totals[k] = totals.get(k, _ZERO) + amount
+
     async with engine.connect() as conn:
         for granularity, start, end in spans(since, until):
-            stmt = _select(granularity, start, end, filters, group, is_pg)
-            result = await conn.stream(stmt)
-            # SQLite sums in Python (exactly): in slices, yielding between them, so a refresh
-            # over a big window never holds the event loop for long (checks stay fast)
-            async for rows in result.partitions(500):
-                for row in rows:
-                    cost = row[n]
-                    if cost is not None:
-                        key = tuple(str(v) for v in row[:n])
-                        totals[key] = totals.get(key, _ZERO) + (
-                            cost if isinstance(cost, Decimal) else to_decimal(cost)
-                        )
+            t, where = _where(granularity, start, end, filters)
+            cols = [t.c[d] for d in group]
+            if is_pg:
+                stmt = select(*cols, func.sum(t.c.cost_usd)).where(where)
+                for row in await conn.execute(stmt.group_by(*cols) if cols else stmt):
+                    if row[n] is not None:
+                        add(row[:n], to_decimal(row[n]))
+                continue
+            try:
+                rows = (await conn.execute(_units_select(t, where, group))).all()
+            except OverflowError:
+                rows = None
+            except Exception as exc:  # SQLite's "integer overflow" past 9.2e8 USD in a sum
+                if "overflow" not in str(exc):
+                    raise
+                rows = None
+            if rows is not None and not any(r[n + 1] for r in rows):
+                for r in rows:
+                    if r[n] is not None:
+                        add(r[:n], Decimal(r[n]).scaleb(-10))
+                continue
+            result = await conn.stream(select(*cols, t.c.cost_usd).where(where))
+            async for part in result.partitions(500):  # yield between slices
+                for r in part:
+                    if r[n] is not None:
+                        add(r[:n], r[n] if isinstance(r[n], Decimal) else to_decimal(r[n]))
                 await asyncio.sleep(0)
     return totals
 
