@@ -263,6 +263,13 @@ def main() -> int:
             ["ratio", f"{inproc['scanned'] / inproc['indexed']:.0f}x"],
             ["`on_durable` per report (index + ledger, Decimal)", f"{inproc['durable'] * us:.1f}"],
         ]),
+        "What the figures say: the handler's own work for a check against 1,000 budgets is "
+        "the in-process row (index lookup, a dozen budget views, JSON); over loopback a check "
+        "costs that much more than the trivial `/healthz` on the same client and server. The "
+        "p90/p99 tails of both rows, `/healthz` included, are this shared 2-core box's "
+        "scheduling, not the budgets; the server CPU column includes the background refresh "
+        "(every 5 s here, 30 s by default: one grouped query per kind of budget). The < 1 ms "
+        "p99 target is therefore not demonstrated on this box; the p50s are within it.",
     ])  # fmt: skip
     print(body)
     if args.write_results:
