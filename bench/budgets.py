@@ -109,7 +109,7 @@ def bench_http(
     with our_server(workdir, "os", config=str(toml), flush_interval="2",
                     budget_refresh_interval=REFRESH, **db) as server:  # fmt: skip
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-        for start in range(0, reports, 500):  # noqa: B007
+        for start in range(0, reports, 500):
             batch = [report(i, rng) for i in range(start, min(reports, start + 500))]
             _request(conn, "POST", "/v1/usage", json.dumps(batch).encode())
             if start == reports // 2:
