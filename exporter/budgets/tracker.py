@@ -33,6 +33,9 @@ __all__ = ["BudgetTracker", "SpendReader"]
 
 log = logging.getLogger(__name__)
 
+#: a hung database must not hold `db_lock` (and so the flusher's commits) for long
+QUERY_TIMEOUT_S = 30.0
+
 #: (window start, window end, filters, grouped fields) → stored spend per group
 SpendReader = Callable[
     [datetime, datetime, Filters, Sequence[str]], Awaitable[dict[tuple[str, ...], Decimal]]
@@ -183,7 +186,7 @@ class BudgetTracker:
             group = [*fields, per] if per else fields
             filters = {_DIMS[i]: sorted({str(b.fixed[i]) for b in members}) for i in fixed}
             try:
-                async with self.db_lock:
+                async with self.db_lock, asyncio.timeout(QUERY_TIMEOUT_S):
                     self._epoch += 1
                     epoch = self._epoch
                     stored = await self._spend(start, end, filters, group)
@@ -232,7 +235,8 @@ class BudgetTracker:
         self.ledger.collect(done)
 
     async def run(self, interval: float, stop: asyncio.Event) -> None:
-        """Refresh until `stop` is set; never cancelled mid-query (that upsets DB drivers)."""
+        """Refresh until `stop` is set; stopped between rounds, never mid-query (a hung query
+        ends at QUERY_TIMEOUT_S)."""
         while not stop.is_set():
             await self.refresh()
             with contextlib.suppress(TimeoutError):
