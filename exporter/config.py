@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import os
+import re
+from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -16,9 +21,49 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+__all__ = [
+    "ENV_PREFIX",
+    "BudgetSpec",
+    "Scope",
+    "Settings",
+    "TokenSpec",
+    "check_env_names",
+    "load_settings",
+]
+
+ENV_PREFIX = "LLM_USAGE_"
+
+#: Variables with our prefix that are not settings, and who reads them.
+NOT_SETTINGS = {"LLM_USAGE_DEMO_TOKEN": "docker-compose.yml (the demo stack's token)"}
+
+#: URL schemes without an async driver, rewritten to the driver the service runs on.
+_ASYNC_DRIVERS = {
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+    "sqlite": "sqlite+aiosqlite",
+}
+
+#: where instrumentations record the caller, first match wins (settings: otel_user_attributes)
+DEFAULT_USER_ATTRIBUTES = (
+    "gen_ai.user",
+    "gen_ai.request.user",
+    "user.id",
+    "enduser.id",
+    "llm.user",
+    "traceloop.association.properties.user_id",
+    "ai.telemetry.metadata.userId",
+    "langfuse.user.id",
+    "session.user_id",
+)
+#: a tag key (report tags, promoted_tags, the read API's tag:<key>)
+TAG_KEY_PATTERN = r"^[A-Za-z0-9_.-]+$"
+
 Scope = Literal["ingest", "read", "admin"]
 ExtraLabel = Literal["provider", "team"]
 BudgetDimension = Literal["user", "team", "api_key_id", "model"]
+#: budget windows: calendar ones, and rolling lengths of whole hours ("30d", "7d", "24h")
+CALENDAR_WINDOWS = ("day", "week", "month")
+ROLLING_WINDOW = r"^([1-9][0-9]{0,4})([dh])$"
 
 
 class TokenSpec(BaseModel):
@@ -59,23 +104,25 @@ class BudgetSpec(BaseModel):
 
     @model_validator(mode="after")
     def _window_and_template(self) -> BudgetSpec:
-        from exporter.budgets.window import parse_window  # budgets imports config, not back
-
-        try:
-            kind = parse_window(self.window, self.timezone)
-        except (ValueError, KeyError) as exc:  # ZoneInfoNotFoundError is a KeyError
-            raise ValueError(f"bad window/timezone: {exc}") from None
-        if kind.rolling is not None and self.timezone not in (None, "UTC"):
-            raise ValueError("rolling windows are whole UTC hours: no timezone")
+        rolling = re.match(ROLLING_WINDOW, self.window) is not None
+        if self.window not in CALENDAR_WINDOWS and not rolling:
+            raise ValueError(
+                f"window must be day, week, month or a length like 30d / 24h: {self.window!r}"
+            )
+        if self.timezone not in (None, "UTC"):
+            if rolling:
+                raise ValueError("rolling windows are whole UTC hours: no timezone")
+            try:
+                ZoneInfo(self.timezone)
+            except (ValueError, KeyError):  # ZoneInfoNotFoundError is a KeyError
+                raise ValueError(f"unknown IANA time zone: {self.timezone!r}") from None
         if self.per is not None and getattr(self, self.per) is not None:
             raise ValueError(f"per = {self.per!r} cannot also match a fixed {self.per}")
         return self
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="LLM_USAGE_", extra="forbid", validate_default=True
-    )
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 
     # where
     host: str = "127.0.0.1"
@@ -122,10 +169,31 @@ class Settings(BaseSettings):
     flush_max_backoff: float = Field(default=60.0, gt=0)
     retention_days: int = Field(default=400, ge=1)
 
+    # clients: where OTel spans name the caller (first match wins), attribution tags
+    otel_user_attributes: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_USER_ATTRIBUTES), min_length=1, max_length=32
+    )
+    #: tag keys promoted to rollup dimensions and to `tag_<key>` labels (each capped)
+    promoted_tags: list[Annotated[str, Field(pattern=TAG_KEY_PATTERN, max_length=64)]] = Field(
+        default_factory=list, max_length=5
+    )
+    max_tag_values: int = Field(default=100, ge=1)
+
     # pricing and budgets
     price_file: Path | None = None
     budgets: list[BudgetSpec] = Field(default_factory=list)
     budget_refresh_interval: float = Field(default=30.0, gt=0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, v: str | None) -> str | None:
+        """`postgresql://…` (as libpq and most docs spell it) means asyncpg here; other
+        drivers are refused when the store opens, naming the two that work."""
+        if v is None:
+            return None
+        scheme, sep, rest = v.partition("://")
+        driver = _ASYNC_DRIVERS.get(scheme.lower()) if sep else None
+        return f"{driver}://{rest}" if driver else v
 
     @field_validator("duration_buckets", "ttft_buckets")
     @classmethod
@@ -174,8 +242,27 @@ class Settings(BaseSettings):
         return (init_settings, env_settings)
 
 
+def check_env_names(environ: Mapping[str, str]) -> None:
+    """A `LLM_USAGE_*` variable that names no setting is a typo: refuse it, suggesting the
+    nearest name, rather than silently run on the default."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    unknown = sorted(
+        k
+        for k in environ
+        if k.upper().startswith(ENV_PREFIX) and k.upper() not in known | set(NOT_SETTINGS)
+    )
+    if not unknown:
+        return
+    problems = []
+    for name in unknown:
+        near = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.6)
+        problems.append(f"{name} (did you mean {near[0]}?)" if near else name)
+    raise ValueError(f"unknown environment variable(s): {', '.join(problems)}")
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build settings, layering the config file (named by flag or env) under env and flags."""
+    check_env_names(os.environ)
     probe = Settings(**{k: v for k, v in overrides.items() if v is not None})
     if probe.config is None:
         return probe

@@ -17,7 +17,8 @@ from budget_support import cost_of
 from helpers import READ_TOKEN, bearer, make_settings, scrape, token_settings, value, wait_ready
 from pydantic import ValidationError
 
-from exporter.app import BUDGETS, FLUSHER, create_app
+from exporter.app import create_app
+from exporter.appkeys import BUDGETS, FLUSHER
 from exporter.budgets.index import SpecIndex
 from exporter.budgets.model import Budget
 from exporter.config import BudgetSpec

@@ -27,7 +27,6 @@ from exporter.budgets.spend import Filters
 from exporter.budgets.window import HOUR
 from exporter.config import BudgetSpec, Settings
 from exporter.selfmetrics import SelfMetrics
-from exporter.wal import WriteAheadLog
 
 __all__ = ["BudgetTracker", "SpendReader"]
 
@@ -40,6 +39,19 @@ QUERY_TIMEOUT_S = 30.0
 SpendReader = Callable[
     [datetime, datetime, Filters, Sequence[str]], Awaitable[dict[tuple[str, ...], Decimal]]
 ]
+
+
+class _Record(Protocol):
+    @property
+    def payload(self) -> bytes: ...
+
+
+class WalReader(Protocol):
+    """The WAL's public read side (`exporter.wal.WriteAheadLog`): budgets may not import it."""
+
+    def sealed_segments(self) -> Sequence[Any]: ...
+
+    def read(self, segment: Any) -> Sequence[_Record]: ...
 
 
 class _Report(Protocol):
@@ -144,7 +156,7 @@ class BudgetTracker:
             if b.spec.per and value not in b.gauge_values:
                 self._note_value(b, value)
 
-    async def load_wal(self, wal: WriteAheadLog) -> int:
+    async def load_wal(self, wal: WalReader) -> int:
         """Rebuild the unflushed ledger from the WAL's sealed segments (after `wal.open()`,
         before the flusher starts); returns the reports read."""
         if not self.budgets:
@@ -342,7 +354,7 @@ def _split(
 _Row = tuple[str, str, str, str, datetime, Decimal]
 
 
-def _read_segments(wal: WriteAheadLog, segments: Sequence[Any]) -> list[tuple[int, list[_Row]]]:
+def _read_segments(wal: WalReader, segments: Sequence[Any]) -> list[tuple[int, list[_Row]]]:
     out: list[tuple[int, list[_Row]]] = []
     for seg in segments:
         rows: list[_Row] = []

@@ -14,11 +14,12 @@ from datetime import UTC, date, datetime, timedelta, tzinfo
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
+from exporter.config import CALENDAR_WINDOWS, ROLLING_WINDOW
+
 __all__ = ["HOUR", "WindowKind", "floor_hour", "parse_window", "window_bounds"]
 
 HOUR = timedelta(hours=1)
-_ROLLING = re.compile(r"^([1-9][0-9]{0,4})([dh])$")
-CALENDAR = ("day", "week", "month")
+_ROLLING = re.compile(ROLLING_WINDOW)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +61,7 @@ def rolling_length(window: str) -> timedelta | None:
 @lru_cache(maxsize=1024)
 def parse_window(window: str, timezone: str | None = None) -> WindowKind:
     tz: tzinfo = UTC if timezone in (None, "UTC") else ZoneInfo(str(timezone))
-    if window in CALENDAR:
+    if window in CALENDAR_WINDOWS:
         return WindowKind(window, None, tz)
     length = rolling_length(window)
     if length is None:
