@@ -7,6 +7,8 @@ state in typed `web.AppKey`s (`appkeys`), readiness checks in one list below.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from aiohttp import web
 
 from exporter.api.budgets import BudgetHandlers
@@ -77,9 +79,15 @@ def _readiness(app: web.Application) -> Readiness:
             return "database schema not migrated yet"
         return None if await store.ping() else "database not reachable"
 
+    def wal_writes() -> str | None:
+        reason = wal.broken_reason
+        return None if reason is None else f"write-ahead log cannot write: {reason}"
+
     readiness = Readiness()
     readiness.add("wal_space", wal_space)
     readiness.add("database", database)
+    readiness.add("flush", app[FLUSHER].readiness_problems)
+    readiness.add("wal_writes", wal_writes)
     return readiness
 
 
@@ -124,14 +132,23 @@ def create_app(settings: Settings) -> web.Application:
         bytes_per_input_token=settings.bytes_per_input_token,
         tokens_per_output_chunk=settings.tokens_per_output_chunk,
         user_attributes=settings.otel_user_attributes,
+        max_report_age=settings.max_report_age,
+        max_future_skew=timedelta(seconds=settings.max_future_skew_seconds),
     )
     store = open_store(settings)
     self_metrics.registry.register(UnknownUsageCollector())
 
     budgets = BudgetTracker.from_settings(settings, SpendQuery(store.engine), self_metrics)
     ingestor.on_durable.append(budgets.on_durable)
-    flusher = Flusher(wal, store.writer, self_metrics, settings, on_dropped=budgets.on_dropped,
-                      commit_lock=budgets.db_lock)  # fmt: skip
+    flusher = Flusher(
+        wal,
+        store.writer,
+        self_metrics,
+        settings,
+        on_dropped=budgets.on_dropped,
+        commit_lock=budgets.db_lock,
+        retention=store.retention_schedule(settings.retention_days),
+    )
     ingestor.on_durable.append(lambda _seq, _reports: flusher.nudge())
 
     policy = AccessPolicy()
