@@ -156,7 +156,8 @@ class SelfMetrics:
         )
         self.unpriced = Counter(
             "llm_usage_unpriced_reports",
-            "Reports whose model has no known price (cost counted as 0).",
+            "Distinct accepted reports stored without a cost (NULL), by reason.",
+            ["reason"],
             registry=r,
         )
         # llm_budget_* gauges: exporter.budgets.BudgetCollector computes them at each scrape

@@ -137,7 +137,7 @@ class UsageMetrics:
         v[5] += r.cache_creation_input_tokens
         v[6] += r.reasoning_tokens
         if r.cost_usd:
-            v[_COST] += r.cost_usd
+            v[_COST] += float(r.cost_usd)  # live counters are float; stored costs exact
         if r.duration_ms is not None or r.ttft_ms is not None:
             # histogram labels are the bounded model and operation of the counter series
             key = (raw[0], raw[1])
