@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal
@@ -25,6 +24,7 @@ from exporter.ingest.handlers import IngestHandlers
 from exporter.ingest.pipeline import Ingestor
 from exporter.live.exposition import Exposition
 from exporter.live.usage_metrics import LabelCaps, UsageMetrics
+from exporter.logevents import request_event
 from exporter.otlp import OtlpHandler
 from exporter.pricing import Pricer
 from exporter.selfmetrics import SelfMetrics
@@ -66,16 +66,13 @@ def _required_scope(method: str, path: str, metrics_auth: bool) -> Scope | None:
 def _middleware(authn: Authenticator, self_metrics: SelfMetrics, metrics_auth: bool) -> Any:
     """Bearer auth by path and method, JSON errors, and no traceback ever leaking; one
     middleware rather than two, since every layer costs each request a coroutine."""
-    last_logged: dict[str, float] = {}
 
     def refuse(request: web.Request, verdict: str, scope: Scope) -> web.Response:
         if scope == "ingest":
             self_metrics.rejected.labels(verdict).inc()
-        now = time.monotonic()
-        if now - last_logged.get(verdict, -60.0) >= 60:  # at most once a minute per kind
-            last_logged[verdict] = now
-            log.warning("%s: %s %s from %s", verdict, request.method, request.path,
-                        request.remote)  # fmt: skip
+        request_event(
+            log, verdict, request.method, request.path, request.remote, f"needs {scope!r}"
+        )
         if verdict == "unauthorized":
             return error_response(
                 401,
@@ -95,6 +92,9 @@ def _middleware(authn: Authenticator, self_metrics: SelfMetrics, metrics_auth: b
         try:
             return await handler(request)
         except web.HTTPException as exc:
+            if exc.status >= 400:
+                request_event(log, "http_error", request.method, request.path, request.remote,
+                              f"{exc.status} {exc.reason}", logging.INFO)  # fmt: skip
             if exc.status >= 400 and exc.content_type != "application/json":
                 return error_response(exc.status, exc.reason, headers=_keep_headers(exc))
             raise
@@ -140,6 +140,7 @@ def create_app(settings: Settings) -> web.Application:
         ttft_buckets=settings.ttft_buckets,
         on_overflow=self_metrics.overflow,
     )
+    self_metrics.init_overflow(usage.label_names)
     wal = WriteAheadLog(
         settings.wal_dir,
         segment_bytes=settings.wal_segment_bytes,

@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValidationError, ValueError) as exc:
         print(f"llm-usage-exporter: invalid settings: {exc}", file=sys.stderr)
         return 2
-    configure(settings.log_level, settings.log_format)
+    configure(settings.log_level, settings.log_format, [t.token for t in settings.tokens])
     if args.command == "serve":
         return _serve(settings)
     return _db_upgrade(settings)

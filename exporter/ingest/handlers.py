@@ -6,9 +6,10 @@ import logging
 
 from aiohttp import web
 
-from exporter.httputil import LogOncePerMinute, error_response, json_response
+from exporter.httputil import error_response, json_response
 from exporter.ingest.body import BodyError, ParsedBody, parse_items, read_body
 from exporter.ingest.pipeline import Backpressure, Ingestor, IngestResult
+from exporter.logevents import RateLimitedLog
 from exporter.selfmetrics import SelfMetrics
 
 
@@ -22,7 +23,7 @@ class IngestEndpoint:
         self._m = self_metrics
         self._max_body = max_body_bytes
         self._max_items = max_items
-        self._log_once_a_minute = LogOncePerMinute(logging.getLogger(type(self).__module__))
+        self._log_once_a_minute = RateLimitedLog(logging.getLogger(type(self).__module__))
 
     async def _read(self, request: web.Request) -> bytes:
         return await read_body(request, self._max_body)

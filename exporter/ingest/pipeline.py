@@ -161,6 +161,7 @@ class Ingestor:
                     "add it to the price file",
                     r.model,
                     r.provider,
+                    extra={"event": "unpriced_model", "event_key": ("unpriced", r.model)},
                 )
             return 0.0
         return cost
