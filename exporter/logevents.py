@@ -16,6 +16,7 @@ into the same shape.
 
 from __future__ import annotations
 
+import ast
 import logging
 import re
 import threading
@@ -55,6 +56,7 @@ EVENT_CLASSES = (
 #: more distinct keys than this share one window (a bug logging f-strings cannot grow memory)
 _MAX_KEYS = 1000
 _OVERFLOW_KEY = "__other__"
+_Key = str | tuple[object, ...]
 
 
 class EventCounts:
@@ -84,13 +86,13 @@ class RateLimitFilter(logging.Filter):
         self._interval = interval
         self._counts = counts
         self._clock = clock
-        self._windows: dict[object, list[float]] = {}  # key → [start, suppressed]
+        self._windows: dict[_Key, list[float]] = {}  # key → [start, suppressed]
         self._lock = threading.Lock()  # the WAL writer thread logs too
 
     def filter(self, record: logging.LogRecord) -> bool:
         event = getattr(record, "event", None)
         if isinstance(event, str):
-            key: object = getattr(record, "event_key", event)  # finer window, same metric
+            key: _Key = getattr(record, "event_key", event)  # finer window, same metric
             label = event
         elif record.levelno >= logging.WARNING:
             key = (record.name, str(record.msg))
@@ -116,6 +118,18 @@ class RateLimitFilter(logging.Filter):
             record.args = None
             record.suppressed = int(window[1])
         return True
+
+    def pending(self) -> list[tuple[str, int, float]]:
+        """(class, suppressed, seconds) for windows whose suppressed lines no line reported."""
+        now = self._clock()
+        out: list[tuple[str, int, float]] = []
+        with self._lock:
+            for key, window in self._windows.items():
+                if window[1]:
+                    name = key if isinstance(key, str) else ": ".join(map(str, key))
+                    out.append((name[:120], int(window[1]), now - window[0]))
+                    window[1] = 0
+        return out
 
 
 def _clean(text: object, limit: int = 200) -> str:
@@ -172,6 +186,21 @@ _REASON = re.compile(r"[A-Za-z][A-Za-z0-9 ,./-]{0,79}")
 _REQUEST_LINE = re.compile(r"([A-Z]{1,16}) (/[^ ?#]{0,2048})")
 
 
+def _quoted_line(exc: HttpProcessingError) -> str:
+    """The raw line the parser quotes (`line` or the `b'...'` in its message), if any."""
+    line = getattr(exc, "line", None)
+    if isinstance(line, str):
+        return line
+    m = re.search(r"b(['\"])(.*?)(?<!\\)\1", str(exc.message))
+    if m is None:
+        return ""
+    try:
+        raw = ast.literal_eval(m[0])
+    except (ValueError, SyntaxError):
+        return ""
+    return raw.decode("latin-1") if isinstance(raw, bytes) else ""
+
+
 def parser_reason(exc: BaseException) -> str:
     """The parser's fixed description ("Invalid header value char"), never the raw bytes."""
     name = type(exc).__name__
@@ -198,11 +227,9 @@ class ParserErrorFilter(logging.Filter):
         args: Any = record.args
         peer = args[0] if isinstance(args, tuple) and args else "-"
         method, path = "-", "-"
-        line = getattr(exc, "line", None)
-        if isinstance(line, str):
-            m = _REQUEST_LINE.match(line)
-            if m:
-                method, path = m[1], m[2]
+        m = _REQUEST_LINE.match(_quoted_line(exc))
+        if m:
+            method, path = m[1], m[2]
         fields = {
             "event": "malformed_request",
             "method": method,

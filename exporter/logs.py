@@ -6,6 +6,7 @@ whatever `TZ` says; both pass every record through the rate limiter and the reda
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
 from collections.abc import Iterable
@@ -58,7 +59,8 @@ def configure(level: str, fmt: str, secrets: Iterable[str] = ()) -> None:
     """Root handler on stderr; `secrets` (configured tokens) are masked wherever they appear."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
-    handler.addFilter(RateLimitFilter())
+    limiter = RateLimitFilter()
+    handler.addFilter(limiter)
     handler.addFilter(RedactFilter(Redactor(secrets)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -68,3 +70,15 @@ def configure(level: str, fmt: str, secrets: Iterable[str] = ()) -> None:
     server.addFilter(ParserErrorFilter())
     for noisy in ("aiohttp.access", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    atexit.register(_report_suppressed, limiter, handler)
+
+
+def _report_suppressed(limiter: RateLimitFilter, handler: logging.Handler) -> None:
+    """At exit, one line per class whose last suppressed lines no later line reported."""
+    for key, count, seconds in limiter.pending():
+        record = logging.LogRecord(
+            "exporter.logs", logging.WARNING, __file__, 0,
+            "%s: %d similar line(s) suppressed in the last %.0fs", (key, count, seconds), None,
+        )  # fmt: skip
+        record.event, record.event_key = "log_summary", ("summary", key)
+        handler.handle(record)

@@ -23,12 +23,21 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
         re.compile(r"(?i)\b(?P<pre>bearer|basic)(?P<sep>\s+|%20|\+)[^\s,;\"'<>]+"),
         rf"\g<pre>\g<sep>{MASK}",
     ),
-    # header-ish `name: value` / `name=value` for credential-bearing names
+    # `key=`, `token=`, `password=`… parameters (query strings, DSNs, form bodies)
     (
         re.compile(
-            r"(?i)(?P<pre>\b[\w.-]*(?:authorization|api[_-]?key|access[_-]?key|secret|passw(?:or)?d"
-            r"|token|cookie|session|signature|key)(?:\\x[0-9a-f]{2})?[\"']?\s*(?:[:=]|%3d)\s*[\"']?)"
-            r"(?![\s\"',;&]|<redacted>|(?i:bearer|basic)\b)[^\s\"',;&<>]+"
+            r"(?i)(?P<pre>\b[\w.-]*(?:key|token|secret|passw(?:or)?d|pwd|signature|session|auth)"
+            r"(?:=|%3d)[\"']?)(?!<redacted>)[^\s&\"',;<>]+"
+        ),
+        rf"\g<pre>{MASK}",
+    ),
+    # credential headers and JSON keys: `X-Api-Key: abc…`, `"api_key": "sk-…"` (8+ chars, so
+    # prose such as "authorization: Extra inputs are not permitted" stays readable)
+    (
+        re.compile(
+            r"(?i)(?P<pre>\b(?:proxy-)?(?:authorization|x-api-key|api[_-]?key|access[_-]?key"
+            r"|x-auth-token|auth[_-]?token|access[_-]?token|secret|password|(?:set-)?cookie)"
+            r"[\"']?\s*:\s*[\"']?)(?!<redacted>|(?:bearer|basic)\b)[A-Za-z0-9._~+/=-]{8,}"
         ),
         rf"\g<pre>{MASK}",
     ),
