@@ -150,7 +150,7 @@ def test_tokens_in_malformed_requests_reach_no_log_wal_database_or_metrics(
     for svc in runs.values():
         svc.proc.send_signal(signal.SIGTERM)  # stop together too: SIGTERM flushes the WAL
     for (fmt, level), svc in runs.items():
-        assert svc.stop(timeout=60) == 0
+        assert svc.proc.wait(timeout=60) == 0, svc.logs()[-3000:]
         check_no_token_leaks(tmp_path / f"{fmt}-{level}", svc, scrapes[fmt, level], fmt, level)
 
 
