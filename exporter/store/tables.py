@@ -163,9 +163,6 @@ usage_details = Table(
 
 ROLLUP_KEY = ("granularity", "bucket_start", "model", "provider", "operation", "user", "team",
               "api_key_id")  # fmt: skip
-ROLLUP_SUMS = ("requests", "errors", "input_tokens", "output_tokens", "cached_input_tokens",
-               "cache_creation_input_tokens", "reasoning_tokens", "cost_usd",
-               "duration_ms_sum")  # fmt: skip
 
 usage_rollups = Table(
     "usage_rollups",
@@ -191,4 +188,9 @@ usage_rollups = Table(
     Index(None, "granularity", "user", "bucket_start"),
     Index(None, "granularity", "team", "bucket_start"),
     Index(None, "granularity", "api_key_id", "bucket_start"),
+)
+
+#: The additive columns: every rollup column outside the key (each has a rule in rows.py).
+ROLLUP_SUMS: tuple[str, ...] = tuple(
+    c.name for c in usage_rollups.columns if c.name not in ROLLUP_KEY
 )
