@@ -11,13 +11,14 @@ import logging
 import re
 from collections.abc import Iterable
 
-__all__ = ["MASK", "RedactFilter", "Redactor", "redact_text"]
+__all__ = ["MASK", "PASSWORD_IN_URL", "RedactFilter", "Redactor", "redact_text"]
 
 MASK = "<redacted>"
+#: scheme://user:password@host; `\g<pre>***@` keeps the user and host
+PASSWORD_IN_URL = re.compile(r"(?P<pre>[a-zA-Z][\w+.-]*://[^:/@\s]*:)[^@\s]*@")
 
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    # scheme://user:password@host
-    (re.compile(r"(?P<pre>[a-zA-Z][\w+.-]*://[^:/@\s]*:)[^@\s]*@"), r"\g<pre>***@"),
+    (PASSWORD_IN_URL, r"\g<pre>***@"),
     # Authorization: Bearer <token>, Basic <b64>, also inside repr'd bytes
     (
         re.compile(r"(?i)\b(?P<pre>bearer|basic)(?P<sep>\s+|%20|\+)[^\s,;\"'<>]+"),
