@@ -70,11 +70,19 @@ def configure(level: str, fmt: str, secrets: Iterable[str] = ()) -> None:
     server.addFilter(ParserErrorFilter())
     for noisy in ("aiohttp.access", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    atexit.register(_report_suppressed, limiter, handler)
+    if not _current:
+        atexit.register(_report_suppressed)
+    _current[:] = [(limiter, handler)]
 
 
-def _report_suppressed(limiter: RateLimitFilter, handler: logging.Handler) -> None:
+_current: list[tuple[RateLimitFilter, logging.Handler]] = []
+
+
+def _report_suppressed() -> None:
     """At exit, one line per class whose last suppressed lines no later line reported."""
+    if not _current or logging.getLogger().handlers[:1] != [_current[0][1]]:
+        return  # someone else configured logging since
+    limiter, handler = _current[0]
     for key, count, seconds in limiter.pending():
         record = logging.LogRecord(
             "exporter.logs", logging.WARNING, __file__, 0,
