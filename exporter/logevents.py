@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_request import BaseRequest
 
 __all__ = [
     "COUNTS",
@@ -180,6 +181,10 @@ class RateLimitedLog:
 
     def __call__(self, kind: str, message: str, *args: object) -> None:
         self._log.warning(message, *args, extra={"event": kind})
+
+    def request(self, kind: str, request: BaseRequest, reason: str) -> None:
+        """A refused request, in `request_event`'s shape."""
+        request_event(self._log, kind, request.method, request.path, request.remote, reason)
 
 
 _REASON = re.compile(r"[A-Za-z][A-Za-z0-9 ,./-]{0,79}")

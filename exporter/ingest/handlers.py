@@ -34,15 +34,7 @@ class IngestHandlers(IngestEndpoint):
 
     def _reject(self, request: web.Request, exc: BodyError) -> web.Response:
         self._m.rejected.labels(exc.reason).inc()
-        self._log_once_a_minute(
-            exc.reason,
-            "ingest: %d (%s) for %s from %s: %s",
-            exc.status,
-            exc.reason,
-            request.path,
-            request.remote,
-            str(exc)[:200],
-        )
+        self._log_once_a_minute.request(exc.reason, request, f"{exc.status}: {str(exc)[:200]}")
         return error_response(
             exc.status, str(exc), headers={"Connection": "close"} if exc.close else None
         )
@@ -59,14 +51,11 @@ class IngestHandlers(IngestEndpoint):
             )
         if result.errors:
             first = result.errors[0]
-            self._log_once_a_minute(
+            self._log_once_a_minute.request(
                 "invalid",
-                "ingest: rejected %d invalid item(s) on %s from %s; first (index %s): %s",
-                len(result.errors),
-                request.path,
-                request.remote,
-                first["index"],
-                str(first["error"])[:300],
+                request,
+                f"{len(result.errors)} invalid item(s); first (index {first['index']}): "
+                f"{str(first['error'])[:300]}",
             )
         return json_response(result.as_json(), status=_status(result))
 
