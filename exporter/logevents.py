@@ -96,7 +96,7 @@ class RateLimitFilter(logging.Filter):
             key: _Key = getattr(record, "event_key", event)  # finer window, same metric
             label = event
         elif record.levelno >= logging.WARNING:
-            key = (record.name, str(record.msg))
+            key = (record.name, _template(record.msg))
             label = record.name
         else:
             return True
@@ -131,6 +131,16 @@ class RateLimitFilter(logging.Filter):
                     out.append((name[:120], int(window[1]), now - window[0]))
                     window[1] = 0
         return out
+
+
+def _template(msg: object) -> str:
+    """A record's class when it has none: its first line with numbers and addresses folded, so
+    asyncio's pre-formatted "Exception in callback <handle at 0x…>" lines are one class."""
+    first = str(msg).split("\n", 1)[0][:200]
+    return _VARIABLE.sub("#", first)
+
+
+_VARIABLE = re.compile(r"(?:0x)?[0-9a-fA-F]{6,}|\d+")
 
 
 def _clean(text: object, limit: int = 200) -> str:

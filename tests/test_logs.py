@@ -5,6 +5,7 @@ requests write a bounded number of lines, and timestamps are UTC whatever `TZ` s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -303,3 +304,53 @@ def test_timestamps_are_utc_with_offset_and_milliseconds_under_a_non_utc_tz(
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", stamp), stamp
         moment = datetime.fromisoformat(stamp)
         assert before.replace(microsecond=before.microsecond // 1000 * 1000) <= moment <= after
+
+
+def test_file_descriptor_exhaustion_writes_a_bounded_number_of_lines(tmp_path: Path) -> None:
+    """With 60 file descriptors and 150 clients, asyncio fails `accept()` thousands of times a
+    second and logs each with a traceback (192 MB in 4 minutes, once): now one line per class."""
+    import resource
+    import subprocess
+
+    def few_fds() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (60, 60))
+
+    port = free_port()
+    log_path = tmp_path / "service.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [*cli_command(), "serve", "--port", str(port), "--data-dir", str(tmp_path / "d")],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=clean_env(),
+            preexec_fn=few_fds,
+        )
+    svc = ServiceProcess(proc, "127.0.0.1", port, log_path)
+    try:
+        wait_healthy(svc)
+        clients = []
+        for _ in range(150):
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:  # keep the held connections busy
+            for c in clients[:20]:
+                with contextlib.suppress(OSError):
+                    c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.05)
+        for c in clients:
+            c.close()
+        time.sleep(1.5)  # asyncio retries accept() after 1 s
+        _, scrape, _ = http("GET", f"{svc.url}/metrics")
+        suppressed = value(
+            parse_metrics(scrape.decode()), "llm_usage_log_suppressed_total", event="asyncio"
+        )
+        assert suppressed > 100, suppressed  # the flood happened
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    text = log_path.read_text(errors="replace")
+    records = [line for line in text.splitlines() if re.match(r"\d{4}-\d\d-\d\dT", line)]
+    asyncio_records = [r for r in records if " asyncio: " in r]
+    classes = {r.split(" asyncio: ", 1)[1][:40] for r in asyncio_records}
+    assert len(asyncio_records) <= 2 * len(classes) <= 8, "\n".join(records)
+    assert len(text) < 64 * 1024, len(text)
