@@ -533,3 +533,21 @@ async def test_histogram_sums_render_without_float_noise(make_client: MakeClient
 
 def test_live_costs_count_in_the_stores_quantum() -> None:
     assert usage_metrics.COST_SCALE == tables.COST_SCALE
+
+
+def test_live_cost_units_round_like_the_store() -> None:
+    """The fast float path and the Decimal fallback give the store's per-report rounding."""
+    import random
+
+    rng = random.Random(18)
+    tricky = [2.5e-10, 1.5e-10, 3.5e-10, 0.00041999999999999996, 123.45678901235, 1e6, 0.1, 0.0]
+    randoms = [
+        rng.uniform(0, 10) ** rng.choice((1, 3, 6)) / 10 ** rng.randint(0, 9) for _ in range(5000)
+    ]
+    halves = [(rng.randint(0, 10**8) + 0.5) / 1e10 for _ in range(500)]
+    for cost in tricky + randoms + halves:
+        if cost > 1e6:
+            continue
+        expected = tables.to_decimal(cost).scaleb(usage_metrics.COST_SCALE)
+        assert usage_metrics.cost_units(cost) == int(expected), cost
+        assert usage_metrics.cost_units(Decimal(repr(cost))) == int(expected), cost

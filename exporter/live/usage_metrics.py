@@ -39,14 +39,25 @@ BASE_LABELS = ("model", "operation", "user")
 _COST = len(COUNTER_FAMILIES) - 1
 #: live costs count in the quantum the store keeps (store.tables.COST_SCALE; a test checks)
 COST_SCALE = 10
-_COST_UNITS_PER_USD = 10**COST_SCALE
+_COST_UNITS_PER_USD: int = 10**COST_SCALE
 _NS_PER_S = 10**9
 
 
 def cost_units(cost: float | Decimal) -> int:
-    """USD → integer units of 1e-10, rounded half-even from the value's shortest decimal."""
-    dec = cost if isinstance(cost, Decimal) else Decimal(repr(float(cost)))
-    return round(dec.scaleb(COST_SCALE))
+    """USD → integer units of 1e-10, rounded half-even from the value's shortest decimal (the
+    store's rule). Below 2**40 units a float product is within 3e-4 of the decimal's, so when
+    it is not near a half its rounding is the same and Decimal (~1 µs) is skipped."""
+    if isinstance(cost, float):
+        units = cost * _COST_UNITS_PER_USD
+        if units < _FAST_LIMIT:
+            nearest = round(units)
+            if abs(units - nearest) < 0.499:
+                return nearest
+        return round(Decimal(repr(cost)).scaleb(COST_SCALE))
+    return round(Decimal(cost).scaleb(COST_SCALE))
+
+
+_FAST_LIMIT = float(2**40)
 
 
 def exact_text(units: int, per_unit: int) -> str:
