@@ -53,6 +53,7 @@ EVENT_CLASSES = (
     "unsupported_media_type",
     "backpressure",
     "unpriced_model",
+    "unlisted",
 )
 #: more distinct keys than this share one window (a bug logging f-strings cannot grow memory)
 _MAX_KEYS = 1000
