@@ -29,6 +29,8 @@ GROUPS: dict[str, str] = {
     "exporter.timeutil": "shared",
     "exporter.backoff": "shared",
     "exporter.logs": "shared",
+    "exporter.logevents": "shared",
+    "exporter.redact": "shared",
     "exporter.httputil": "shared",
     "exporter.selfmetrics": "shared",
     "exporter.usage": "usage",
