@@ -6,8 +6,9 @@ import difflib
 import ipaddress
 import os
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -39,6 +40,21 @@ _ASYNC_DRIVERS = {
     "postgres": "postgresql+asyncpg",
     "sqlite": "sqlite+aiosqlite",
 }
+
+#: where instrumentations record the caller, first match wins (settings: otel_user_attributes)
+DEFAULT_USER_ATTRIBUTES = (
+    "gen_ai.user",
+    "gen_ai.request.user",
+    "user.id",
+    "enduser.id",
+    "llm.user",
+    "traceloop.association.properties.user_id",
+    "ai.telemetry.metadata.userId",
+    "langfuse.user.id",
+    "session.user_id",
+)
+#: a tag key (report tags, promoted_tags, the read API's tag:<key>)
+TAG_KEY_PATTERN = r"^[A-Za-z0-9_.-]+$"
 
 Scope = Literal["ingest", "read", "admin"]
 ExtraLabel = Literal["provider", "team"]
@@ -120,7 +136,30 @@ class Settings(BaseSettings):
     flush_interval: float = Field(default=10.0, gt=0)
     flush_max_reports: int = Field(default=50_000, ge=1)
     flush_max_backoff: float = Field(default=60.0, gt=0)
+    #: /readyz answers 503 after this many flush failures in a row
+    flush_unready_after_failures: int = Field(default=3, ge=1)
     retention_days: int = Field(default=400, ge=1)
+
+    # clients: where OTel spans name the caller (first match wins), attribution tags
+    otel_user_attributes: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_USER_ATTRIBUTES), min_length=1, max_length=32
+    )
+    #: tag keys promoted to rollup dimensions and to `tag_<key>` labels (each capped)
+    promoted_tags: list[Annotated[str, Field(pattern=TAG_KEY_PATTERN, max_length=64)]] = Field(
+        default_factory=list, max_length=5
+    )
+    max_tag_values: int = Field(default=100, ge=1)
+    # accepted means kept (helper "wal"): the dedupe window and connection hygiene
+    #: reports completed longer ago are refused (422 too_old); default 90% of retention_days
+    max_report_age_days: float | None = Field(default=None, gt=0)
+    #: reports completed further ahead of this clock are refused (422 too_far_in_future)
+    max_future_skew_seconds: float = Field(default=3600.0, ge=0)
+    #: idle keep-alive and request-head timeout (a slowloris never completes its headers)
+    http_keepalive_timeout: float = Field(default=15.0, gt=0)
+    #: a request body not fully received this long after its head is cut off
+    http_body_timeout: float = Field(default=30.0, gt=0)
+    #: open connections at most; default: the file descriptor limit minus a reserve
+    http_max_connections: int | None = Field(default=None, ge=1)
 
     # pricing and budgets
     price_file: Path | None = None
@@ -153,7 +192,19 @@ class Settings(BaseSettings):
         ):
             if len(names) != len(set(names)):
                 raise ValueError(f"{kind} names must be unique")
+        if self.max_report_age_days is not None and self.max_report_age_days >= self.retention_days:
+            raise ValueError(
+                f"max_report_age_days ({self.max_report_age_days:g}) must be shorter than "
+                f"retention_days ({self.retention_days}): the audit rows are the dedupe index, "
+                "and a report older than them would be counted again"
+            )
         return self
+
+    @property
+    def max_report_age(self) -> timedelta:
+        """The dedupe window: shorter than retention so a retry always meets its audit row."""
+        days = self.max_report_age_days
+        return timedelta(days=days if days is not None else 0.9 * self.retention_days)
 
     @property
     def effective_database_url(self) -> str:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from aiohttp import web
 
 from exporter.httputil import Route, error_response, json_response
-from exporter.ingest.body import BodyError, ParsedBody, parse_items, read_body
+from exporter.ingest.body import BodyError, ClientGone, ParsedBody, parse_items, read_body
 from exporter.ingest.pipeline import Backpressure, Ingestor, IngestResult
 from exporter.logevents import RateLimitedLog
 from exporter.selfmetrics import SelfMetrics
@@ -28,11 +29,35 @@ class IngestEndpoint:
     async def _read(self, request: web.Request) -> bytes:
         return await read_body(request, self._max_body)
 
+    async def _accept(
+        self, request: web.Request, items: list[Any], pre_errors: dict[int, str] | None
+    ) -> IngestResult:
+        """The pipeline plus the logging every endpoint does the same way: one line a minute
+        for backpressure (re-raised for the endpoint's own 503 body) and for invalid items."""
+        try:
+            result = await self._ingestor.ingest(items, pre_errors)
+        except Backpressure as exc:
+            self._log_once_a_minute("backpressure", "%s: answering 503 (backpressure): %s",
+                                    request.path, exc)  # fmt: skip
+            raise
+        if result.errors:
+            first = result.errors[0]
+            self._log_once_a_minute.request(
+                "invalid",
+                request,
+                f"{len(result.errors)} invalid item(s); first (index {first['index']}): "
+                f"{str(first['error'])[:300]}",
+            )
+        return result
+
 
 class IngestHandlers(IngestEndpoint):
     """POST /v1/usage and POST /v2/usage/gateway-metrics."""
 
     def _reject(self, request: web.Request, exc: BodyError) -> web.Response:
+        if isinstance(exc, ClientGone):  # nobody to answer, nothing to log
+            self._m.client_disconnects.inc()
+            return error_response(exc.status, str(exc), headers={"Connection": "close"})
         self._m.rejected.labels(exc.reason).inc()
         self._log_once_a_minute.request(exc.reason, request, f"{exc.status}: {str(exc)[:200]}")
         return error_response(
@@ -41,21 +66,12 @@ class IngestHandlers(IngestEndpoint):
 
     async def _ingest(self, request: web.Request, parsed: ParsedBody) -> web.Response:
         try:
-            result = await self._ingestor.ingest(parsed.items, parsed.line_errors)
+            result = await self._accept(request, parsed.items, parsed.line_errors)
         except Backpressure as exc:
-            self._log_once_a_minute("backpressure", "ingest: answering 503 (backpressure): %s", exc)
             return error_response(
                 503,
-                "write-ahead log is full or closing; retry later",
+                "write-ahead log is full, closing or cannot write; retry later",
                 headers={"Retry-After": str(exc.retry_after)},
-            )
-        if result.errors:
-            first = result.errors[0]
-            self._log_once_a_minute.request(
-                "invalid",
-                request,
-                f"{len(result.errors)} invalid item(s); first (index {first['index']}): "
-                f"{str(first['error'])[:300]}",
             )
         return json_response(result.as_json(), status=_status(result))
 
