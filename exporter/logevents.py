@@ -54,6 +54,8 @@ EVENT_CLASSES = (
     "backpressure",
     "unpriced_model",
     "unlisted",
+    "os_error",
+    "wal_failure",
 )
 #: more distinct keys than this share one window (a bug logging f-strings cannot grow memory)
 _MAX_KEYS = 1000

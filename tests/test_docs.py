@@ -214,6 +214,11 @@ def test_config_and_price_examples_load(block: Block, tmp_path: Path) -> None:
             assert getattr(settings, key) is not None, (block.where, key, value)
 
 
+@pytest.mark.parametrize("block", by_lang("json"), ids=lambda b: b.where)
+def test_json_examples_parse(block: Block) -> None:
+    json.loads(block.text)
+
+
 # -- figures ----------------------------------------------------------------------------------
 
 
