@@ -30,6 +30,8 @@ GROUPS: dict[str, str] = {
     "exporter.money": "shared",  # THE rounding rule and the cost cap
     "exporter.backoff": "shared",
     "exporter.logs": "shared",
+    "exporter.logevents": "shared",
+    "exporter.redact": "shared",
     "exporter.httputil": "shared",
     "exporter.selfmetrics": "shared",
     "exporter.usage": "usage",

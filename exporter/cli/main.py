@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValidationError, SettingsError, ValueError) as exc:
         print(f"llm-usage-exporter: invalid settings: {one_line(exc)}", file=sys.stderr)
         return 2
-    configure(settings.log_level, settings.log_format)
+    configure(settings.log_level, settings.log_format, [t.token for t in settings.tokens])
     try:
         code: int = args.run(args, settings)
     except StartupError as exc:

@@ -270,6 +270,7 @@ class Ingestor:
                     r.provider,
                     r.service_tier,
                     reason,
+                    extra={"event": "unpriced_model", "event_key": ("unpriced", r.model)},
                 )
 
     async def ingest(
