@@ -68,8 +68,8 @@ def _diff(conn: Connection) -> list[Any]:
 
 
 async def test_migrations_from_zero_are_idempotent_and_match_the_models(store: Store) -> None:
-    assert await store.current_revision() == head_revision() == "0001"
-    assert await store.upgrade() == "0001"  # `db upgrade` again: nothing to do
+    assert await store.current_revision() == head_revision() is not None
+    assert await store.upgrade() == head_revision()  # `db upgrade` again: nothing to do
     async with store.engine.connect() as conn:
         assert await conn.run_sync(_diff) == []
 
@@ -81,8 +81,8 @@ async def test_migrations_on_an_empty_database(tmp_path: Path, pg_cluster: PgClu
         s = Store.from_url(url)
         try:
             assert await s.current_revision() is None
-            assert await s.upgrade() == "0001"
-            assert await s.upgrade() == "0001"
+            assert await s.upgrade() == head_revision()
+            assert await s.upgrade() == head_revision()
             assert (await s.write([report(1)])).inserted == 1
         finally:
             await s.close()
@@ -94,7 +94,7 @@ async def test_concurrent_migrations_on_postgres(pg_url: str) -> None:
     stores = [Store.from_url(pg_url) for _ in range(4)]
     try:
         revisions = await asyncio.gather(*(s.upgrade() for s in stores))
-        assert revisions == ["0001"] * 4
+        assert revisions == [head_revision()] * 4
     finally:
         for s in stores:
             await s.close()

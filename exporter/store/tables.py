@@ -153,19 +153,22 @@ usage_details = Table(
     _key_text("source"),
     Column("inserted_at", UTCDateTime(), nullable=False, server_default=func.current_timestamp()),
     PrimaryKeyConstraint("request_id"),
+    # Only what the read API queries (docs/api.md): completed_at ranges (stats percentiles,
+    # /v1/requests keyset pages, retention), trace_id (/v1/traces/{id}/usage). Every index
+    # costs flush throughput (bench/RESULTS.md); per-user/team figures come from the rollups.
     Index(None, "completed_at"),
-    Index(None, "user", "completed_at"),
-    Index(None, "team", "completed_at"),
     Index(None, "trace_id"),
-    # Every index here costs ~15% of flush throughput; per-API-key spend comes from the
-    # rollups' (granularity, api_key_id, bucket_start) index instead.
 )
 
+#: `dims` is the canonical JSON object of the promoted tags ('{}' for none): a bounded set of
+#: configured keys, so the key stays one fixed-width tuple whatever tags are promoted.
 ROLLUP_KEY = ("granularity", "bucket_start", "model", "provider", "operation", "user", "team",
-              "api_key_id")  # fmt: skip
+              "api_key_id", "node", "dims")  # fmt: skip
+#: Averages divide a sum by the count of reports that carried the value (not by requests).
 ROLLUP_SUMS = ("requests", "errors", "input_tokens", "output_tokens", "cached_input_tokens",
                "cache_creation_input_tokens", "reasoning_tokens", "cost_usd",
-               "duration_ms_sum")  # fmt: skip
+               "duration_ms_sum", "duration_count", "ttft_ms_sum", "ttft_count", "cancelled",
+               "estimated")  # fmt: skip
 
 usage_rollups = Table(
     "usage_rollups",
@@ -187,6 +190,13 @@ usage_rollups = Table(
     _count("reasoning_tokens"),
     Column("cost_usd", Money(), nullable=False, server_default=text("0")),
     Column("duration_ms_sum", Double, nullable=False, server_default=text("0")),
+    _key_text("node"),
+    Column("dims", Text, nullable=False, server_default=text("'{}'")),
+    _count("duration_count"),
+    Column("ttft_ms_sum", Double, nullable=False, server_default=text("0")),
+    _count("ttft_count"),
+    _count("cancelled"),
+    _count("estimated"),
     PrimaryKeyConstraint(*ROLLUP_KEY),
     Index(None, "granularity", "user", "bucket_start"),
     Index(None, "granularity", "team", "bucket_start"),

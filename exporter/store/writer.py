@@ -220,20 +220,36 @@ class Batch:
         return sorted(self._rows.values(), key=itemgetter(0))
 
 
-def aggregate(rows: Iterable[Row]) -> list[Row]:
-    """Hour and day rollup deltas of detail rows, in ROLLUP_COLUMNS order, sorted by key."""
+def canonical_dims(tags: Any, promoted: Sequence[str]) -> str:
+    """The rollup `dims` key part: the promoted tags a report carries, as sorted JSON."""
+    if not promoted or not isinstance(tags, Mapping):
+        return "{}"
+    kept = {k: str(tags[k]) for k in sorted(promoted) if tags.get(k) not in (None, "")}
+    return orjson.dumps(kept).decode() if kept else "{}"
+
+
+def aggregate(rows: Iterable[Row], dims_of: Mapping[str, str] | None = None) -> list[Row]:
+    """Hour and day rollup deltas of detail rows, in ROLLUP_COLUMNS order, sorted by key.
+
+    `dims_of` maps request_id → the canonical promoted-tag JSON (absent: '{}').
+    """
     i_model, i_cost, i_status = _I["model"], _I["cost_usd"], _I["status"]
     i_in, i_completed, i_dur = _I["input_tokens"], _I["completed_at"], _I["duration_ms"]
+    i_ttft, i_node, i_est = _I["ttft_ms"], _I["node"], _I["estimated"]
+    dims_get = (dims_of or {}).get
     hours: dict[tuple[Any, ...], list[Any]] = {}
     for r in rows:
         bucket = r[i_completed].replace(minute=0, second=0, microsecond=0)
-        key = (bucket, *r[i_model : i_model + 6])
+        key = (bucket, *r[i_model : i_model + 6], r[i_node], dims_get(r[0], "{}"))
         acc = hours.get(key)
         if acc is None:
-            acc = hours[key] = [0, 0, 0, 0, 0, 0, 0, _ZERO, 0.0]
+            acc = hours[key] = [0, 0, 0, 0, 0, 0, 0, _ZERO, 0.0, 0, 0.0, 0, 0, 0]
         acc[0] += 1
-        if r[i_status] != "success":
+        status = r[i_status]
+        if status != "success":
             acc[1] += 1
+            if status == "cancelled":
+                acc[12] += 1
         acc[2] += r[i_in]
         acc[3] += r[i_in + 1]
         acc[4] += r[i_in + 2]
@@ -243,6 +259,12 @@ def aggregate(rows: Iterable[Row]) -> list[Row]:
             acc[7] += r[i_cost]
         if r[i_dur] is not None:
             acc[8] += r[i_dur]
+            acc[9] += 1
+        if r[i_ttft] is not None:
+            acc[10] += r[i_ttft]
+            acc[11] += 1
+        if r[i_est]:
+            acc[13] += 1
     days: dict[tuple[Any, ...], list[Any]] = {}
     for (bucket, *parts), acc in hours.items():
         key = (bucket.replace(hour=0), *parts)
@@ -290,28 +312,34 @@ WITH src AS (
     WHERE r.request_id <> ''
     ORDER BY r.request_id COLLATE "C", r.pn, r.ordinality
     ON CONFLICT (request_id) DO NOTHING
-    RETURNING completed_at, {_cols(_DIMENSIONS)}, status, {_cols(_TOKENS)}, cost_usd,
-        duration_ms
+    RETURNING completed_at, {_cols(_DIMENSIONS)}, node, status, {_cols(_TOKENS)}, cost_usd,
+        duration_ms, ttft_ms, estimated
 ), hourly AS (
     SELECT date_trunc('hour', completed_at, 'UTC') AS bucket_start, {_cols(_DIMENSIONS)},
+        node, '{{}}'::text AS dims,
         count(*) AS requests,
         count(*) FILTER (WHERE status <> 'success') AS errors,
         {", ".join(f"sum({_q(c)}) AS {_q(c)}" for c in _TOKENS)},
         coalesce(sum(cost_usd), 0) AS cost_usd,
-        coalesce(sum(duration_ms), 0) AS duration_ms_sum
+        coalesce(sum(duration_ms), 0) AS duration_ms_sum,
+        count(duration_ms) AS duration_count,
+        coalesce(sum(ttft_ms), 0) AS ttft_ms_sum,
+        count(ttft_ms) AS ttft_count,
+        count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+        count(*) FILTER (WHERE estimated) AS estimated
     FROM ins
-    GROUP BY 1, {_cols(_DIMENSIONS)}
+    GROUP BY 1, {_cols(_DIMENSIONS)}, node
 ), deltas AS (
     SELECT 'hour' AS granularity, * FROM hourly
     UNION ALL
-    SELECT 'day', date_trunc('day', bucket_start, 'UTC'), {_cols(_DIMENSIONS)},
+    SELECT 'day', date_trunc('day', bucket_start, 'UTC'), {_cols(_DIMENSIONS)}, node, dims,
         {", ".join(f"sum({_q(c)})" for c in ROLLUP_SUMS)}
     FROM hourly
-    GROUP BY 2, {_cols(_DIMENSIONS)}
+    GROUP BY 2, {_cols(_DIMENSIONS)}, node, dims
 ), up AS (
     INSERT INTO usage_rollups ({_cols(ROLLUP_COLUMNS)})
     SELECT * FROM deltas
-    ORDER BY granularity COLLATE "C", bucket_start, {_KEY_C}
+    ORDER BY granularity COLLATE "C", bucket_start, {_KEY_C}, node COLLATE "C", dims COLLATE "C"
     ON CONFLICT ({_cols(ROLLUP_KEY)}) DO UPDATE SET
         {", ".join(f"{_q(c)} = usage_rollups.{_q(c)} + excluded.{_q(c)}" for c in ROLLUP_SUMS)}
     RETURNING 1
