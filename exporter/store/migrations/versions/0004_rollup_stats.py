@@ -20,6 +20,7 @@ Create Date: 2026-12-01
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -40,7 +41,7 @@ def _count(name: str) -> sa.Column[int]:
     return sa.Column(name, sa.BigInteger(), nullable=False, server_default=sa.text("0"))
 
 
-def _new_columns() -> list[sa.Column[object]]:
+def _new_columns() -> list[sa.Column[Any]]:
     return [
         sa.Column("node", sa.Text(), nullable=False, server_default=sa.text("''")),
         sa.Column("dims", sa.Text(), nullable=False, server_default=sa.text("'{}'")),
@@ -49,7 +50,7 @@ def _new_columns() -> list[sa.Column[object]]:
         _count("ttft_count"),
         _count("cancelled"),
         _count("estimated"),
-    ]  # type: ignore[return-value]
+    ]
 
 
 def _buckets(dialect: str) -> tuple[str, str]:

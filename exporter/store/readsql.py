@@ -1,0 +1,147 @@
+"""SQL pieces the read queries share across the two backends, and the time bound on reads.
+
+Every read runs inside `bounded()`: Postgres gets a `statement_timeout` for the transaction;
+SQLite, which has none, is interrupted by a timer. Either way the caller sees `ReadTimeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from exporter.store.tables import COST_QUANTUM, COST_SCALE
+
+__all__ = [
+    "DIMENSIONS",
+    "TAG_KEY",
+    "ReadTimeout",
+    "Sql",
+    "bounded",
+    "cost_from_sum",
+]
+
+#: Rollup and audit-row columns a read may group or filter by (besides `tag:<key>`).
+DIMENSIONS = ("model", "user", "team", "operation", "provider", "api_key_id", "node")
+#: What a promoted tag key may look like (it ends up inside a JSON path).
+TAG_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_UNITS = 10**COST_SCALE
+
+
+class ReadTimeout(Exception):
+    """A read query ran past its time bound."""
+
+
+@contextlib.asynccontextmanager
+async def bounded(engine: AsyncEngine, seconds: float) -> AsyncIterator[AsyncConnection]:
+    """A read-only connection whose statements are cancelled after `seconds`."""
+    async with engine.connect() as conn:
+        try:
+            if engine.dialect.name == "postgresql":
+                await conn.exec_driver_sql(
+                    f"SET LOCAL statement_timeout = {max(1, int(seconds * 1000))}"
+                )
+                yield conn
+            else:
+                raw = await conn.get_raw_connection()
+                driver: Any = raw.driver_connection
+                loop = asyncio.get_running_loop()
+                timer = loop.call_later(seconds, lambda: loop.create_task(driver.interrupt()))
+                try:
+                    yield conn
+                finally:
+                    timer.cancel()
+        except (OperationalError, DBAPIError) as exc:
+            text = str(exc).lower()
+            if "statement timeout" in text or "interrupted" in text:
+                raise ReadTimeout(f"query ran longer than {seconds:g}s") from None
+            raise
+        finally:
+            await conn.rollback()
+
+
+class Sql:
+    """Dialect-specific fragments, with bound parameters collected as they are made."""
+
+    def __init__(self, dialect: str) -> None:
+        self.pg = dialect == "postgresql"
+        self.params: dict[str, Any] = {}
+
+    def bind(self, value: Any) -> str:
+        name = f"p{len(self.params)}"
+        self.params[name] = value
+        return f":{name}"
+
+    def ts(self, dt: datetime) -> str:
+        """A timestamp literal comparable with stored UTC timestamps."""
+        dt = dt.astimezone(UTC)
+        if self.pg:
+            return f"CAST({self.bind(dt)} AS timestamptz)"
+        return self.bind(sqlite_ts(dt))
+
+    def tag(self, column: str, key: str) -> str:
+        """The value of tag `key` in a JSON text column ('' when absent)."""
+        if not TAG_KEY.match(key):
+            raise ValueError(f"bad tag key {key!r}")
+        if self.pg:
+            return f"coalesce(CAST({column} AS jsonb) ->> {self.bind(key)}, '')"
+        path = '$."' + key + '"'
+        return f"coalesce(json_extract({column}, {self.bind(path)}), '')"
+
+    def cost_sum(self, column: str) -> str:
+        """An exact SUM of a cost column: NUMERIC in Postgres; in SQLite the exact decimal
+        text summed as integer units of 1e-10 USD (its own SUM would go through floats)."""
+        if self.pg:
+            return f"coalesce(sum({column}), 0)"
+        c = column
+        dot = f"instr({c} || '.', '.')"
+        sign = f"(CASE WHEN substr({c}, 1, 1) = '-' THEN -1 ELSE 1 END)"
+        whole = f"abs(CAST(substr({c}, 1, {dot} - 1) AS INTEGER)) * {_UNITS}"
+        zeros = "0" * COST_SCALE
+        frac = f"CAST(substr(substr({c}, {dot} + 1) || '{zeros}', 1, {COST_SCALE}) AS INTEGER)"
+        return f"coalesce(sum({sign} * ({whole} + {frac})), 0)"
+
+    def json_rows(self, name: str, rows: Sequence[dict[str, Any]], cols: dict[str, str]) -> str:
+        """A FROM item over rows passed as one JSON parameter (no per-row bound variables).
+
+        `cols` maps column → 'int' | 'text' | 'ts'.
+        """
+        payload = orjson.dumps(
+            [
+                {k: (self._ts_value(v) if cols[k] == "ts" else v) for k, v in row.items()}
+                for row in rows
+            ]
+        ).decode()
+        p = self.bind(payload)
+        if self.pg:
+            types = {"int": "bigint", "text": "text", "ts": "timestamptz"}
+            spec = ", ".join(f"{k} {types[t]}" for k, t in cols.items())
+            return f"json_to_recordset(CAST({p} AS json)) AS {name}({spec})"
+        picks = ", ".join(f"json_extract(value, '$.{k}') AS {k}" for k in cols)
+        return f"(SELECT {picks} FROM json_each({p})) AS {name}"  # noqa: S608
+
+    def _ts_value(self, value: datetime) -> str:
+        return value.astimezone(UTC).isoformat() if self.pg else sqlite_ts(value)
+
+
+def sqlite_ts(dt: datetime) -> str:
+    """How SQLite stores a UTC timestamp (exporter.store.tables.UTCDateTime), to compare."""
+    dt = dt.astimezone(UTC)
+    return dt.strftime("%Y-%m-%d %H:%M:%S.") + f"{dt.microsecond:06d}"
+
+
+def cost_from_sum(value: Any, pg: bool) -> Decimal:
+    """The Decimal of what `Sql.cost_sum` returned."""
+    if value is None:
+        return Decimal(0).quantize(COST_QUANTUM)
+    if pg:
+        return Decimal(value).quantize(COST_QUANTUM)
+    return Decimal(int(value)).scaleb(-COST_SCALE).quantize(COST_QUANTUM)

@@ -1,0 +1,266 @@
+"""GET /v1/stats in SQL: sums from the rollups, percentiles from the audit rows.
+
+One statement per question, the same on both backends: the periods of the range (see
+exporter.store.calendar) arrive as one JSON parameter joined to the rollups by
+(granularity, bucket_start), so a 31-day range reads 31 day-rollup buckets per key, not 744
+hours. `top=N` ranks groups by cost over the whole range in SQL and folds the rest into one
+`__other__` group, so a high-cardinality group_by returns N+1 rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from exporter.store.calendar import Period, PeriodUnit, periods, segments
+from exporter.store.readsql import DIMENSIONS, Sql, bounded, cost_from_sum
+from exporter.store.tables import usage_details, usage_rollups
+
+__all__ = ["OTHER", "GroupStats", "StatsQuery", "StatsResult", "run_stats"]
+
+OTHER = "__other__"
+#: Outcome counts summed from the rollups (pricing's `unpriced` when its migration is in).
+COUNTS = tuple(
+    c for c in ("requests", "errors", "cancelled", "estimated", "unpriced") if c in usage_rollups.c
+)
+TOKENS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_creation_input_tokens",
+          "reasoning_tokens")  # fmt: skip
+_FLOATS = ("duration_ms_sum", "duration_count", "ttft_ms_sum", "ttft_count")
+#: Percentiles by linear interpolation between closest ranks (Postgres percentile_cont), in
+#: whole percent so rank arithmetic is integer on both backends and in Python.
+PERCENTS = (50, 95)
+
+
+@dataclass(frozen=True, slots=True)
+class StatsQuery:
+    """A validated question (exporter.api.params builds it from the query string)."""
+
+    since: datetime
+    until: datetime
+    group_by: tuple[str, ...] = ()  # DIMENSIONS or "tag:<key>"
+    period: PeriodUnit | None = None
+    tz: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
+    filters: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    top: int | None = None
+    percentiles: bool = True
+
+
+@dataclass(slots=True)
+class GroupStats:
+    """Sums of one group (and period), plus percentiles from the audit rows when asked."""
+
+    key: tuple[str, ...]
+    period: datetime | None
+    counts: dict[str, int]
+    tokens: dict[str, int]
+    cost_usd: Decimal
+    duration_ms_sum: float = 0.0
+    duration_count: int = 0
+    ttft_ms_sum: float = 0.0
+    ttft_count: int = 0
+    duration_pct: dict[int, float] = field(default_factory=dict)
+    ttft_pct: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class StatsResult:
+    groups: list[GroupStats]
+    totals: list[GroupStats]  # one per period (a single one without a period unit)
+    granularities: tuple[str, ...]
+    periods: list[Period]
+
+
+def _dim_expr(sql: Sql, alias: str, dim: str, table_has_tags: bool) -> str | None:
+    if dim.startswith("tag:"):
+        column = "dims" if alias == "r" else "tags"
+        return sql.tag(f"{alias}.{column}", dim[4:]) if table_has_tags else None
+    if dim not in DIMENSIONS:
+        raise ValueError(f"unknown dimension {dim!r}")
+    return f'{alias}."{dim}"'
+
+
+def _where(sql: Sql, alias: str, filters: Mapping[str, tuple[str, ...]], tags: bool) -> str:
+    conds = []
+    for dim, values in sorted(filters.items()):
+        expr = _dim_expr(sql, alias, dim, tags)
+        if expr is None:
+            conds.append("1 = 0")  # audit rows without tags cannot match a tag filter
+            continue
+        conds.append(f"{expr} IN ({', '.join(sql.bind(v) for v in values)})")
+    return " AND ".join(conds) if conds else "1 = 1"
+
+
+def _group_exprs(
+    sql: Sql, q: StatsQuery, alias: str, top_keys: Sequence[tuple[str, ...]] | None, tags: bool
+) -> list[str] | None:
+    """The group_by expressions; with `top_keys`, groups outside them become __other__."""
+    exprs = []
+    for dim in q.group_by:
+        e = _dim_expr(sql, alias, dim, tags)
+        if e is None:
+            return None
+        exprs.append(e)
+    if top_keys is None or not exprs:
+        return exprs
+    if not top_keys:
+        return [f"'{OTHER}'" for _ in exprs]
+    rows = ", ".join("(" + ", ".join(sql.bind(v) for v in k) + ")" for k in top_keys)
+    match = f"({', '.join(exprs)}) IN ({rows})" if len(exprs) > 1 else f"{exprs[0]} IN ({rows})"
+    if not sql.pg and len(exprs) > 1:
+        match = f"({', '.join(exprs)}) IN (VALUES {rows})"
+    return [f"CASE WHEN {match} THEN {e} ELSE '{OTHER}' END" for e in exprs]
+
+
+def _rollup_sql(sql: Sql, q: StatsQuery, ps: list[Period], exprs: list[str], order: str) -> str:
+    segs = [{"pi": s.period, "g": s.granularity, "a": s.start, "b": s.end} for s in segments(ps)]
+    seg = sql.json_rows("seg", segs, {"pi": "int", "g": "text", "a": "ts", "b": "ts"})
+    sums = [f'sum(r."{c}")' for c in (*COUNTS, *TOKENS, *_FLOATS)]
+    cols = ["seg.pi", *exprs, *sums, sql.cost_sum("r.cost_usd")]
+    group = ", ".join(str(i) for i in range(1, len(exprs) + 2))
+    return (
+        f"SELECT {', '.join(cols)} FROM {seg} "  # noqa: S608 (whitelisted names, bound values)
+        "JOIN usage_rollups AS r ON r.granularity = seg.g "
+        "AND r.bucket_start >= seg.a AND r.bucket_start < seg.b "
+        f"WHERE {_where(sql, 'r', q.filters, True)} GROUP BY {group} {order}"
+    )
+
+
+async def _rows(
+    engine: AsyncEngine, time_limit: float, stmt: str, params: dict[str, Any]
+) -> list[Any]:
+    async with bounded(engine, time_limit) as conn:
+        return list((await conn.execute(text(stmt), params)).all())
+
+
+def _stats(row: Sequence[Any], n_key: int, pg: bool, ps: list[Period]) -> GroupStats:
+    i = 1 + n_key
+    counts = {c: int(row[i + j] or 0) for j, c in enumerate(COUNTS)}
+    i += len(COUNTS)
+    tokens = {c: int(row[i + j] or 0) for j, c in enumerate(TOKENS)}
+    i += len(TOKENS)
+    dsum, dcount, tsum, tcount = row[i : i + 4]
+    return GroupStats(
+        key=tuple(str(v) for v in row[1 : 1 + n_key]),
+        period=ps[int(row[0])].label,
+        counts=counts,
+        tokens=tokens,
+        cost_usd=cost_from_sum(row[i + 4], pg),
+        duration_ms_sum=float(dsum or 0),
+        duration_count=int(dcount or 0),
+        ttft_ms_sum=float(tsum or 0),
+        ttft_count=int(tcount or 0),
+    )
+
+
+async def _top_keys(
+    engine: AsyncEngine, q: StatsQuery, ps: list[Period], time_limit: float
+) -> list[tuple[str, ...]]:
+    sql = Sql(engine.dialect.name)
+    whole = [Period(None, ps[0].start, ps[-1].end)]
+    exprs = _group_exprs(sql, q, "r", None, True) or []
+    # rank by cost, then requests, then the key itself (a stable cut on ties)
+    n = len(exprs)
+    cost_col, req_col = n + 2 + len(COUNTS) + len(TOKENS) + len(_FLOATS), n + 2
+    keys = ", ".join(str(i) for i in range(2, n + 2))
+    order = f"ORDER BY {cost_col} DESC, {req_col} DESC, {keys} LIMIT {int(q.top or 0)}"
+    rows = await _rows(engine, time_limit, _rollup_sql(sql, q, whole, exprs, order), sql.params)
+    return [tuple(str(v) for v in r[1 : 1 + n]) for r in rows]
+
+
+async def _percentiles(
+    engine: AsyncEngine,
+    q: StatsQuery,
+    ps: list[Period],
+    top_keys: Sequence[tuple[str, ...]] | None,
+    grouped: bool,
+    time_limit: float,
+) -> dict[tuple[int, tuple[str, ...]], tuple[dict[int, float], dict[int, float]]]:
+    """Linear-interpolation percentiles (Postgres percentile_cont) of duration and TTFT per
+    (period, group) over the audit rows, from row numbers (SQLite has no percentile_cont)."""
+    tags = "tags" in usage_details.c
+    out: dict[tuple[int, tuple[str, ...]], tuple[dict[int, float], dict[int, float]]] = {}
+    for which, column in enumerate(("duration_ms", "ttft_ms")):
+        sql = Sql(engine.dialect.name)
+        exprs = _group_exprs(sql, q, "d", top_keys, tags) if grouped else []
+        if exprs is None:
+            return {}
+        per = sql.json_rows(
+            "per",
+            [{"pi": i, "a": p.start, "b": p.end} for i, p in enumerate(ps)],
+            {"pi": "int", "a": "ts", "b": "ts"},
+        )
+        part = ", ".join(["per.pi", *exprs])
+        keys = "".join(f", {e} AS k{i}" for i, e in enumerate(exprs))
+        ranks = " OR ".join(
+            f"rn - 1 IN ((n - 1) * {pc} / 100, (n - 1) * {pc} / 100 + 1)" for pc in PERCENTS
+        )
+        stmt = (
+            f"SELECT period, {', '.join(['n', 'rn', 'v', *(f'k{i}' for i in range(len(exprs)))])} "  # noqa: S608
+            f"FROM (SELECT per.pi AS period{keys}, d.{column} AS v, "
+            f"row_number() OVER (PARTITION BY {part} ORDER BY d.{column}) AS rn, "
+            f"count(*) OVER (PARTITION BY {part}) AS n "
+            f"FROM {per} JOIN usage_details AS d ON d.completed_at >= per.a "
+            "AND d.completed_at < per.b "
+            f"WHERE d.{column} IS NOT NULL AND {_where(sql, 'd', q.filters, tags)}) AS ranked "
+            f"WHERE {ranks}"
+        )
+        picked: dict[tuple[int, tuple[str, ...]], tuple[int, dict[int, float]]] = {}
+        for row in await _rows(engine, time_limit, stmt, sql.params):
+            key = (int(row[0]), tuple(str(v) for v in row[4:]))
+            picked.setdefault(key, (int(row[1]), {}))[1][int(row[2]) - 1] = float(row[3])
+        for key, (n, values) in picked.items():
+            result = out.setdefault(key, ({}, {}))[which]
+            for pc in PERCENTS:
+                lo, frac = divmod((n - 1) * pc, 100)
+                value = values[lo]
+                if frac:
+                    value += (values[lo + 1] - value) * frac / 100
+                result[pc] = value
+    return out
+
+
+async def run_stats(engine: AsyncEngine, q: StatsQuery, time_limit: float = 10.0) -> StatsResult:
+    """Answer one stats question: per group (and period) sums, totals per period."""
+    ps = periods(q.since, q.until, q.period, q.tz)
+    grans = tuple(sorted({s.granularity for s in segments(ps)}))
+    if not ps:
+        return StatsResult([], [], grans, ps)
+    top_keys = await _top_keys(engine, q, ps, time_limit) if q.top and q.group_by else None
+    sql = Sql(engine.dialect.name)
+    exprs = _group_exprs(sql, q, "r", top_keys, True) or []
+    rows = await _rows(engine, time_limit, _rollup_sql(sql, q, ps, exprs, ""), sql.params)
+    groups = [_stats(r, len(exprs), sql.pg, ps) for r in rows]
+    sql = Sql(engine.dialect.name)
+    rows = await _rows(engine, time_limit, _rollup_sql(sql, q, ps, [], ""), sql.params)
+    totals = [_stats(r, 0, sql.pg, ps) for r in rows]
+    if q.percentiles:
+        index = {p.label: i for i, p in enumerate(ps)}
+        for grouped, targets in ((True, groups), (False, totals)):
+            if grouped and not q.group_by:
+                targets = [*groups, *totals]  # the same groups: one query answers both
+            elif not grouped and not q.group_by:
+                continue
+            pct = await _percentiles(engine, q, ps, top_keys, grouped, time_limit)
+            for g in targets:
+                d, t = pct.get((index[g.period], g.key), ({}, {}))
+                g.duration_pct, g.ttft_pct = d, t
+    rank = {k: i for i, k in enumerate(top_keys or ())}
+    groups.sort(
+        key=lambda g: (
+            g.period.timestamp() if g.period else 0,
+            g.key[0] == OTHER if g.key else False,
+            rank.get(g.key, 0),
+            -g.cost_usd,
+            -g.counts["requests"],
+            g.key,
+        )
+    )
+    totals.sort(key=lambda g: g.period.timestamp() if g.period else 0)
+    return StatsResult(groups, totals, grans, ps)
