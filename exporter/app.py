@@ -15,6 +15,10 @@ from aiohttp import web
 
 from exporter import __version__
 from exporter.api.budgets import BudgetHandlers
+from exporter.api.openapi import openapi_document
+from exporter.api.requests import RequestsHandler
+from exporter.api.stats import StatsHandler
+from exporter.api.traces import TraceHandler
 from exporter.auth import Authenticator
 from exporter.budgets import BudgetTracker
 from exporter.config import BudgetSpec, Scope, Settings
@@ -121,6 +125,10 @@ _LANDING = """<!doctype html>
 <li>POST /v2/usage/gateway-metrics GPUStack gateway metrics</li>
 <li>POST /v1/traces OTLP/HTTP spans with GenAI usage (protobuf or JSON)</li>
 <li><a href="/v1/budgets">/v1/budgets</a> budgets</li>
+<li><a href="/v1/stats">/v1/stats</a> usage per group and period;
+<a href="/v1/requests">/v1/requests</a> stored requests;
+/v1/traces/{{trace_id}}/usage per-trace tree</li>
+<li><a href="/openapi.json">/openapi.json</a> OpenAPI 3.1 of every route</li>
 </ul></body></html>
 """
 
@@ -281,4 +289,28 @@ def create_app(settings: Settings) -> web.Application:
     budget_api = BudgetHandlers(budgets)
     app.router.add_get("/v1/budgets", budget_api.list)
     app.router.add_get("/v1/budgets/check", budget_api.check)
+    _add_read_api(app, settings, store)
     return app
+
+
+def _add_read_api(app: web.Application, settings: Settings, store: Store) -> None:
+    limit = settings.read_time_limit
+    stats = StatsHandler(
+        store.engine,
+        max_range_days=settings.read_max_range_days,
+        retention_days=settings.retention_days,
+        promoted_tags=getattr(settings, "promoted_tags", ()),
+        time_limit=limit,
+    )
+    requests = RequestsHandler(store.engine, limit)
+    traces = TraceHandler(store.engine, settings.trace_max_requests, limit)
+    spec = json_response(openapi_document()).body
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.Response(body=spec, content_type="application/json")
+
+    app.router.add_get("/v1/stats", stats.get)
+    app.router.add_get("/v1/requests", requests.list)
+    app.router.add_get("/v1/requests/{request_id}", requests.get)
+    app.router.add_get("/v1/traces/{trace_id}/usage", traces.usage)
+    app.router.add_get("/openapi.json", openapi)

@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     flush_max_backoff: float = Field(default=60.0, gt=0)
     retention_days: int = Field(default=400, ge=1)
 
+    # read API (docs/api.md)
+    read_max_range_days: int = Field(default=400, ge=1)
+    read_time_limit: float = Field(default=10.0, gt=0)  # seconds per read query
+    trace_max_requests: int = Field(default=10_000, ge=1)
+
     # pricing and budgets
     price_file: Path | None = None
     budgets: list[BudgetSpec] = Field(default_factory=list)

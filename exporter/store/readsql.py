@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from exporter.store.tables import COST_QUANTUM, COST_SCALE
@@ -23,7 +23,9 @@ from exporter.store.tables import COST_QUANTUM, COST_SCALE
 __all__ = [
     "DIMENSIONS",
     "TAG_KEY",
+    "ReadError",
     "ReadTimeout",
+    "ReadUnavailable",
     "Sql",
     "bounded",
     "cost_from_sum",
@@ -36,36 +38,71 @@ TAG_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _UNITS = 10**COST_SCALE
 
 
-class ReadTimeout(Exception):
+class ReadError(Exception):
+    """A read that could not be answered now (HTTP 503); bugs are not ReadErrors."""
+
+
+class ReadTimeout(ReadError):
     """A read query ran past its time bound."""
+
+
+class ReadUnavailable(ReadError):
+    """The database is unreachable or its schema is not migrated yet."""
+
+
+#: Postgres SQLSTATEs that mean "not now": undefined table (not migrated), shutdown, no
+#: connection, too many connections.
+_UNAVAILABLE_STATES = ("42P01", "57P01", "57P02", "57P03", "53300")
+_UNAVAILABLE_CLASSES = ("08",)
+
+
+def _classify(exc: BaseException, seconds: float) -> ReadError | None:
+    text = str(exc).lower()
+    if "statement timeout" in text or "interrupted" in text:
+        return ReadTimeout(f"query ran longer than {seconds:g}s")
+    if isinstance(exc, OSError):
+        return ReadUnavailable("database unreachable")
+    if isinstance(exc, DBAPIError):
+        orig = exc.orig
+        state = str(getattr(orig, "sqlstate", "") or "")
+        if (
+            exc.connection_invalidated
+            or isinstance(orig, OSError)
+            or state in _UNAVAILABLE_STATES
+            or state[:2] in _UNAVAILABLE_CLASSES
+            or "no such table" in text
+            or "database is locked" in text
+        ):
+            return ReadUnavailable("database unavailable or not migrated yet")
+    return None
 
 
 @contextlib.asynccontextmanager
 async def bounded(engine: AsyncEngine, seconds: float) -> AsyncIterator[AsyncConnection]:
-    """A read-only connection whose statements are cancelled after `seconds`."""
-    async with engine.connect() as conn:
-        try:
+    """A read-only connection whose statements are cancelled after `seconds`; database
+    errors that mean "not now" come out as ReadError."""
+    timer: asyncio.TimerHandle | None = None
+    try:
+        async with engine.connect() as conn:
             if engine.dialect.name == "postgresql":
-                await conn.exec_driver_sql(
-                    f"SET LOCAL statement_timeout = {max(1, int(seconds * 1000))}"
-                )
-                yield conn
+                ms = max(1, int(seconds * 1000))
+                await conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
             else:
                 raw = await conn.get_raw_connection()
                 driver: Any = raw.driver_connection
                 loop = asyncio.get_running_loop()
                 timer = loop.call_later(seconds, lambda: loop.create_task(driver.interrupt()))
-                try:
-                    yield conn
-                finally:
+            try:
+                yield conn
+            finally:
+                if timer is not None:
                     timer.cancel()
-        except (OperationalError, DBAPIError) as exc:
-            text = str(exc).lower()
-            if "statement timeout" in text or "interrupted" in text:
-                raise ReadTimeout(f"query ran longer than {seconds:g}s") from None
+                await conn.rollback()
+    except (DBAPIError, OSError) as exc:
+        mapped = _classify(exc, seconds)
+        if mapped is None:
             raise
-        finally:
-            await conn.rollback()
+        raise mapped from None
 
 
 class Sql:

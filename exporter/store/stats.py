@@ -21,11 +21,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.store.calendar import Period, PeriodUnit, periods, segments
 from exporter.store.readsql import DIMENSIONS, Sql, bounded, cost_from_sum
-from exporter.store.tables import usage_details, usage_rollups
+from exporter.store.tables import COST_QUANTUM, usage_details, usage_rollups
 
 __all__ = ["OTHER", "GroupStats", "StatsQuery", "StatsResult", "run_stats"]
 
 OTHER = "__other__"
+ZERO_COST = Decimal(0).quantize(COST_QUANTUM)
 #: Outcome counts summed from the rollups (pricing's `unpriced` when its migration is in).
 COUNTS = tuple(
     c for c in ("requests", "errors", "cancelled", "estimated", "unpriced") if c in usage_rollups.c
