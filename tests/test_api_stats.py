@@ -196,6 +196,7 @@ async def test_bad_parameters_get_400_saying_what_is_allowed(make_client: MakeCl
 
 async def test_stats_need_the_read_scope(make_client: MakeClient) -> None:
     c = await make_client(with_tokens=True)
+    await wait_ready(c)
     assert (await c.get("/v1/stats")).status == 401
     assert (await c.get("/v1/stats", headers=bearer(INGEST_TOKEN))).status == 403
     for token in (READ_TOKEN, ADMIN_TOKEN):
