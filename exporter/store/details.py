@@ -22,7 +22,9 @@ from exporter.store.tables import usage_details
 __all__ = ["DETAIL_FIELDS", "Page", "request_by_id", "request_page", "trace_rows"]
 
 #: What a request row shows: every audit column but the internal insert time.
-DETAIL_FIELDS: tuple[str, ...] = tuple(c.name for c in usage_details.c if c.name != "inserted_at")
+DETAIL_FIELDS: tuple[str, ...] = tuple(
+    str(c.name) for c in usage_details.c if c.name != "inserted_at"
+)
 #: Columns /v1/requests may filter on by equality (besides the from/to range).
 FILTER_COLUMNS = ("model", "provider", "operation", "user", "team", "api_key_id", "node",
                   "trace_id", "status", "error_type", "source")  # fmt: skip
