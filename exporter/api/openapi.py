@@ -35,6 +35,14 @@ class IngestResult(BaseModel):
     errors: list[dict[str, Any]] = Field(description="index and reason of each invalid item")
 
 
+class OtlpStatus(BaseModel):
+    """OTLP/HTTP's error body (google.rpc.Status), JSON or protobuf like the request."""
+
+    model_config = ConfigDict(extra="allow")
+    code: int
+    message: str
+
+
 class Health(BaseModel):
     model_config = ConfigDict(extra="allow")
     status: str
@@ -63,6 +71,11 @@ class Operation:
     body: dict[str, Any] | None = None
     csv: bool = False
     errors: tuple[int, ...] = field(default=(400,))
+    #: codes whose body is not the {"error": …} object (ingest answers 422 with its result)
+    error_models: tuple[tuple[int, type[BaseModel]], ...] = ()
+    #: media types of the answers when not JSON only (OTLP answers in the request's encoding)
+    media: tuple[str, ...] = ()
+    ok: int = 200
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -116,7 +129,9 @@ OPERATIONS: tuple[Operation, ...] = (
         "ingest",
         IngestResult,
         body=_USAGE_BODY,
-        errors=(400, 413, 415, 422, 503),
+        errors=(400, 413, 415, 503),
+        error_models=((422, IngestResult),),
+        ok=202,
     ),
     Operation(
         "POST",
@@ -125,7 +140,9 @@ OPERATIONS: tuple[Operation, ...] = (
         "ingest",
         IngestResult,
         body=_GATEWAY_BODY,
-        errors=(400, 413, 415, 422, 503),
+        errors=(400, 413, 415, 503),
+        error_models=((422, IngestResult),),
+        ok=202,
     ),
     Operation(
         "POST",
@@ -134,7 +151,9 @@ OPERATIONS: tuple[Operation, ...] = (
         "ingest",
         "application/json",
         body=_OTLP_BODY,
-        errors=(400, 413, 415, 503),
+        errors=(),
+        error_models=tuple((code, OtlpStatus) for code in (400, 413, 415, 503)),
+        media=("application/json", "application/x-protobuf"),
     ),
     Operation(
         "GET",
@@ -187,6 +206,7 @@ OPERATIONS: tuple[Operation, ...] = (
 
 _MODELS: tuple[type[BaseModel], ...] = (
     Error,
+    OtlpStatus,
     UsageReport,
     IngestResult,
     Health,
@@ -229,17 +249,22 @@ def _operation_id(op: Operation) -> str:
 
 def _operation(op: Operation) -> dict[str, Any]:
     if isinstance(op.response, str):
-        content: dict[str, Any] = {op.response: {"schema": {}}}
+        content: dict[str, Any] = {
+            m: {"schema": {}} for m in dict.fromkeys((op.response, *op.media))
+        }
     else:
         content = {"application/json": {"schema": _ref(op.response)}}
     if op.csv:
         content["text/csv"] = {"schema": {"type": "string"}}
-    responses: dict[str, Any] = {
-        "202" if op.body else "200": {"description": "OK", "content": content}
-    }
+    responses: dict[str, Any] = {str(op.ok): {"description": "OK", "content": content}}
     error = {"application/json": {"schema": _ref(Error)}}
     for code in op.errors:
         responses[str(code)] = {"description": "refused; the message says why", "content": error}
+    for code, model in op.error_models:
+        responses[str(code)] = {
+            "description": "refused; the reasons",
+            "content": {m: {"schema": _ref(model)} for m in op.media or ("application/json",)},
+        }
     if op.scope is not None:
         responses["401"] = {"description": "missing or invalid bearer token", "content": error}
         responses["403"] = {"description": f"token lacks the {op.scope!r} scope", "content": error}
