@@ -86,13 +86,16 @@ async def test_pages_return_every_row_once_while_reports_arrive(client: Any) -> 
     assert keys == sorted(keys, reverse=True)  # newest first, strictly by the key
 
 
+SHOWN = ("model", "provider", "operation", "user", "team", "api_key_id", "node", "trace_id",
+         "status", "input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens",
+         "duration_ms", "ttft_ms")  # fmt: skip
+
+
 async def test_one_request_is_the_stored_report(client: Any) -> None:
     await client.app[STORE].write(REPORTS[:50])
     for r in REPORTS[:50:7]:
         row = await get_json(client, f"/v1/requests/{r['request_id']}")
-        for field in ("model", "provider", "operation", "user", "team", "api_key_id", "node",
-                      "trace_id", "status", "input_tokens", "output_tokens",
-                      "cached_input_tokens", "reasoning_tokens", "duration_ms", "ttft_ms"):  # fmt: skip
+        for field in SHOWN:
             assert row[field] == r[field], field
         assert (Decimal(row["cost_usd"]) if row["cost_usd"] is not None else cost(r)) == cost(r)
         assert datetime.fromisoformat(row["completed_at"]) == done_at(r)
