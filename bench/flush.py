@@ -41,23 +41,16 @@ import orjson
 from common import fmt_int, machine_note, md_table, now_utc, replace_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import storequeries as queries
 from pgcluster import PgCluster, start_cluster
 
 from exporter.config import Settings
 from exporter.flusher import Flusher
 from exporter.selfmetrics import SelfMetrics
-from exporter.store import Store, queries
-from exporter.store.writer import (
-    DETAIL_COLUMNS,
-    PG_WRITE_SQL,
-    ROLLUP_COLUMNS,
-    ROLLUP_KEY,
-    ROLLUP_SUMS,
-    Batch,
-    Row,
-    StoreWriter,
-    aggregate,
-)
+from exporter.store import Store
+from exporter.store.rows import DETAIL_COLUMNS, ROLLUP_COLUMNS, Batch, aggregate
+from exporter.store.tables import ROLLUP_KEY, ROLLUP_SUMS
+from exporter.store.write_postgres import PG_WORK_MEM, PG_WRITE_SQL
 from exporter.usage import UsageReport
 from exporter.wal import WriteAheadLog
 
@@ -320,7 +313,7 @@ async def variant_flush(conn: Any, payloads: Sequence[bytes], batch: int, shape:
                     sql += " ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
                     flat = [v for row in chunk for v in row]
                     ids.update(r[0] for r in await conn.fetch(sql, *flat))
-            new: list[Row] = [r for r in rows if r[0] in ids]
+            new = [r for r in rows if r.request_id in ids]
             deltas = aggregate(new)
             inserted += len(new)
             if not deltas:
@@ -351,7 +344,7 @@ async def explain(url: str, payloads: Sequence[bytes], batch: int) -> list[tuple
     conn = await asyncpg.connect(_pg_dsn(url))
     try:
         async with conn.transaction():
-            await conn.execute(f"SET LOCAL work_mem = '{StoreWriter.PG_WORK_MEM}'")
+            await conn.execute(f"SET LOCAL work_mem = '{PG_WORK_MEM}'")
             plan = await conn.fetch("EXPLAIN (ANALYZE, FORMAT JSON) " + PG_WRITE_SQL, docs)
     finally:
         await conn.close()

@@ -31,11 +31,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import orjson
-from sqlalchemy.exc import DataError, IntegrityError
 
 from exporter.config import Settings
 from exporter.selfmetrics import SelfMetrics
-from exporter.store.db import redact_text
+from exporter.store.errors import ErrorKind, classify, describe_error
 from exporter.store.retention import purge_details, retention_cutoff
 from exporter.store.writer import StoreWriter
 from exporter.wal import Segment, WriteAheadLog
@@ -50,30 +49,9 @@ STOP_TIMEOUT_S = 30.0
 WRITE_TIMEOUT_S = 120.0
 
 
-def describe_error(exc: BaseException, limit: int = 500) -> str:
-    """Error class and message for logs: driver message only, no SQL/parameters/passwords."""
-    orig = getattr(exc, "orig", None)  # SQLAlchemy wraps driver errors with the SQL text
-    err = orig if isinstance(orig, BaseException) else exc
-    message = " ".join(str(err).split())
-    if len(message) > limit:
-        message = message[:limit] + "…"
-    module = type(err).__module__
-    name = type(err).__qualname__ if module == "builtins" else f"{module}.{type(err).__qualname__}"
-    return redact_text(f"{name}: {message}")
-
-
 def is_data_error(exc: BaseException) -> bool:
-    """True when the database refuses the data itself (retrying cannot help), as opposed to
-    being unreachable, overloaded or mid-restart: SQLSTATE classes 22 (data exception) and
-    23 (integrity), and the Python-side equivalents raised while preparing SQLite rows."""
-    orig = getattr(exc, "orig", None)
-    for err in (exc, orig, getattr(orig, "__cause__", None)):
-        state = getattr(err, "sqlstate", None) or getattr(err, "pgcode", None)
-        if isinstance(state, str) and state[:2] in ("22", "23"):
-            return True
-    if isinstance(exc, DataError | IntegrityError):
-        return True
-    return isinstance(exc, ValueError | TypeError | OverflowError | KeyError)
+    """True when the database refuses the data itself (store.errors.classify)."""
+    return classify(exc) is ErrorKind.REFUSED
 
 
 def _read_payloads(wal: WriteAheadLog, segments: Sequence[Segment]) -> list[bytes]:

@@ -14,9 +14,10 @@ from typing import Any
 
 import orjson
 import pytest
+import storequeries as queries
+from storequeries import Totals
 
-from exporter.store import Store, queries
-from exporter.store.queries import Totals
+from exporter.store import Store
 from exporter.usage import Operation, Status, UsageReport
 
 BASE = datetime(2026, 3, 1, 21, 0, tzinfo=UTC)  # a few hours before a day boundary

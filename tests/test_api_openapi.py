@@ -54,7 +54,7 @@ def test_every_route_is_described_and_every_described_route_exists(tmp_path: Pat
 async def test_a_stats_answer_validates_against_its_model(make_client: Any) -> None:
     c = await make_client()
     await wait_ready(c)
-    await c.app[STORE].write(make_reports(50))
+    await c.app[STORE].writer.write(make_reports(50))
     resp = await c.get("/v1/stats", params={"from": "2025-12-29", "to": "2026-02-03",
                                             "group_by": "team,model,week"})  # fmt: skip
     StatsResponse.model_validate(await resp.json())

@@ -43,7 +43,7 @@ async def get_json(c: Any, path: str, status: int = 200, **params: Any) -> Any:
 
 async def test_pages_return_every_row_once_while_reports_arrive(client: Any) -> None:
     store = client.app[STORE]
-    await store.write(REPORTS)
+    await store.writer.write(REPORTS)
     lo, hi = datetime(2025, 12, 31, tzinfo=UTC), datetime(2026, 2, 1, tzinfo=UTC)
     matching = {r["request_id"] for r in REPORTS if r["team"] == "red" and lo <= done_at(r) < hi}
     stop = asyncio.Event()
@@ -53,7 +53,7 @@ async def test_pages_return_every_row_once_while_reports_arrive(client: Any) -> 
         rnd, n = random.Random(5), 0
         while not stop.is_set() and n < 2000:
             batch = make_reports(20, seed=rnd.randrange(10**9), prefix=f"late{n}")
-            await store.write(batch)
+            await store.writer.write(batch)
             n += len(batch)
             await asyncio.sleep(0)
         return n
@@ -92,7 +92,7 @@ SHOWN = ("model", "provider", "operation", "user", "team", "api_key_id", "node",
 
 
 async def test_one_request_is_the_stored_report(client: Any) -> None:
-    await client.app[STORE].write(REPORTS[:50])
+    await client.app[STORE].writer.write(REPORTS[:50])
     for r in REPORTS[:50:7]:
         row = await get_json(client, f"/v1/requests/{r['request_id']}")
         for field in SHOWN:
@@ -193,7 +193,7 @@ def walk(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 async def test_trace_tree_of_a_pipeline_with_concurrent_branches(client: Any) -> None:
     reports = [step(*row, i) for i, row in enumerate(PIPELINE, 1)]
-    await client.app[STORE].write(reports)
+    await client.app[STORE].writer.write(reports)
     doc = await get_json(client, "/v1/traces/pipe-1/usage")
     want = expected_tree(reports)
     assert [n["request_id"] for n in doc["tree"]] == ["plan", "orphan"]
@@ -226,7 +226,7 @@ async def test_otlp_span_ids_link_parents_and_cycles_are_cut(client: Any) -> Non
     loop = [("x1", "x2"), ("x2", "x1")]  # hostile parent ids pointing at each other
     reports = [step(rid, parent, "svc", i, 1, i) | {"trace_id": "t9"}
                for i, (rid, parent) in enumerate(spans + loop, 1)]  # fmt: skip
-    await client.app[STORE].write(reports)
+    await client.app[STORE].writer.write(reports)
     doc = await get_json(client, "/v1/traces/t9/usage")
     nodes = walk(doc["tree"])
     assert sorted(n["request_id"] for n in nodes) == sorted(r["request_id"] for r in reports)

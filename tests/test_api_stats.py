@@ -37,7 +37,7 @@ async def client(request: pytest.FixtureRequest, make_client: MakeClient) -> Asy
     c = await make_client(**kw)
     store = c.app[STORE]
     await wait_ready(c)
-    result = await store.write(REPORTS)
+    result = await store.writer.write(REPORTS)
     assert result.inserted == len(REPORTS)
     yield c
 
@@ -152,7 +152,7 @@ async def test_csv_holds_the_same_figures_as_json(client: Any) -> None:
 async def test_percentiles_are_null_past_the_audit_retention(make_client: MakeClient) -> None:
     c = await make_client(retention_days=30)
     await wait_ready(c)
-    await c.app[STORE].write(REPORTS)
+    await c.app[STORE].writer.write(REPORTS)
     lo, hi = RANGES[2]
     doc = await stats(c, **{"from": lo, "to": hi, "group_by": "model"})
     assert doc["percentiles"] is False

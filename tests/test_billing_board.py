@@ -347,9 +347,9 @@ async def billing(pg_url: str) -> AsyncIterator[BillingDb]:
         assert await store.upgrade() == head_revision()
         batches = [REPORTS[i : i + BATCH] for i in range(0, len(REPORTS), BATCH)]
         for batch in batches:
-            result = await store.write(batch)
+            result = await store.writer.write(batch)
             assert (result.received, result.inserted) == (len(batch), len(batch))
-        retry = await store.write(batches[1])  # a flush replayed after a crash
+        retry = await store.writer.write(batches[1])  # a flush replayed after a crash
         assert (retry.inserted, retry.rollup_rows) == (0, 0)
         yield BillingDb(store)
     finally:

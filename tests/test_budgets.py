@@ -138,7 +138,7 @@ async def test_windows_roll_over_without_stale_values(tmp_path: Path) -> None:
         ).model_dump(mode="json")
         for i in range(3)
     ]
-    await store.write(reports)
+    await store.writer.write(reports)
     now = [late]
     specs = [
         BudgetSpec(name="day", user="alice", window="day", limit_usd=1),

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 import pytest
+import storequeries as queries
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from hypothesis import HealthCheck, given, settings
@@ -31,11 +32,12 @@ from storecheck import (
 )
 
 from exporter.config import Settings
-from exporter.flusher import Flusher, describe_error
+from exporter.flusher import Flusher
 from exporter.selfmetrics import SelfMetrics
-from exporter.store import Store, queries
+from exporter.store import Store
+from exporter.store.errors import describe_error
 from exporter.store.migrate import head_revision
-from exporter.store.retention import purge_details
+from exporter.store.retention import purge_details, retention_cutoff
 from exporter.store.tables import metadata, usage_details
 from exporter.usage import MAX_COST_USD, Status
 from exporter.wal import WriteAheadLog
@@ -83,7 +85,7 @@ async def test_migrations_on_an_empty_database(tmp_path: Path, pg_cluster: PgClu
             assert await s.current_revision() is None
             assert await s.upgrade() == head_revision()
             assert await s.upgrade() == head_revision()
-            assert (await s.write([report(1)])).inserted == 1
+            assert (await s.writer.write([report(1)])).inserted == 1
         finally:
             await s.close()
     pg_cluster.drop_database(db)
@@ -105,9 +107,9 @@ async def test_concurrent_migrations_on_postgres(pg_url: str) -> None:
 
 async def test_same_batch_twice_is_counted_once(store: Store) -> None:
     batch = [report(i) for i in range(40)]
-    first = await store.write(batch)
+    first = await store.writer.write(batch)
     assert (first.received, first.inserted) == (40, 40)
-    again = await store.write(batch)
+    again = await store.writer.write(batch)
     assert (again.received, again.inserted, again.rollup_rows) == (40, 0, 0)
     assert again.duplicates == 40
     await assert_stored_exactly(store, batch)
@@ -117,7 +119,7 @@ async def test_overlapping_batches(store: Store) -> None:
     a = [report(i) for i in range(0, 30)]
     b = [report(i) for i in range(20, 50)]
     c = [report(i) for i in range(45, 60)] + [report(i) for i in range(0, 5)]
-    results = [await store.write(x) for x in (a, b, c)]
+    results = [await store.writer.write(x) for x in (a, b, c)]
     assert [r.inserted for r in results] == [30, 20, 10]
     await assert_stored_exactly(store, a + b + c)
 
@@ -126,11 +128,11 @@ async def test_duplicates_inside_one_batch_first_occurrence_wins(store: Store) -
     first = report(7, input_tokens=1000)
     changed = report(7, input_tokens=8, cost_usd=99.0)  # a retry whose body changed
     batch = [report(1), first, report(2), changed, report(1)]
-    result = await store.write(batch)
+    result = await store.writer.write(batch)
     assert (result.received, result.inserted) == (5, 3)
     await assert_stored_exactly(store, batch)
     # and a later batch cannot change it either
-    await store.write([changed])
+    await store.writer.write([changed])
     await assert_stored_exactly(store, batch)
 
 
@@ -140,7 +142,7 @@ async def test_rollups_by_hour_and_day_sum_to_the_details(store: Store) -> None:
     batch = [report(i) for i in range(200)]
     batch.append(report(500, completed_at="2026-03-02T01:30:00+05:00"))  # = 2026-03-01 20:30Z
     for i in range(0, len(batch), 37):
-        await store.write(batch[i : i + 37])
+        await store.writer.write(batch[i : i + 37])
     await assert_stored_exactly(store, batch)
     hours = {k[1] for k in await queries.rollup_rows(store.engine, "hour")}
     days = {k[1] for k in await queries.rollup_rows(store.engine, "day")}
@@ -153,7 +155,7 @@ async def test_costs_are_exact_decimals(store: Store) -> None:
              999999.0, 0.0001234, 7.77e-7, 0.0]  # fmt: skip
     batch = [report(i, cost_usd=c, completed_at=BASE) for i, c in enumerate(costs)]
     batch.append(report(99, cost_usd=None, completed_at=BASE))  # unpriced: NULL, counts as 0
-    await store.write(batch)
+    await store.writer.write(batch)
     want = sum((exact_cost(c) for c in costs), Decimal(0))
     assert want == Decimal("1123455.7235809663")  # 0.1 + 0.2 is 0.3 here, not 0.30000…4
     assert (await queries.detail_totals(store.engine)).cost_usd == want
@@ -168,7 +170,7 @@ async def test_costs_are_exact_decimals(store: Store) -> None:
     assert rows["req-99"] is None
     # additive upserts of many small costs stay exact (float addition would drift)
     more = [report(1000 + i, cost_usd=0.1, completed_at=BASE) for i in range(1000)]
-    await store.write(more)
+    await store.writer.write(more)
     assert (await queries.rollup_totals(store.engine, "day")).cost_usd == want + Decimal(100)
 
 
@@ -179,7 +181,7 @@ async def test_odd_values_are_stored_not_rejected(store: Store) -> None:
     bare = report(2)
     bare["completed_at"] = None
     del bare["total_tokens"]
-    result = await store.write([nul, bare, report(3)])
+    result = await store.writer.write([nul, bare, report(3)])
     assert result.inserted == 3
     async with store.engine.connect() as conn:
         rows = {r.request_id: r for r in (await conn.execute(select(usage_details))).all()}
@@ -196,7 +198,7 @@ async def test_odd_values_are_stored_not_rejected(store: Store) -> None:
 
 async def test_spend_over_aligned_windows_is_exact(store: Store) -> None:
     batch = [report(i, completed_at=BASE + timedelta(hours=5 * i)) for i in range(120)]
-    await store.write(batch)
+    await store.writer.write(batch)
 
     def want(since: datetime, until: datetime, **match: str) -> Decimal:
         total = Decimal(0)
@@ -233,15 +235,15 @@ async def test_retention_deletes_old_details_and_keeps_rollups(store: Store) -> 
     now = datetime.now(UTC)
     old = [report(i, completed_at=now - timedelta(days=500 + i)) for i in range(23)]
     new = [report(100 + i, completed_at=now - timedelta(days=i)) for i in range(7)]
-    await store.write(old + new)
+    await store.writer.write(old + new)
     rollups_before = await queries.rollup_rows(store.engine)
     deleted = await purge_details(store.engine, now - timedelta(days=400), batch_size=5)
     assert deleted == 23
     assert sorted(await queries.request_ids(store.engine)) == sorted(r["request_id"] for r in new)
     assert await queries.rollup_rows(store.engine) == rollups_before
-    assert await store.purge_details(400) == 0
+    assert await purge_details(store.engine, retention_cutoff(400)) == 0
     # documented consequence: the dedupe window is the retention
-    assert (await store.write(old[:1])).inserted == 1
+    assert (await store.writer.write(old[:1])).inserted == 1
 
 
 # -- property: any sequence of batches with repeats -------------------------------------------
@@ -296,7 +298,7 @@ async def test_any_batches_with_repeats_store_the_distinct_set(
     sent = [[_from_spec(spec) for spec in batch] for batch in batches]
     sent += [sent[i % len(sent)] for i in repeat]  # whole-batch retries
     for batch in sent:
-        await store.write(batch)
+        await store.writer.write(batch)
     await assert_stored_exactly(store, [r for batch in sent for r in batch])
 
 
@@ -317,7 +319,7 @@ async def test_concurrent_writers_overlapping_batches_are_exact(pg_url: str) -> 
             while order:
                 n = rnd.randint(50, 400)
                 chunk, order = order[:n], order[n:]
-                await s.write(chunk)
+                await s.writer.write(chunk)
 
         await asyncio.gather(*(replica(s, i) for i, s in enumerate(replicas)))
         await assert_stored_exactly(replicas[0], reports)
@@ -389,7 +391,7 @@ async def test_flusher_replays_a_wal_left_by_a_dead_process(store: Store, tmp_pa
     for i in range(0, 120, 40):
         await _append(wal, sent[i : i + 40])
     # half of it had been committed just before the "crash", the segment not yet dropped
-    await store.write(sent[:60])
+    await store.writer.write(sent[:60])
     await wal.close()
     wal = await _open_wal(tmp_path / "wal")
     assert wal.pending_reports == 120

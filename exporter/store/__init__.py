@@ -6,15 +6,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from exporter.store import migrate, queries, retention
+from exporter.store import migrate, queries
 from exporter.store.db import backend_name, create_engine, ping, redact_url
 from exporter.store.writer import StoreWriter, WriteResult
 
@@ -22,7 +20,7 @@ __all__ = ["Store", "StoreWriter", "WriteResult", "create_engine", "redact_url"]
 
 
 class Store:
-    """One database: engine, writer, migrations, health, spend and retention."""
+    """One database: engine, writer, migrations, health and spend."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -48,9 +46,6 @@ class Store:
         """True if the database answers within `within` seconds (for /readyz)."""
         return await ping(self.engine, within)
 
-    async def write(self, reports: Iterable[Mapping[str, Any]]) -> WriteResult:
-        return await self.writer.write(reports)
-
     async def spend(
         self,
         since: datetime,
@@ -61,11 +56,6 @@ class Store:
         model: str | None = None,
     ) -> Decimal:
         return await queries.spend(self.engine, since, until, user, team, api_key_id, model)
-
-    async def purge_details(self, retention_days: int) -> int:
-        return await retention.purge_details(
-            self.engine, retention.retention_cutoff(retention_days)
-        )
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
+
+from exporter.store.errors import redact_text as redact_text  # re-exported (app, migrate)
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +45,12 @@ def backend_name(url: str | URL) -> str:
     )
 
 
-_PASSWORD_IN_URL = re.compile(r"(?P<pre>[a-zA-Z][\w+.-]*://[^:/@\s]*:)[^@\s]*@")
-
-
 def redact_url(url: str | URL) -> str:
     """The URL without its password, for logs and errors."""
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # an unparsable URL: fall back to a regex
         return redact_text(str(url))
-
-
-def redact_text(message: str) -> str:
-    """Hide anything that looks like a password inside a URL in free text."""
-    return _PASSWORD_IN_URL.sub(r"\g<pre>***@", message)
 
 
 def _dec_add(a: Any, b: Any) -> str | None:

@@ -1,4 +1,4 @@
-"""Read helpers over the stored usage: totals (tests, API) and spend (budgets).
+"""Read helpers over the stored usage: spend (budgets).
 
 Costs are summed exactly: by Postgres NUMERIC, and in Python Decimal on SQLite, whose own
 SUM() over the exact cost text would go through binary floats.
@@ -6,8 +6,6 @@ SUM() over the exact cost text would go through binary floats.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
@@ -17,41 +15,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.store.tables import (
     COST_QUANTUM,
-    ROLLUP_KEY,
-    ROLLUP_SUMS,
     to_decimal,
-    usage_details,
     usage_rollups,
 )
 
 Granularity = Literal["hour", "day"]
 _ZERO = Decimal(0).quantize(COST_QUANTUM)
-_TOKENS = ("input_tokens", "output_tokens", "cached_input_tokens",
-           "cache_creation_input_tokens", "reasoning_tokens")  # fmt: skip
-
-
-@dataclass(frozen=True, slots=True)
-class Totals:
-    """Sums over a set of requests; the same shape for details and rollups."""
-
-    requests: int = 0
-    errors: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cached_input_tokens: int = 0
-    cache_creation_input_tokens: int = 0
-    reasoning_tokens: int = 0
-    cost_usd: Decimal = _ZERO
-    duration_ms_sum: float = 0.0
-
-    def exact(self) -> tuple[Any, ...]:
-        """Every field but the float duration sum, for exact comparisons."""
-        return tuple(getattr(self, f.name) for f in fields(self) if f.name != "duration_ms_sum")
-
-
-def _totals(counts: Sequence[Any], cost: Decimal, duration: Any) -> Totals:
-    c = [int(v) for v in counts]
-    return Totals(c[0], c[1], c[2], c[3], c[4], c[5], c[6], cost, float(duration))
 
 
 def _utc(dt: datetime) -> datetime:
@@ -75,71 +44,6 @@ async def _sum_cost(engine: AsyncEngine, stmt: Select[Any]) -> Decimal:
 def _cost_select(table: Table, where: ColumnElement[bool], is_pg: bool) -> Select[Any]:
     col = table.c.cost_usd
     return select(func.sum(col) if is_pg else col).where(where)
-
-
-async def detail_totals(
-    engine: AsyncEngine, since: datetime | None = None, until: datetime | None = None
-) -> Totals:
-    """Totals over the audit rows, optionally for completed_at in [since, until)."""
-    t = usage_details
-    conds: list[ColumnElement[bool]] = []
-    if since is not None:
-        conds.append(t.c.completed_at >= _utc(since))
-    if until is not None:
-        conds.append(t.c.completed_at < _utc(until))
-    where = and_(True, *conds)
-    stmt = select(
-        func.count(),
-        func.count().filter(t.c.status != "success"),
-        *(func.coalesce(func.sum(t.c[c]), 0) for c in _TOKENS),
-        func.coalesce(func.sum(t.c.duration_ms), 0.0),
-    ).where(where)
-    async with engine.connect() as conn:
-        row = (await conn.execute(stmt)).one()
-    cost = await _sum_cost(engine, _cost_select(t, where, engine.dialect.name == "postgresql"))
-    return _totals(row[:7], cost, row[7])
-
-
-async def rollup_totals(
-    engine: AsyncEngine,
-    granularity: Granularity,
-    since: datetime | None = None,
-    until: datetime | None = None,
-) -> Totals:
-    """Totals over the rollups of one granularity, for bucket_start in [since, until)."""
-    t = usage_rollups
-    conds: list[ColumnElement[bool]] = [t.c.granularity == granularity]
-    if since is not None:
-        conds.append(t.c.bucket_start >= _utc(since))
-    if until is not None:
-        conds.append(t.c.bucket_start < _utc(until))
-    where = and_(*conds)
-    sums = ROLLUP_SUMS[: ROLLUP_SUMS.index("cost_usd")]  # the seven counts
-    stmt = select(
-        *(func.coalesce(func.sum(t.c[c]), 0) for c in sums),
-        func.coalesce(func.sum(t.c.duration_ms_sum), 0.0),
-    ).where(where)
-    async with engine.connect() as conn:
-        row = (await conn.execute(stmt)).one()
-    cost = await _sum_cost(engine, _cost_select(t, where, engine.dialect.name == "postgresql"))
-    return _totals(row[:7], cost, row[7])
-
-
-RollupKey = tuple[str, datetime, str, str, str, str, str, str]
-
-
-async def rollup_rows(
-    engine: AsyncEngine, granularity: Granularity | None = None
-) -> dict[RollupKey, Totals]:
-    """Every rollup row by its key (for tests and exports; not for large tables)."""
-    t = usage_rollups
-    stmt = select(*(t.c[c] for c in ROLLUP_KEY), *(t.c[c] for c in ROLLUP_SUMS))
-    if granularity is not None:
-        stmt = stmt.where(t.c.granularity == granularity)
-    n = len(ROLLUP_KEY)
-    async with engine.connect() as conn:
-        rows = (await conn.execute(stmt)).all()
-    return {tuple(r[:n]): _totals(r[n : n + 7], r[n + 7], r[n + 8]) for r in rows}
 
 
 def _day_floor(dt: datetime) -> datetime:
@@ -199,9 +103,3 @@ async def spend(
         )
         total += await _sum_cost(engine, _cost_select(t, where, is_pg))
     return total
-
-
-async def request_ids(engine: AsyncEngine) -> Sequence[str]:
-    """All stored request ids (tests)."""
-    async with engine.connect() as conn:
-        return list((await conn.execute(select(usage_details.c.request_id))).scalars())

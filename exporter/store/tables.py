@@ -164,11 +164,6 @@ usage_details = Table(
 #: configured keys, so the key stays one fixed-width tuple whatever tags are promoted.
 ROLLUP_KEY = ("granularity", "bucket_start", "model", "provider", "operation", "user", "team",
               "api_key_id", "node", "dims")  # fmt: skip
-#: Averages divide a sum by the count of reports that carried the value (not by requests).
-ROLLUP_SUMS = ("requests", "errors", "input_tokens", "output_tokens", "cached_input_tokens",
-               "cache_creation_input_tokens", "reasoning_tokens", "cost_usd",
-               "duration_ms_sum", "duration_count", "ttft_ms_sum", "ttft_count", "cancelled",
-               "estimated")  # fmt: skip
 
 usage_rollups = Table(
     "usage_rollups",
@@ -201,4 +196,10 @@ usage_rollups = Table(
     Index(None, "granularity", "user", "bucket_start"),
     Index(None, "granularity", "team", "bucket_start"),
     Index(None, "granularity", "api_key_id", "bucket_start"),
+)
+
+#: The additive columns: every rollup column outside the key (each has a rule in rows.py).
+#: Averages divide a sum by the count of reports that carried the value (not by requests).
+ROLLUP_SUMS: tuple[str, ...] = tuple(
+    c.name for c in usage_rollups.columns if c.name not in ROLLUP_KEY
 )

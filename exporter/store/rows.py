@@ -1,0 +1,397 @@
+"""The report's columns, detail rows and rollup deltas, all by name and from one source.
+
+`DETAIL_COLUMNS` is `usage_details`' columns minus the server-managed ones; `UsageReport`'s
+fields must be the same set (tests/test_store_fields.py checks it). Each column's *kind* comes
+from its SQL type, and the kind decides how an absent value defaults and how a value is
+checked, so adding a field is one column in `tables.py` (plus a migration) and one field on
+`UsageReport`. The Postgres statement (`write_postgres`) and the SQLite path (`write_sqlite`)
+both read the defaults from here.
+
+Rollup sums are `ROLLUP_SPECS`, one entry per sum column of `usage_rollups`: the Postgres
+aggregate and the per-row contribution Python adds for SQLite.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import namedtuple
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from enum import Enum
+from operator import attrgetter
+from typing import Any
+
+import orjson
+from sqlalchemy import JSON, BigInteger, Boolean, Column, Double, Integer, Text
+
+from exporter.store.errors import RowRefused
+from exporter.store.tables import (
+    COST_QUANTUM,
+    ROLLUP_KEY,
+    ROLLUP_SUMS,
+    Money,
+    UTCDateTime,
+    usage_details,
+)
+
+__all__ = [
+    "DERIVED_KEY",
+    "DETAIL_COLUMNS",
+    "DIMENSIONS",
+    "ROLLUP_COLUMNS",
+    "ROLLUP_SPECS",
+    "Batch",
+    "DetailRow",
+    "Kind",
+    "RollupRow",
+    "RollupSum",
+    "aggregate",
+    "clean_text",
+    "kind_of",
+    "normalize",
+]
+
+log = logging.getLogger(__name__)
+
+#: Columns the database fills itself; never part of a report.
+SERVER_COLUMNS = frozenset({"inserted_at"})
+DETAIL_COLUMNS: tuple[str, ...] = tuple(
+    c.name for c in usage_details.columns if c.name not in SERVER_COLUMNS
+)
+ROLLUP_COLUMNS: tuple[str, ...] = ROLLUP_KEY + ROLLUP_SUMS
+#: Rollup key parts computed from a report rather than copied from a detail column: `dims`,
+#: the canonical JSON of the promoted tags ('{}' until reports carry tags): the Postgres
+#: expression and the Python value.
+DERIVED_KEY: Mapping[str, tuple[str, Callable[[Any], str]]] = {
+    "dims": ("'{}'::text", lambda _row: "{}"),
+}
+#: Rollup key parts that are detail columns of the same name (all but granularity, bucket).
+DIMENSIONS: tuple[str, ...] = tuple(c for c in ROLLUP_KEY[2:] if c not in DERIVED_KEY)
+#: Text columns whose absent or empty value is not ''.
+EMPTY_TEXT_DEFAULTS: Mapping[str, str] = {"operation": "other", "status": "success"}
+#: Largest integer both backends store (BIGINT / SQLite INTEGER).
+INT64_MAX = 2**63 - 1
+#: NUMERIC(20,10): at most 10 digits before the point.
+COST_LIMIT = Decimal(10) ** (20 - 10)
+
+# Detail rows and rollup rows are named tuples (fields from the tables), so every access is by
+# name; they stay plain tuples in column order for the SQL parameters.
+# (mypy cannot type fields known only at import: rows are `Any` to it.)
+_named: Any = namedtuple
+DetailRow: Any = _named("DetailRow", DETAIL_COLUMNS)
+RollupRow: Any = _named("RollupRow", ROLLUP_COLUMNS)
+_ZERO = Decimal(0).quantize(COST_QUANTUM)
+
+
+class Kind(Enum):
+    """How a detail column's values are checked and defaulted (from its SQL type)."""
+
+    TEXT = "text"
+    COUNT = "count"  # a NOT NULL integer defaulting to 0
+    INT = "int"  # a nullable integer
+    BOOL = "bool"
+    MONEY = "money"
+    TIME = "time"
+    FLOAT = "float"
+    JSON = "json"
+
+
+def kind_of(column: Column[Any]) -> Kind:
+    t = column.type
+    if isinstance(t, Money):
+        return Kind.MONEY
+    if isinstance(t, UTCDateTime):
+        return Kind.TIME
+    if isinstance(t, Boolean):
+        return Kind.BOOL
+    if isinstance(t, BigInteger | Integer):
+        return Kind.INT if column.nullable else Kind.COUNT
+    if isinstance(t, Double):
+        return Kind.FLOAT
+    if isinstance(t, Text):
+        return Kind.TEXT
+    if isinstance(t, JSON):
+        return Kind.JSON
+    raise TypeError(f"usage_details.{column.name}: no row rule for {t!r}")
+
+
+KINDS: Mapping[str, Kind] = {c: kind_of(usage_details.c[c]) for c in DETAIL_COLUMNS}
+
+
+def bool_default(name: str) -> bool:
+    """A boolean column's server default ('true'/'false'), False without one."""
+    default = usage_details.c[name].server_default
+    arg = getattr(default, "arg", None)
+    return str(getattr(arg, "text", arg)).strip().lower() == "true"
+
+
+# -- value rules (SQLite path; the Postgres statement applies the same defaults in SQL) -------
+
+
+def clean_text(value: str) -> str:
+    """Postgres text cannot hold NUL; both backends store U+FFFD instead."""
+    return value.replace("\x00", "\ufffd")
+
+
+def _text(name: str, value: Any) -> str:
+    if not value:
+        return EMPTY_TEXT_DEFAULTS.get(name, "")
+    if not isinstance(value, str):
+        value = str(value)
+    return clean_text(value) if "\x00" in value else value
+
+
+def _int(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RowRefused(name, f"not an integer: {type(value).__name__}")
+    if not -INT64_MAX - 1 <= value <= INT64_MAX:
+        raise RowRefused(name, "integer out of the 64-bit range")
+    return value
+
+
+def _float(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RowRefused(name, f"not a number: {type(value).__name__}")
+    return float(value)
+
+
+def _time(name: str, value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise RowRefused(name, "not an RFC 3339 timestamp") from None
+    if not isinstance(value, datetime):
+        raise RowRefused(name, f"not a timestamp: {type(value).__name__}")
+    if value.tzinfo is UTC:
+        return value
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def _money(name: str, value: Any) -> Decimal | None:
+    """Exact cost: a float through its shortest repr (0.1 → 0.1, not 0.1000…0555).
+
+    Half away from zero, as Postgres rounds into NUMERIC(20,10): both backends agree.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
+        raise RowRefused(name, f"not a number: {type(value).__name__}")
+    try:
+        dec = Decimal(repr(value) if isinstance(value, float) else str(value))
+        if not dec.is_finite() or abs(dec) >= COST_LIMIT:
+            raise RowRefused(name, "outside NUMERIC(20,10)")
+        return dec.quantize(COST_QUANTUM, rounding=ROUND_HALF_UP)
+    except InvalidOperation:
+        raise RowRefused(name, "not a decimal number") from None
+
+
+def _json(name: str, value: Any) -> Any:
+    if value is None or isinstance(value, dict | list):
+        return value
+    raise RowRefused(name, f"not a JSON object or array: {type(value).__name__}")
+
+
+_RULES: Mapping[Kind, Callable[[str, Any], Any]] = {
+    Kind.TEXT: _text,
+    Kind.COUNT: _int,
+    Kind.INT: _int,
+    Kind.BOOL: lambda _name, v: v if v is None else bool(v),
+    Kind.MONEY: _money,
+    Kind.TIME: _time,
+    Kind.FLOAT: _float,
+    Kind.JSON: _json,
+}
+_COLUMN_RULES = tuple((c, _RULES[KINDS[c]]) for c in DETAIL_COLUMNS)
+_BOOL_DEFAULTS = {c: bool_default(c) for c in DETAIL_COLUMNS if KINDS[c] is Kind.BOOL}
+_COUNTS = tuple(c for c in DETAIL_COLUMNS if KINDS[c] is Kind.COUNT and c != "total_tokens")
+
+
+def normalize(report: Mapping[str, Any], now: datetime) -> Any:
+    """One report dict (UsageReport fields) → a DetailRow; None without a request_id.
+
+    Absent values take the column's default (`completed_at` defaults to `now`; ingest
+    normally sets it to the receive time). A value no backend can store raises RowRefused.
+    """
+    if not isinstance(report, Mapping):
+        raise RowRefused("", f"a report is a JSON object, not {type(report).__name__}")
+    g = report.get
+    values = {name: rule(name, g(name)) for name, rule in _COLUMN_RULES}
+    if not values["request_id"]:
+        return None
+    for name in _COUNTS:
+        if values[name] is None:
+            values[name] = 0
+    if values["total_tokens"] is None:
+        values["total_tokens"] = values["input_tokens"] + values["output_tokens"]
+    for name, default in _BOOL_DEFAULTS.items():
+        if values[name] is None:
+            values[name] = default
+    if values["completed_at"] is None:
+        values["completed_at"] = now
+    return DetailRow(**values)
+
+
+class Batch:
+    """Detail rows of one SQLite flush, de-duplicated by request_id (first wins).
+
+    Fed record by record, so a flush holds one record's decoded JSON dicts at a time.
+    """
+
+    def __init__(self, now: datetime | None = None) -> None:
+        self.now = now or datetime.now(UTC)
+        self.received = 0
+        self._rows: dict[str, Any] = {}
+
+    def add(self, report: Mapping[str, Any]) -> None:
+        self.received += 1
+        rid = report.get("request_id") if isinstance(report, Mapping) else None
+        if isinstance(rid, str) and rid in self._rows:
+            return
+        row = normalize(report, self.now)
+        if row is None:
+            log.warning("skipping a report without request_id")
+            return
+        self._rows.setdefault(row.request_id, row)
+
+    def add_payload(self, payload: bytes) -> None:
+        """One WAL record: an orjson-encoded JSON array of report dicts."""
+        try:
+            reports = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise RowRefused("", "a WAL record that is not JSON") from None
+        if not isinstance(reports, list):
+            raise RowRefused("", "a WAL record that is not a JSON array")
+        for report in reports:
+            self.add(report)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def sorted_rows(self) -> list[Any]:
+        """DetailRows in request_id order (the lock order every replica uses)."""
+        return sorted(self._rows.values(), key=attrgetter("request_id"))
+
+
+# -- rollups -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RollupSum:
+    """One additive rollup column: how Postgres aggregates it over the newly inserted detail
+    rows, and what one detail row adds to it (SQLite path)."""
+
+    column: str
+    sql: str
+    reads: tuple[str, ...]
+    of: Callable[[Any], Any]
+    zero: Any = 0
+
+
+def _token_sum(name: str) -> RollupSum:
+    return RollupSum(name, f'sum("{name}")', (name,), attrgetter(name))
+
+
+ROLLUP_SPECS: Mapping[str, RollupSum] = {
+    s.column: s
+    for s in (
+        RollupSum("requests", "count(*)", (), lambda r: 1),
+        RollupSum(
+            "errors",
+            "count(*) FILTER (WHERE status <> 'success')",
+            ("status",),
+            lambda r: int(r.status != "success"),
+        ),
+        _token_sum("input_tokens"),
+        _token_sum("output_tokens"),
+        _token_sum("cached_input_tokens"),
+        _token_sum("cache_creation_input_tokens"),
+        _token_sum("reasoning_tokens"),
+        RollupSum(
+            "cost_usd",
+            "coalesce(sum(cost_usd), 0)",
+            ("cost_usd",),
+            lambda r: _ZERO if r.cost_usd is None else r.cost_usd,
+            _ZERO,
+        ),
+        RollupSum(
+            "duration_ms_sum",
+            "coalesce(sum(duration_ms), 0)",
+            ("duration_ms",),
+            lambda r: 0.0 if r.duration_ms is None else r.duration_ms,
+            0.0,
+        ),
+        # averages divide by the reports that carried the value, not by requests
+        RollupSum(
+            "duration_count",
+            "count(duration_ms)",
+            ("duration_ms",),
+            lambda r: int(r.duration_ms is not None),
+        ),
+        RollupSum(
+            "ttft_ms_sum",
+            "coalesce(sum(ttft_ms), 0)",
+            ("ttft_ms",),
+            lambda r: 0.0 if r.ttft_ms is None else r.ttft_ms,
+            0.0,
+        ),
+        RollupSum("ttft_count", "count(ttft_ms)", ("ttft_ms",), lambda r: int(r.ttft_ms is not None)),
+        RollupSum(
+            "cancelled",
+            "count(*) FILTER (WHERE status = 'cancelled')",
+            ("status",),
+            lambda r: int(r.status == "cancelled"),
+        ),
+        RollupSum(
+            "estimated",
+            "count(*) FILTER (WHERE estimated)",
+            ("estimated",),
+            lambda r: int(bool(r.estimated)),
+        ),
+    )
+}
+_SPECS = tuple(ROLLUP_SPECS[c] for c in ROLLUP_SUMS if c in ROLLUP_SPECS)
+_dimensions = attrgetter(*DIMENSIONS)
+_DERIVED = tuple(DERIVED_KEY[c] for c in ROLLUP_KEY if c in DERIVED_KEY)
+
+
+def aggregate(rows: Iterable[Any]) -> list[Any]:
+    """Hour and day rollup deltas (RollupRows) of DetailRows, sorted by the rollup key."""
+    hours: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in rows:
+        key = (
+            r.completed_at.replace(minute=0, second=0, microsecond=0),
+            *_dimensions(r),
+            *(value(r) for _sql, value in _DERIVED),
+        )
+        acc = hours.get(key)
+        if acc is None:
+            acc = hours[key] = {s.column: s.zero for s in _SPECS}
+        for s in _SPECS:
+            acc[s.column] += s.of(r)
+    days: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for (bucket, *parts), acc in hours.items():
+        key = (bucket.replace(hour=0), *parts)
+        day = days.get(key)
+        if day is None:
+            days[key] = dict(acc)
+        else:
+            for column, value in acc.items():
+                day[column] += value
+    out = [
+        RollupRow._make((granularity, *key, *(acc[c] for c in ROLLUP_SUMS)))
+        for granularity, table in (("hour", hours), ("day", days))
+        for key, acc in table.items()
+    ]
+    out.sort(key=attrgetter(*ROLLUP_KEY))
+    return out
