@@ -1,4 +1,4 @@
-"""Command line: `llm-usage-exporter serve | db upgrade | version`."""
+"""Command line: `llm-usage-exporter serve | db upgrade | report | version`."""
 
 from __future__ import annotations
 
@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub = db.add_subparsers(dest="db_command", required=True)
     upgrade = db_sub.add_parser("upgrade", help="apply database migrations")
     _common(upgrade)
+
+    from exporter import report
+
+    rep = sub.add_parser("report", help="usage per group and period (as GET /v1/stats)")
+    _common(rep)
+    report.add_arguments(rep)
 
     sub.add_parser("version", help="print the version")
     return parser
@@ -143,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure(settings.log_level, settings.log_format)
     if args.command == "serve":
         return _serve(settings)
+    if args.command == "report":
+        from exporter import report
+
+        return report.run(args, settings)
     return _db_upgrade(settings)
 
 

@@ -345,7 +345,9 @@ ROLLUP_SPECS: Mapping[str, RollupSum] = {
             lambda r: 0.0 if r.ttft_ms is None else r.ttft_ms,
             0.0,
         ),
-        RollupSum("ttft_count", "count(ttft_ms)", ("ttft_ms",), lambda r: int(r.ttft_ms is not None)),
+        RollupSum(
+            "ttft_count", "count(ttft_ms)", ("ttft_ms",), lambda r: int(r.ttft_ms is not None)
+        ),
         RollupSum(
             "cancelled",
             "count(*) FILTER (WHERE status = 'cancelled')",
