@@ -21,8 +21,6 @@ from typing import Any, TextIO
 
 from multidict import MultiDict
 
-from exporter.api.params import ParamError, parse_stats
-from exporter.api.stats import csv_columns, csv_text, stats_document
 from exporter.config import Settings
 
 __all__ = ["TABLE_FIELDS", "add_arguments", "render", "run"]
@@ -95,6 +93,8 @@ def _from_service(url: str, token: str | None, q: MultiDict[str]) -> dict[str, A
 
 
 def _from_database(settings: Settings, q: MultiDict[str]) -> dict[str, Any]:
+    from exporter.api.params import ParamError, parse_stats
+    from exporter.api.stats import stats_document
     from exporter.store import Store
     from exporter.store.readsql import ReadError
     from exporter.store.stats import run_stats
@@ -171,6 +171,8 @@ def render(doc: dict[str, Any], output: str, out: TextIO) -> None:
     if output == "json":
         out.write(json.dumps(doc, indent=2) + "\n")
     elif output == "csv":
+        from exporter.api.stats import csv_columns, csv_text
+
         out.write(csv_text(csv_columns(doc), doc["groups"]))
     else:
         _table(doc, out)

@@ -94,7 +94,7 @@ schema = schemathesis.pytest.from_fixture("live_schema")
 
 
 @schema.parametrize()
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
 def test_the_live_service_answers_every_generated_request_without_5xx(
     case: schemathesis.Case, live: str
 ) -> None:
