@@ -51,6 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="only matching requests, e.g. team=red (repeatable)",
     )
+    p.add_argument(
+        "--no-percentiles",
+        dest="percentiles",
+        action="store_false",
+        help="answer from the rollups alone (p50/p95 scan the audit rows)",
+    )
     p.add_argument("--format", dest="output", choices=["table", "csv", "json"], default="table")
     p.add_argument("--url", help="a running service, e.g. http://127.0.0.1:9470")
     p.add_argument("--token", help="bearer token with the read scope (env LLM_USAGE_TOKEN)")
@@ -62,6 +68,8 @@ def _query(args: argparse.Namespace) -> MultiDict[str]:
                        ("tz", args.tz), ("top", args.top)):  # fmt: skip
         if value is not None:
             q.add(key, value)
+    if not args.percentiles:
+        q.add("percentiles", "false")
     for item in args.filter:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -155,8 +155,15 @@ async def test_percentiles_are_null_past_the_audit_retention(make_client: MakeCl
     await c.app[STORE].writer.write(REPORTS)
     lo, hi = RANGES[2]
     doc = await stats(c, **{"from": lo, "to": hi, "group_by": "model"})
-    assert doc["percentiles"] is False
+    assert doc["percentiles"] is False and "retention" in doc["percentiles_note"]
     check_stats_doc(doc, REPORTS, at(lo), at(hi), ["model"], pct=False)
+
+
+async def test_percentiles_false_answers_from_the_rollups_alone(client: Any) -> None:
+    lo, hi = RANGES[1]
+    doc = await stats(client, **{"from": lo, "to": hi, "group_by": "team", "percentiles": "false"})
+    assert doc["percentiles"] is False and doc["percentiles_note"] == "not asked"
+    check_stats_doc(doc, REPORTS, at(lo), at(hi), ["team"], pct=False)
 
 
 BAD: Sequence[tuple[dict[str, str], str]] = [
@@ -174,6 +181,7 @@ BAD: Sequence[tuple[dict[str, str], str]] = [
     ({"top": "0"}, "from 1 to 1000"),
     ({"top": "x"}, "from 1 to 1000"),
     ({"format": "xml"}, "json or csv"),
+    ({"percentiles": "maybe"}, "true or false"),
     ({"from": "2026-01-01", "to": "2026-03-01", "group_by": "hour", "tz": "UTC"}, ""),
     ({"from": "2025-01-01", "to": "2026-01-31", "group_by": "hour"}, "longer period"),
     ({"from": "1999-12-31"}, "between 2000"),

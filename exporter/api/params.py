@@ -248,6 +248,10 @@ def parse_stats(
     if until - since > timedelta(days=max_range_days):
         raise ParamError(f"the range is limited to {max_range_days} days; narrow from/to")
     dims, period = _group_by(query.getall("group_by", []), promoted_tags)
+    flag = query.get("percentiles", "true")
+    if flag not in ("true", "false"):
+        raise ParamError(f"percentiles must be true or false, not {flag[:16]!r}")
+    asked, within = flag == "true", since >= now - timedelta(days=retention_days)
     if count_periods(since, until, period) > MAX_PERIODS:
         raise ParamError(
             f"{period} periods over this range exceed {MAX_PERIODS}; group by a longer period"
@@ -260,7 +264,10 @@ def parse_stats(
         tz=tz,
         filters=_filters(query, DIMENSIONS, promoted_tags),
         top=_int(query, "top", 1, 1000),
-        percentiles=since >= now - timedelta(days=retention_days),
+        percentiles=asked and within,
+        percentiles_note=None
+        if asked and within
+        else ("not asked" if not asked else f"past the audit retention ({retention_days} days)"),
     )
 
 

@@ -92,7 +92,8 @@ def stats_document(q: StatsQuery, result: StatsResult) -> dict[str, Any]:
         "filters": {k: list(v) for k, v in sorted(q.filters.items())},
         "top": q.top,
         "rollups": list(result.granularities),
-        "percentiles": q.percentiles,
+        "percentiles": result.percentiles,
+        "percentiles_note": result.percentiles_note,
         "groups": [_group_row(q, g) for g in result.groups],
         "totals": [_group_row(q, g) for g in totals],
     }
@@ -148,7 +149,10 @@ class StatsResponse(BaseModel):
     filters: dict[str, list[str]]
     top: int | None
     rollups: list[str] = Field(description="which rollup granularities answered")
-    percentiles: bool = Field(description="false when the range is older than the audit rows")
+    percentiles: bool = Field(description="whether p50/p95 were computed from the audit rows")
+    percentiles_note: str | None = Field(
+        description="why not: past the audit retention, not asked, or too slow"
+    )
     groups: list[StatsRow]
     totals: list[StatsRow] = Field(description="one per period (one without a period)")
 

@@ -20,7 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.store.calendar import Period, PeriodUnit, periods, segments
-from exporter.store.readsql import DIMENSIONS, Sql, bounded, cost_from_sum
+from exporter.store.readsql import DIMENSIONS, ReadTimeout, Sql, bounded, cost_from_sum
 from exporter.store.tables import COST_QUANTUM, usage_details, usage_rollups
 
 __all__ = ["OTHER", "GroupStats", "StatsQuery", "StatsResult", "run_stats"]
@@ -51,6 +51,8 @@ class StatsQuery:
     filters: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     top: int | None = None
     percentiles: bool = True
+    #: why percentiles are off (past the audit retention, not asked), for the answer
+    percentiles_note: str | None = None
 
 
 @dataclass(slots=True)
@@ -76,6 +78,8 @@ class StatsResult:
     totals: list[GroupStats]  # one per period (a single one without a period unit)
     granularities: tuple[str, ...]
     periods: list[Period]
+    percentiles: bool = False
+    percentiles_note: str | None = None
 
 
 def _dim_expr(sql: Sql, alias: str, dim: str, table_has_tags: bool) -> str | None:
@@ -232,7 +236,7 @@ async def run_stats(engine: AsyncEngine, q: StatsQuery, time_limit: float = 10.0
     ps = periods(q.since, q.until, q.period, q.tz)
     grans = tuple(sorted({s.granularity for s in segments(ps)}))
     if not ps:
-        return StatsResult([], [], grans, ps)
+        return StatsResult([], [], grans, ps, q.percentiles, q.percentiles_note)
     top_keys = await _top_keys(engine, q, ps, time_limit) if q.top and q.group_by else None
     sql = Sql(engine.dialect.name)
     exprs = _group_exprs(sql, q, "r", top_keys, True) or []
@@ -241,17 +245,15 @@ async def run_stats(engine: AsyncEngine, q: StatsQuery, time_limit: float = 10.0
     sql = Sql(engine.dialect.name)
     rows = await _rows(engine, time_limit, _rollup_sql(sql, q, ps, [], ""), sql.params)
     totals = [_stats(r, 0, sql.pg, ps) for r in rows]
+    done, note = q.percentiles, q.percentiles_note
     if q.percentiles:
-        index = {p.label: i for i, p in enumerate(ps)}
-        for grouped, targets in ((True, groups), (False, totals)):
-            if grouped and not q.group_by:
-                targets = [*groups, *totals]  # the same groups: one query answers both
-            elif not grouped and not q.group_by:
-                continue
-            pct = await _percentiles(engine, q, ps, top_keys, grouped, time_limit)
-            for g in targets:
-                d, t = pct.get((index[g.period], g.key), ({}, {}))
-                g.duration_pct, g.ttft_pct = d, t
+        try:
+            await _add_percentiles(engine, q, ps, top_keys, groups, totals, time_limit)
+        except ReadTimeout:
+            # the sums stand on their own; percentiles over many audit rows may not fit
+            done, note = False, f"percentiles took longer than {time_limit:g}s; sums only"
+            for g in (*groups, *totals):
+                g.duration_pct, g.ttft_pct = {}, {}
     rank = {k: i for i, k in enumerate(top_keys or ())}
     groups.sort(
         key=lambda g: (
@@ -264,4 +266,25 @@ async def run_stats(engine: AsyncEngine, q: StatsQuery, time_limit: float = 10.0
         )
     )
     totals.sort(key=lambda g: g.period.timestamp() if g.period else 0)
-    return StatsResult(groups, totals, grans, ps)
+    return StatsResult(groups, totals, grans, ps, done, note)
+
+
+async def _add_percentiles(
+    engine: AsyncEngine,
+    q: StatsQuery,
+    ps: list[Period],
+    top_keys: Sequence[tuple[str, ...]] | None,
+    groups: list[GroupStats],
+    totals: list[GroupStats],
+    time_limit: float,
+) -> None:
+    index = {p.label: i for i, p in enumerate(ps)}
+    for grouped, targets in ((True, groups), (False, totals)):
+        if grouped and not q.group_by:
+            targets = [*groups, *totals]  # the same groups: one query answers both
+        elif not grouped and not q.group_by:
+            continue
+        pct = await _percentiles(engine, q, ps, top_keys, grouped, time_limit)
+        for g in targets:
+            d, t = pct.get((index[g.period], g.key), ({}, {}))
+            g.duration_pct, g.ttft_pct = d, t
