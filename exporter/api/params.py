@@ -77,6 +77,12 @@ STATS_PARAMS: tuple[Param, ...] = (
     ),
     Param("tz", "IANA time zone for calendar periods and dates without offset (default UTC)"),
     Param(
+        "percentiles",
+        "true (default) or false: p50/p95 come from a scan of the audit rows in range; "
+        "false answers from the rollups alone",
+        {"type": "string", "enum": ["true", "false"]},
+    ),
+    Param(
         "top",
         "keep the N groups with the highest cost; the rest become one __other__ row",
         {"type": "integer", "minimum": 1, "maximum": 1000},
