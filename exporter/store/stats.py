@@ -131,8 +131,13 @@ def _rollup_sql(sql: Sql, q: StatsQuery, ps: list[Period], exprs: list[str], ord
     group = ", ".join(str(i) for i in range(1, len(exprs) + 2))
     return (
         f"SELECT {', '.join(cols)} FROM {seg} "  # noqa: S608 (whitelisted names, bound values)
-        "JOIN usage_rollups AS r ON r.granularity = seg.g "
-        "AND r.bucket_start >= seg.a AND r.bucket_start < seg.b "
+        + sql.range_join(
+            "seg",
+            "usage_rollups",
+            "r",
+            "r.granularity = seg.g AND r.bucket_start >= seg.a AND r.bucket_start < seg.b",
+        )
+        + " "
         f"WHERE {_where(sql, 'r', q.filters, True)} GROUP BY {group} {order}"
     )
 
@@ -211,8 +216,11 @@ async def _percentiles(
             f"FROM (SELECT per.pi AS period{keys}, d.{column} AS v, "
             f"row_number() OVER (PARTITION BY {part} ORDER BY d.{column}) AS rn, "
             f"count(*) OVER (PARTITION BY {part}) AS n "
-            f"FROM {per} JOIN usage_details AS d ON d.completed_at >= per.a "
-            "AND d.completed_at < per.b "
+            f"FROM {per} "
+            + sql.range_join(
+                "per", "usage_details", "d", "d.completed_at >= per.a AND d.completed_at < per.b"
+            )
+            + " "
             f"WHERE d.{column} IS NOT NULL AND {_where(sql, 'd', q.filters, tags)}) AS ranked "
             f"WHERE {ranks}"
         )
