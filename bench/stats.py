@@ -1,7 +1,7 @@
 """GET /v1/stats over a month of rollups for 10M reports, on a throwaway Postgres.
 
 Builds the rollups 10M reports would leave (`--reports` over `--days` days, `--keys` rollup
-keys per hour: 20 teams x 10 models x users and API keys), hour rows and the day rows the
+keys per hour: one per user, over 20 teams, 10 models, 400 API keys), hour rows and the day rows the
 flush derives from them, all through SQL `generate_series` (no 10M-row flush needed: the
 rollups are what /v1/stats reads). Then runs the real service (`python -m exporter serve`)
 on that database and times, over loopback HTTP, `/v1/stats` for the whole range grouped by
@@ -49,7 +49,7 @@ INSERT INTO usage_rollups (granularity, bucket_start, model, provider, operation
     cached_input_tokens, cache_creation_input_tokens, reasoning_tokens, cost_usd,
     duration_ms_sum, duration_count, ttft_ms_sum, ttft_count, cancelled, estimated)
 SELECT 'hour', $1::timestamptz + h * interval '1 hour',
-    'model-' || (k % 10), 'provider-' || (k % 3), 'chat', 'user-' || (k % 400),
+    'model-' || (k % 10), 'provider-' || (k % 3), 'chat', 'user-' || k,
     'team-' || (k % 20), 'key-' || (k % 400), '', '{}',
     n, n / 20, n * 900, n * 210, n * 300, 0, n * 10, (n * 0.0012345)::numeric(20, 10),
     n * 850.5, n, n * 120.25, n, n / 50, 0
