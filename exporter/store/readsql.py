@@ -89,6 +89,8 @@ async def bounded(engine: AsyncEngine, seconds: float) -> AsyncIterator[AsyncCon
                 ms = max(1, int(seconds * 1000))
                 await conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
                 await conn.exec_driver_sql("SET LOCAL jit = off")
+                # group-bys of a month of day rollups hash in memory instead of sorting on disk
+                await conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
             else:
                 raw = await conn.get_raw_connection()
                 driver: Any = raw.driver_connection

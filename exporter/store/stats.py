@@ -123,12 +123,34 @@ def _group_exprs(
     return [f"CASE WHEN {match} THEN {e} ELSE '{OTHER}' END" for e in exprs]
 
 
+#: Up to this many (granularity, range) segments are spelled out as OR-ed index ranges (a
+#: bitmap scan on Postgres, the usual 31-day case is one); more are joined from a JSON set.
+INLINE_SEGMENTS = 16
+
+
 def _rollup_sql(sql: Sql, q: StatsQuery, ps: list[Period], exprs: list[str], order: str) -> str:
-    segs = [{"pi": s.period, "g": s.granularity, "a": s.start, "b": s.end} for s in segments(ps)]
-    seg = sql.json_rows("seg", segs, {"pi": "int", "g": "text", "a": "ts", "b": "ts"})
+    segs = segments(ps)
     sums = [f'sum(r."{c}")' for c in (*COUNTS, *TOKENS, *_FLOATS)]
-    cols = ["seg.pi", *exprs, *sums, sql.cost_sum("r.cost_usd")]
     group = ", ".join(str(i) for i in range(1, len(exprs) + 2))
+    where = _where(sql, "r", q.filters, True)
+    if len(segs) <= INLINE_SEGMENTS:
+        conds = [
+            (
+                f"(r.granularity = {sql.bind(s.granularity)} AND r.bucket_start >= "
+                f"{sql.ts(s.start)} AND r.bucket_start < {sql.ts(s.end)})",
+                s.period,
+            )
+            for s in segs
+        ]
+        period = "CASE " + " ".join(f"WHEN {c} THEN {p}" for c, p in conds) + " END"
+        cols = [period, *exprs, *sums, sql.cost_sum("r.cost_usd")]
+        return (
+            f"SELECT {', '.join(cols)} FROM usage_rollups AS r "  # noqa: S608
+            f"WHERE ({' OR '.join(c for c, _ in conds)}) AND {where} GROUP BY {group} {order}"
+        )
+    rows = [{"pi": s.period, "g": s.granularity, "a": s.start, "b": s.end} for s in segs]
+    seg = sql.json_rows("seg", rows, {"pi": "int", "g": "text", "a": "ts", "b": "ts"})
+    cols = ["seg.pi", *exprs, *sums, sql.cost_sum("r.cost_usd")]
     return (
         f"SELECT {', '.join(cols)} FROM {seg} "  # noqa: S608 (whitelisted names, bound values)
         + sql.range_join(
@@ -137,8 +159,7 @@ def _rollup_sql(sql: Sql, q: StatsQuery, ps: list[Period], exprs: list[str], ord
             "r",
             "r.granularity = seg.g AND r.bucket_start >= seg.a AND r.bucket_start < seg.b",
         )
-        + " "
-        f"WHERE {_where(sql, 'r', q.filters, True)} GROUP BY {group} {order}"
+        + f" WHERE {where} GROUP BY {group} {order}"
     )
 
 
@@ -250,9 +271,7 @@ async def run_stats(engine: AsyncEngine, q: StatsQuery, time_limit: float = 10.0
     exprs = _group_exprs(sql, q, "r", top_keys, True) or []
     rows = await _rows(engine, time_limit, _rollup_sql(sql, q, ps, exprs, ""), sql.params)
     groups = [_stats(r, len(exprs), sql.pg, ps) for r in rows]
-    sql = Sql(engine.dialect.name)
-    rows = await _rows(engine, time_limit, _rollup_sql(sql, q, ps, [], ""), sql.params)
-    totals = [_stats(r, 0, sql.pg, ps) for r in rows]
+    totals = _totals(groups)
     done, note = q.percentiles, q.percentiles_note
     if q.percentiles:
         try:
@@ -275,6 +294,29 @@ async def run_stats(engine: AsyncEngine, q: StatsQuery, time_limit: float = 10.0
     )
     totals.sort(key=lambda g: g.period.timestamp() if g.period else 0)
     return StatsResult(groups, totals, grans, ps, done, note)
+
+
+def _totals(groups: Sequence[GroupStats]) -> list[GroupStats]:
+    """Per-period totals: the sum of the groups (folding into __other__ keeps every row),
+    so the rollups are read once."""
+    out: dict[datetime | None, GroupStats] = {}
+    for g in groups:
+        t = out.get(g.period)
+        if t is None:
+            out[g.period] = GroupStats((), g.period, dict(g.counts), dict(g.tokens), g.cost_usd,
+                                       g.duration_ms_sum, g.duration_count, g.ttft_ms_sum,
+                                       g.ttft_count)  # fmt: skip
+            continue
+        for k, v in g.counts.items():
+            t.counts[k] += v
+        for k, v in g.tokens.items():
+            t.tokens[k] += v
+        t.cost_usd += g.cost_usd
+        t.duration_ms_sum += g.duration_ms_sum
+        t.duration_count += g.duration_count
+        t.ttft_ms_sum += g.ttft_ms_sum
+        t.ttft_count += g.ttft_count
+    return list(out.values())
 
 
 async def _add_percentiles(
