@@ -123,6 +123,36 @@ def _group_exprs(
     return [f"CASE WHEN {match} THEN {e} ELSE '{OTHER}' END" for e in exprs]
 
 
+def _named(period: str, exprs: Sequence[str], sums: Sequence[str], cost: str) -> list[str]:
+    """The select list with the names the top-N wrapper reads: pi, k0…, s0…, cost."""
+    return [
+        f"{period} AS pi",
+        *(f"{e} AS k{i}" for i, e in enumerate(exprs)),
+        *(f"{e} AS s{i}" for i, e in enumerate(sums)),
+        f"{cost} AS cost",
+    ]
+
+
+def _top_sql(sql: Sql, q: StatsQuery, ps: list[Period], exprs: list[str]) -> str:
+    """One read for top=N: groups ranked by their cost over the whole range (then requests,
+    then the key, a stable cut on ties), the rest folded into __other__, the rank last."""
+    keys = [f"k{i}" for i in range(len(exprs))]
+    n_sums = len(COUNTS) + len(TOKENS) + len(_FLOATS)
+    req = "s0"  # requests is the first count
+    inner = _rollup_sql(sql, q, ps, exprs, "")
+    part = ", ".join(keys)
+    folded = [f"CASE WHEN rk <= {int(q.top or 0)} THEN {k} ELSE '{OTHER}' END" for k in keys]
+    sums = [f"sum(s{i})" for i in range(n_sums)]
+    group = ", ".join(str(i) for i in range(1, len(keys) + 2))
+    return (
+        f"SELECT pi, {', '.join([*folded, *sums])}, sum(cost), min(rk) FROM ("  # noqa: S608
+        f"SELECT t.*, dense_rank() OVER (ORDER BY kc DESC, kr DESC, {part}) AS rk FROM ("
+        f"SELECT g.*, sum(cost) OVER (PARTITION BY {part}) AS kc, "
+        f"sum({req}) OVER (PARTITION BY {part}) AS kr FROM ({inner}) AS g) AS t) AS u "
+        f"GROUP BY {group}"
+    )
+
+
 #: Up to this many (granularity, range) segments are spelled out as OR-ed index ranges (a
 #: bitmap scan on Postgres, the usual 31-day case is one); more are joined from a JSON set.
 INLINE_SEGMENTS = 16
@@ -143,14 +173,14 @@ def _rollup_sql(sql: Sql, q: StatsQuery, ps: list[Period], exprs: list[str], ord
             for s in segs
         ]
         period = "CASE " + " ".join(f"WHEN {c} THEN {p}" for c, p in conds) + " END"
-        cols = [period, *exprs, *sums, sql.cost_sum("r.cost_usd")]
+        cols = _named(period, exprs, sums, sql.cost_sum("r.cost_usd"))
         return (
             f"SELECT {', '.join(cols)} FROM usage_rollups AS r "  # noqa: S608
             f"WHERE ({' OR '.join(c for c, _ in conds)}) AND {where} GROUP BY {group} {order}"
         )
     rows = [{"pi": s.period, "g": s.granularity, "a": s.start, "b": s.end} for s in segs]
     seg = sql.json_rows("seg", rows, {"pi": "int", "g": "text", "a": "ts", "b": "ts"})
-    cols = ["seg.pi", *exprs, *sums, sql.cost_sum("r.cost_usd")]
+    cols = _named("seg.pi", exprs, sums, sql.cost_sum("r.cost_usd"))
     return (
         f"SELECT {', '.join(cols)} FROM {seg} "  # noqa: S608 (whitelisted names, bound values)
         + sql.range_join(
@@ -188,21 +218,6 @@ def _stats(row: Sequence[Any], n_key: int, pg: bool, ps: list[Period]) -> GroupS
         ttft_ms_sum=float(tsum or 0),
         ttft_count=int(tcount or 0),
     )
-
-
-async def _top_keys(
-    engine: AsyncEngine, q: StatsQuery, ps: list[Period], time_limit: float
-) -> list[tuple[str, ...]]:
-    sql = Sql(engine.dialect.name)
-    whole = [Period(None, ps[0].start, ps[-1].end)]
-    exprs = _group_exprs(sql, q, "r", None, True) or []
-    # rank by cost, then requests, then the key itself (a stable cut on ties)
-    n = len(exprs)
-    cost_col, req_col = n + 2 + len(COUNTS) + len(TOKENS) + len(_FLOATS), n + 2
-    keys = ", ".join(str(i) for i in range(2, n + 2))
-    order = f"ORDER BY {cost_col} DESC, {req_col} DESC, {keys} LIMIT {int(q.top or 0)}"
-    rows = await _rows(engine, time_limit, _rollup_sql(sql, q, whole, exprs, order), sql.params)
-    return [tuple(str(v) for v in r[1 : 1 + n]) for r in rows]
 
 
 async def _percentiles(
@@ -266,10 +281,15 @@ async def run_stats(engine: AsyncEngine, q: StatsQuery, time_limit: float = 10.0
     grans = tuple(sorted({s.granularity for s in segments(ps)}))
     if not ps:
         return StatsResult([], [], grans, ps, q.percentiles, q.percentiles_note)
-    top_keys = await _top_keys(engine, q, ps, time_limit) if q.top and q.group_by else None
     sql = Sql(engine.dialect.name)
-    exprs = _group_exprs(sql, q, "r", top_keys, True) or []
-    rows = await _rows(engine, time_limit, _rollup_sql(sql, q, ps, exprs, ""), sql.params)
+    exprs = _group_exprs(sql, q, "r", None, True) or []
+    top_keys: list[tuple[str, ...]] | None = None
+    if q.top and q.group_by:
+        rows = await _rows(engine, time_limit, _top_sql(sql, q, ps, exprs), sql.params)
+        ranked = {tuple(str(v) for v in r[1 : 1 + len(exprs)]): int(r[-1]) for r in rows}
+        top_keys = sorted((k for k, rk in ranked.items() if rk <= q.top), key=ranked.__getitem__)
+    else:
+        rows = await _rows(engine, time_limit, _rollup_sql(sql, q, ps, exprs, ""), sql.params)
     groups = [_stats(r, len(exprs), sql.pg, ps) for r in rows]
     totals = _totals(groups)
     done, note = q.percentiles, q.percentiles_note
