@@ -172,7 +172,10 @@ def _rollup_sql(sql: Sql, q: StatsQuery, ps: list[Period], exprs: list[str], ord
             )
             for s in segs
         ]
-        period = "CASE " + " ".join(f"WHEN {c} THEN {p}" for c, p in conds) + " END"
+        if len({p for _, p in conds}) == 1:  # one period (no calendar grouping): a constant
+            period = str(conds[0][1])
+        else:
+            period = "CASE " + " ".join(f"WHEN {c} THEN {p}" for c, p in conds) + " END"
         cols = _named(period, exprs, sums, sql.cost_sum("r.cost_usd"))
         return (
             f"SELECT {', '.join(cols)} FROM usage_rollups AS r "  # noqa: S608
