@@ -116,6 +116,18 @@ async def test_bad_request_parameters_get_400(client: Any) -> None:
         assert needle in body["error"], (params, body)
 
 
+async def test_nul_and_broken_utf8_in_parameters_are_answered_not_5xx(client: Any) -> None:
+    await client.app[STORE].writer.write(REPORTS[:5])
+    for path, status in (
+        ("/v1/requests?model=%00x&user=%ff", 200),
+        ("/v1/stats?model=a%00&team=%ed%a0%80", 200),
+        ("/v1/requests/a%00b", 404),
+        ("/v1/traces/t%00/usage", 404),
+    ):
+        resp = await client.get(path)
+        assert resp.status == status, (path, await resp.text())
+
+
 # -- traces ---------------------------------------------------------------------------------
 
 T0 = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)

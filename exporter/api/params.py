@@ -20,6 +20,7 @@ from multidict import MultiMapping
 from exporter.store.calendar import PERIOD_UNITS, PeriodUnit, ceil_hour, count_periods
 from exporter.store.details import FILTER_COLUMNS
 from exporter.store.readsql import DIMENSIONS, TAG_KEY
+from exporter.store.rows import clean_text
 from exporter.store.stats import StatsQuery
 
 __all__ = [
@@ -182,7 +183,8 @@ def _filters(
             raise ParamError(f"at most {MAX_VALUES} values per filter ({key})")
         if any(len(v) > MAX_VALUE for v in values):
             raise ParamError(f"filter values are limited to {MAX_VALUE} characters ({key})")
-        out[key] = tuple(dict.fromkeys(values))
+        # stored text never holds NUL (the writer's rule), and Postgres refuses it in a query
+        out[key] = tuple(dict.fromkeys(clean_text(v) for v in values))
     return out
 
 

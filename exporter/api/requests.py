@@ -14,6 +14,7 @@ from exporter.api.stats import csv_text
 from exporter.httputil import error_response, json_response
 from exporter.store.details import DETAIL_FIELDS, request_by_id, request_page
 from exporter.store.readsql import ReadError
+from exporter.store.rows import clean_text
 from exporter.store.tables import decimal_text
 from exporter.usage import MAX_ID
 
@@ -109,7 +110,7 @@ class RequestsHandler:
         return json_response({"requests": rows, "next_cursor": cursor})
 
     async def get(self, request: web.Request) -> web.Response:
-        request_id = request.match_info["request_id"]
+        request_id = clean_text(request.match_info["request_id"])  # stored ids never hold NUL
         if len(request_id) > MAX_ID:
             return error_response(400, f"request_id is at most {MAX_ID} characters")
         try:

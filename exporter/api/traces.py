@@ -21,6 +21,7 @@ from exporter.api.requests import json_row
 from exporter.httputil import error_response, json_response
 from exporter.store.details import trace_rows
 from exporter.store.readsql import ReadError
+from exporter.store.rows import clean_text
 from exporter.store.tables import COST_QUANTUM
 from exporter.usage import MAX_ID
 
@@ -192,7 +193,7 @@ class TraceHandler:
         self._time_limit = time_limit
 
     async def usage(self, request: web.Request) -> web.Response:
-        trace_id = request.match_info["trace_id"]
+        trace_id = clean_text(request.match_info["trace_id"])  # stored ids never hold NUL
         if len(trace_id) > MAX_ID:
             return error_response(400, f"trace_id is at most {MAX_ID} characters")
         try:
