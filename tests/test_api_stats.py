@@ -5,9 +5,10 @@ group_by, for ranges crossing hour, day, month and year boundaries, and in non-U
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -17,8 +18,10 @@ from aiohttp.test_utils import TestClient
 from apiexpect import check_stats_doc, make_reports
 from conftest import MakeClient
 from helpers import ADMIN_TOKEN, INGEST_TOKEN, READ_TOKEN, bearer, wait_ready
+from pgcluster import PgCluster
 
 from exporter.app import STORE
+from exporter.store import Store
 
 REPORTS = make_reports(700)
 UTC_ZONE = ZoneInfo("UTC")
@@ -28,17 +31,37 @@ def at(text: str) -> datetime:
     return datetime.fromisoformat(text).astimezone(UTC)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def client(request: pytest.FixtureRequest, make_client: MakeClient) -> AsyncIterator[Any]:
-    """A live service with REPORTS stored, on each backend."""
-    kw: dict[str, Any] = {"retention_days": 36500}
+async def _seed(url: str) -> None:
+    store = Store.from_url(url)
+    try:
+        await store.upgrade()
+        assert (await store.writer.write(REPORTS)).inserted == len(REPORTS)
+    finally:
+        await store.close()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def seeded(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """One database per backend holding REPORTS, shared by this module's read-only tests."""
     if request.param == "postgres":
-        kw["database_url"] = request.getfixturevalue("pg_url")
-    c = await make_client(**kw)
-    store = c.app[STORE]
+        cluster: PgCluster = request.getfixturevalue("pg_cluster")
+        name = cluster.create_database()
+        url = cluster.url(name)
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('stats')}/usage.db"
+    asyncio.run(_seed(url))
+    yield url
+    if request.param == "postgres":
+        cluster.drop_database(name)
+
+
+@pytest.fixture
+async def client(seeded: str, make_client: MakeClient) -> AsyncIterator[Any]:
+    """A live service over the seeded database (it only reads)."""
+    c = await make_client(database_url=seeded, retention_days=36500)
     await wait_ready(c)
-    result = await store.writer.write(REPORTS)
-    assert result.inserted == len(REPORTS)
     yield c
 
 
