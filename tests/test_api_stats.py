@@ -197,7 +197,7 @@ BAD: Sequence[tuple[dict[str, str], str]] = [
     ({"group_by": "colour"}, "allowed: model"),
     ({"group_by": "day,month"}, "one period"),
     ({"group_by": "model,model"}, "twice"),
-    ({"group_by": "tag:project"}, "promoted"),
+    ({"group_by": "tag:project"}, "promoted tags"),
     ({"group_by": "tag:bad key"}, "must match"),
     ({"colour": "red"}, "unknown parameter"),
     ({"tz": "Mars/Olympus"}, "IANA"),

@@ -67,6 +67,9 @@ ROLLUP_COLUMNS: tuple[str, ...] = ROLLUP_KEY + ROLLUP_SUMS
 DERIVED_KEY: Mapping[str, tuple[str, Callable[[Any], str]]] = {
     "dims": ("'{}'::text", lambda _row: "{}"),
 }
+#: Whether the writer fills `dims` from the promoted tags (not before reports carry tags);
+#: the read API refuses tag:<key> until then rather than answer everything under ''.
+DIMS_FROM_TAGS = False
 #: Rollup key parts that are detail columns of the same name (all but granularity, bucket).
 DIMENSIONS: tuple[str, ...] = tuple(c for c in ROLLUP_KEY[2:] if c not in DERIVED_KEY)
 #: Text columns whose absent or empty value is not ''.
