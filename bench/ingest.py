@@ -78,7 +78,8 @@ def _timed(fn: Callable[[], Any], repeat: int) -> float:
 async def _inprocess(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from aiohttp import web
 
-    from exporter.app import INGESTOR, USAGE, create_app
+    from exporter.app import create_app
+    from exporter.appkeys import INGESTOR, USAGE
     from exporter.config import Settings
     from exporter.ingest.adapters import adapt
     from exporter.ingest.pipeline import key_alias

@@ -1,141 +1,59 @@
-"""The aiohttp app factory: the one place that wires the parts together."""
+"""The aiohttp app factory: the one place that wires the parts together.
+
+Routes come from the modules that own their handlers (`routes()` lists of `httputil.Route`);
+the auth middleware refuses any route without an entry. Start/stop lives in `startup`,
+state in typed `web.AppKey`s (`appkeys`), readiness checks in one list below.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
 
 from aiohttp import web
 
-from exporter import __version__
 from exporter.api.budgets import BudgetHandlers
-from exporter.api.openapi import openapi_document
+from exporter.api.health import HealthHandlers, Readiness
+from exporter.api.openapi import OpenApiHandler
 from exporter.api.requests import RequestsHandler
 from exporter.api.stats import StatsHandler
 from exporter.api.traces import TraceHandler
-from exporter.auth import Authenticator
+from exporter.appkeys import (
+    ACCESS,
+    BUDGETS,
+    FLUSHER,
+    INGESTOR,
+    SELF_METRICS,
+    SETTINGS,
+    STARTUP,
+    STORE,
+    USAGE,
+    WAL,
+)
+from exporter.auth import AccessPolicy, Authenticator, auth_middleware
 from exporter.budgets import BudgetTracker
-from exporter.config import BudgetSpec, Scope, Settings
+from exporter.config import BudgetSpec, Settings
 from exporter.flusher import Flusher
-from exporter.httputil import error_response, json_response
+from exporter.httputil import Route
 from exporter.ingest.dedupe import RecentIds
 from exporter.ingest.handlers import IngestHandlers
 from exporter.ingest.pipeline import Ingestor
 from exporter.live.exposition import Exposition
 from exporter.live.usage_metrics import LabelCaps, UsageMetrics
 from exporter.otlp import OtlpHandler
-from exporter.pricing import Pricer
 from exporter.selfmetrics import SelfMetrics
+from exporter.startup import install, load_pricer, open_store
 from exporter.store import Store
-from exporter.store.db import redact_text
 from exporter.wal import WriteAheadLog
 
-log = logging.getLogger(__name__)
+__all__ = ["create_app"]  # the state keys are in exporter.appkeys
 
-SETTINGS = web.AppKey("settings", Settings)
-SELF_METRICS = web.AppKey("self_metrics", SelfMetrics)
-USAGE = web.AppKey("usage", UsageMetrics)
-WAL = web.AppKey("wal", WriteAheadLog)
-INGESTOR = web.AppKey("ingestor", Ingestor)
-STORE = web.AppKey("store", Store)
-BUDGETS = web.AppKey("budgets", BudgetTracker)
-FLUSHER = web.AppKey("flusher", Flusher)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-#: (method, path prefix) → scope required when tokens are configured. Unlisted paths are open.
-_SCOPES: tuple[tuple[str, str, Scope], ...] = (
-    ("POST", "/v1/usage", "ingest"),
-    ("POST", "/v2/usage/", "ingest"),
-    ("POST", "/v1/traces", "ingest"),
-    ("GET", "/v1/", "read"),
-)
+#: /readyz says "not ready" from this share of the WAL's size cap.
+WAL_NEARLY_FULL = 0.95
 
 
-def _required_scope(method: str, path: str, metrics_auth: bool) -> Scope | None:
-    if path == "/metrics":
-        return "read" if metrics_auth else None
-    for m, prefix, scope in _SCOPES:
-        if method == m and path.startswith(prefix):
-            return scope
-    return None
-
-
-def _middleware(authn: Authenticator, self_metrics: SelfMetrics, metrics_auth: bool) -> Any:
-    """Bearer auth by path and method, JSON errors, and no traceback ever leaking; one
-    middleware rather than two, since every layer costs each request a coroutine."""
-    last_logged: dict[str, float] = {}
-
-    def refuse(request: web.Request, verdict: str, scope: Scope) -> web.Response:
-        if scope == "ingest":
-            self_metrics.rejected.labels(verdict).inc()
-        now = time.monotonic()
-        if now - last_logged.get(verdict, -60.0) >= 60:  # at most once a minute per kind
-            last_logged[verdict] = now
-            log.warning("%s: %s %s from %s", verdict, request.method, request.path,
-                        request.remote)  # fmt: skip
-        if verdict == "unauthorized":
-            return error_response(
-                401,
-                "missing or invalid bearer token",
-                headers={"WWW-Authenticate": 'Bearer realm="llm-usage-exporter"'},
-            )
-        return error_response(403, f"token lacks the {scope!r} scope")
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if authn.enabled:
-            scope = _required_scope(request.method, request.path, metrics_auth)
-            if scope is not None:
-                verdict = authn.check(request.headers.get("Authorization"), scope)
-                if verdict != "ok":
-                    return refuse(request, verdict, scope)
-        try:
-            return await handler(request)
-        except web.HTTPException as exc:
-            if exc.status >= 400 and exc.content_type != "application/json":
-                return error_response(exc.status, exc.reason, headers=_keep_headers(exc))
-            raise
-        except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            return error_response(500, "internal error")
-
-    return middleware
-
-
-def _keep_headers(exc: web.HTTPException) -> dict[str, str]:
-    return {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
-
-
-_LANDING = """<!doctype html>
-<html><head><meta charset="utf-8"><title>llm-usage-exporter</title></head>
-<body><h1>llm-usage-exporter {version}</h1>
-<p>Who spends what on LLMs.</p>
-<ul>
-<li><a href="/metrics">/metrics</a> Prometheus metrics</li>
-<li><a href="/healthz">/healthz</a> liveness</li>
-<li><a href="/readyz">/readyz</a> readiness (database reachable, WAL not full)</li>
-<li>POST /v1/usage usage reports (JSON object, array or NDJSON; gzip ok)</li>
-<li>POST /v2/usage/gateway-metrics GPUStack gateway metrics</li>
-<li>POST /v1/traces OTLP/HTTP spans with GenAI usage (protobuf or JSON)</li>
-<li><a href="/v1/budgets">/v1/budgets</a> budgets</li>
-<li><a href="/v1/stats">/v1/stats</a> usage per group and period;
-<a href="/v1/requests">/v1/requests</a> stored requests;
-/v1/traces/{{trace_id}}/usage per-trace tree</li>
-<li><a href="/openapi.json">/openapi.json</a> OpenAPI 3.1 of every route</li>
-</ul></body></html>
-"""
-
-
-def create_app(settings: Settings) -> web.Application:
-    self_metrics = SelfMetrics()
-    usage = UsageMetrics(
+def _usage_metrics(settings: Settings, self_metrics: SelfMetrics) -> UsageMetrics:
+    return UsageMetrics(
         extra_labels=settings.extra_labels,
         caps=LabelCaps(
             model=settings.max_models,
@@ -148,6 +66,70 @@ def create_app(settings: Settings) -> web.Application:
         ttft_buckets=settings.ttft_buckets,
         on_overflow=self_metrics.overflow,
     )
+
+
+def _readiness(app: web.Application) -> Readiness:
+    """The checks /readyz runs, in order; adding one is one line (a check returns None, a
+    problem or a list of problems; sync or async)."""
+    wal, store, state = app[WAL], app[STORE], app[STARTUP]
+
+    def wal_space() -> str | None:
+        full = wal.total_bytes >= wal.max_bytes * WAL_NEARLY_FULL
+        return "write-ahead log is (nearly) full" if full else None
+
+    async def database() -> str | None:
+        if not state.migrated:
+            return "database schema not migrated yet"
+        return None if await store.ping() else "database not reachable"
+
+    readiness = Readiness()
+    readiness.add("wal_space", wal_space)
+    readiness.add("database", database)
+    return readiness
+
+
+class _MetricsHandler:
+    """GET /metrics: the usage families and the self-metrics in one response."""
+
+    def __init__(self, exposition: Exposition, self_metrics: SelfMetrics, wal: WriteAheadLog):
+        self._exposition = exposition
+        self._m = self_metrics
+        self._wal = wal
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        self._m.pending.set(self._wal.pending_reports)
+        self._m.wal_bytes.set(self._wal.total_bytes)
+        body, headers = await self._exposition.response(
+            request.headers.get("Accept", ""), request.headers.get("Accept-Encoding", "")
+        )
+        return web.Response(body=body, headers=headers)
+
+
+async def _check_every_route_listed(app: web.Application, policy: AccessPolicy) -> None:
+    unlisted = policy.unlisted(app.router)
+    if unlisted:
+        raise RuntimeError(f"routes without an access entry: {', '.join(unlisted)}")
+
+
+def _read_api(settings: Settings, store: Store) -> list[Route]:
+    limit = settings.read_time_limit
+    stats = StatsHandler(
+        store.engine,
+        max_range_days=settings.read_max_range_days,
+        retention_days=settings.retention_days,
+        promoted_tags=getattr(settings, "promoted_tags", ()),
+        time_limit=limit,
+    )
+    return [
+        *stats.routes(),
+        *RequestsHandler(store.engine, limit).routes(),
+        *TraceHandler(store.engine, settings.trace_max_requests, limit).routes(),
+    ]
+
+
+def create_app(settings: Settings) -> web.Application:
+    self_metrics = SelfMetrics()
+    usage = _usage_metrics(settings, self_metrics)
     wal = WriteAheadLog(
         settings.wal_dir,
         segment_bytes=settings.wal_segment_bytes,
@@ -158,13 +140,12 @@ def create_app(settings: Settings) -> web.Application:
         wal=wal,
         usage=usage,
         self_metrics=self_metrics,
-        pricer=Pricer(settings.price_file),
+        pricer=load_pricer(settings),
         recent=RecentIds(settings.dedupe_cache_size),
         bytes_per_input_token=settings.bytes_per_input_token,
         tokens_per_output_chunk=settings.tokens_per_output_chunk,
     )
-    exposition = Exposition(usage, self_metrics)
-    store = Store.from_url(settings.effective_database_url)
+    store = open_store(settings)
 
     async def stored_spend(spec: BudgetSpec, since: datetime, until: datetime) -> Decimal:
         return await store.spend(since, until, spec.user, spec.team, spec.api_key_id, spec.model)
@@ -173,18 +154,15 @@ def create_app(settings: Settings) -> web.Application:
     ingestor.on_durable.append(budgets.on_durable)
     flusher = Flusher(wal, store.writer, self_metrics, settings, on_dropped=budgets.on_dropped)
     ingestor.on_durable.append(lambda _seq, _reports: flusher.nudge())
-    ingest = IngestHandlers(
-        ingestor, self_metrics, settings.max_body_bytes, settings.max_batch_items
-    )
 
+    policy = AccessPolicy()
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         # our bounded inflater answers bombs, truncation and unknown encodings in JSON
         handler_args={"auto_decompress": False},
-        middlewares=[
-            _middleware(Authenticator(settings.tokens), self_metrics, settings.metrics_auth)
-        ],
+        middlewares=[auth_middleware(policy, Authenticator(settings.tokens), self_metrics)],
     )
+    app[ACCESS] = policy
     app[SETTINGS] = settings
     app[SELF_METRICS] = self_metrics
     app[USAGE] = usage
@@ -193,124 +171,20 @@ def create_app(settings: Settings) -> web.Application:
     app[STORE] = store
     app[BUDGETS] = budgets
     app[FLUSHER] = flusher
-    ready = {"migrated": False}
+    install(app)
 
-    async def wal_ctx(app: web.Application) -> AsyncIterator[None]:
-        wal.open()
-        wal.start()
-        yield
-        await wal.close()
-
-    stopping = asyncio.Event()
-
-    async def migrate_until_done() -> bool:
-        """Keep ingesting into the WAL while the database is unreachable at start-up."""
-        delay = 1.0
-        while not stopping.is_set():
-            try:
-                if settings.auto_migrate:
-                    await store.upgrade()
-                ready["migrated"] = True
-                return True
-            except Exception as exc:
-                log.warning(
-                    "database %s not ready (%s: %s); retrying in %.0fs",
-                    store.safe_url,
-                    type(exc).__name__,
-                    redact_text(str(exc))[:300],
-                    delay,
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), delay)
-                delay = min(delay * 2, settings.flush_max_backoff)
-        return False
-
-    async def background_ctx(app: web.Application) -> AsyncIterator[None]:
-        async def main() -> None:
-            if not await migrate_until_done() or stopping.is_set():
-                return
-            jobs = [flusher.run()]
-            if budgets.enabled:
-                jobs.append(budgets.run(settings.budget_refresh_interval, stopping))
-            await asyncio.gather(*jobs)
-
-        task = asyncio.get_running_loop().create_task(main(), name="storage")
-        yield
-        stopping.set()
-        if ready["migrated"]:
-            await flusher.stop()  # SIGTERM: flush what is pending before exit
-        try:
-            await asyncio.wait_for(task, timeout=30)
-        except TimeoutError:
-            log.error("background jobs did not stop within 30s")
-        await store.close()
-
-    app.cleanup_ctx.append(wal_ctx)
-    app.cleanup_ctx.append(background_ctx)
-
-    async def metrics(request: web.Request) -> web.Response:
-        self_metrics.pending.set(wal.pending_reports)
-        self_metrics.wal_bytes.set(wal.total_bytes)
-        body, headers = await exposition.response(
-            request.headers.get("Accept", ""), request.headers.get("Accept-Encoding", "")
-        )
-        return web.Response(body=body, headers=headers)
-
-    async def landing(request: web.Request) -> web.Response:
-        return web.Response(text=_LANDING.format(version=__version__), content_type="text/html")
-
-    async def healthz(request: web.Request) -> web.Response:
-        return json_response({"status": "ok", "version": __version__})
-
-    async def readyz(request: web.Request) -> web.Response:
-        problems = []
-        if wal.total_bytes >= wal.max_bytes * 0.95:
-            problems.append("write-ahead log is (nearly) full")
-        if not ready["migrated"]:
-            problems.append("database schema not migrated yet")
-        elif not await store.ping():
-            problems.append("database not reachable")
-        if problems:
-            return json_response({"status": "not ready", "problems": problems}, status=503)
-        return json_response({"status": "ready"})
-
-    app.router.add_get("/", landing)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_post("/v1/usage", ingest.usage)
-    app.router.add_post("/v2/usage/gateway-metrics", ingest.gateway_metrics)
-    app.router.add_post(
-        "/v1/traces",
-        OtlpHandler(
-            ingestor, self_metrics, settings.max_body_bytes, settings.max_batch_items
-        ).traces,
-    )
-    budget_api = BudgetHandlers(budgets)
-    app.router.add_get("/v1/budgets", budget_api.list)
-    app.router.add_get("/v1/budgets/check", budget_api.check)
-    _add_read_api(app, settings, store)
+    limits = (settings.max_body_bytes, settings.max_batch_items)
+    metrics = _MetricsHandler(Exposition(usage, self_metrics), self_metrics, wal)
+    routes: list[Route] = [
+        *HealthHandlers(_readiness(app)).routes(),
+        Route("GET", "/metrics", metrics.metrics, "read" if settings.metrics_auth else "public"),
+        *IngestHandlers(ingestor, self_metrics, *limits).routes(),
+        *OtlpHandler(ingestor, self_metrics, *limits).routes(),
+        *BudgetHandlers(budgets).routes(),
+        *_read_api(settings, store),
+        *OpenApiHandler(settings.metrics_auth).routes(),
+    ]
+    policy.install(app.router, routes)
+    # first of the start steps, so a bad route table opens nothing
+    app.on_startup.insert(0, lambda app: _check_every_route_listed(app, policy))
     return app
-
-
-def _add_read_api(app: web.Application, settings: Settings, store: Store) -> None:
-    limit = settings.read_time_limit
-    stats = StatsHandler(
-        store.engine,
-        max_range_days=settings.read_max_range_days,
-        retention_days=settings.retention_days,
-        promoted_tags=getattr(settings, "promoted_tags", ()),
-        time_limit=limit,
-    )
-    requests = RequestsHandler(store.engine, limit)
-    traces = TraceHandler(store.engine, settings.trace_max_requests, limit)
-    spec = json_response(openapi_document()).body
-
-    async def openapi(request: web.Request) -> web.Response:
-        return web.Response(body=spec, content_type="application/json")
-
-    app.router.add_get("/v1/stats", stats.get)
-    app.router.add_get("/v1/requests", requests.list)
-    app.router.add_get("/v1/requests/{request_id}", requests.get)
-    app.router.add_get("/v1/traces/{trace_id}/usage", traces.usage)
-    app.router.add_get("/openapi.json", openapi)

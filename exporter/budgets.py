@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from exporter.config import BudgetSpec
 from exporter.selfmetrics import SelfMetrics
+from exporter.timeutil import as_utc
 from exporter.usage import UsageReport
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ _Key = tuple[str, datetime]  # budget name, start of the window the reports fall
 
 def window_bounds(window: Window, now: datetime) -> tuple[datetime, datetime]:
     """The UTC calendar window holding `now`: [start, end). Weeks start on Monday."""
-    now = now.astimezone(UTC)
+    now = as_utc(now)
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     if window == "day":
         return day, day + timedelta(days=1)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +17,28 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
     YamlConfigSettingsSource,
 )
+
+__all__ = [
+    "ENV_PREFIX",
+    "BudgetSpec",
+    "Scope",
+    "Settings",
+    "TokenSpec",
+    "check_env_names",
+    "load_settings",
+]
+
+ENV_PREFIX = "LLM_USAGE_"
+
+#: Variables with our prefix that are not settings, and who reads them.
+NOT_SETTINGS = {"LLM_USAGE_DEMO_TOKEN": "docker-compose.yml (the demo stack's token)"}
+
+#: URL schemes without an async driver, rewritten to the driver the service runs on.
+_ASYNC_DRIVERS = {
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+    "sqlite": "sqlite+aiosqlite",
+}
 
 Scope = Literal["ingest", "read", "admin"]
 ExtraLabel = Literal["provider", "team"]
@@ -50,9 +75,7 @@ class BudgetSpec(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="LLM_USAGE_", extra="forbid", validate_default=True
-    )
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 
     # where
     host: str = "127.0.0.1"
@@ -109,6 +132,17 @@ class Settings(BaseSettings):
     budgets: list[BudgetSpec] = Field(default_factory=list)
     budget_refresh_interval: float = Field(default=30.0, gt=0)
 
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, v: str | None) -> str | None:
+        """`postgresql://…` (as libpq and most docs spell it) means asyncpg here; other
+        drivers are refused when the store opens, naming the two that work."""
+        if v is None:
+            return None
+        scheme, sep, rest = v.partition("://")
+        driver = _ASYNC_DRIVERS.get(scheme.lower()) if sep else None
+        return f"{driver}://{rest}" if driver else v
+
     @field_validator("duration_buckets", "ttft_buckets")
     @classmethod
     def _buckets_sorted(cls, v: list[float]) -> list[float]:
@@ -156,8 +190,27 @@ class Settings(BaseSettings):
         return (init_settings, env_settings)
 
 
+def check_env_names(environ: Mapping[str, str]) -> None:
+    """A `LLM_USAGE_*` variable that names no setting is a typo: refuse it, suggesting the
+    nearest name, rather than silently run on the default."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    unknown = sorted(
+        k
+        for k in environ
+        if k.upper().startswith(ENV_PREFIX) and k.upper() not in known | set(NOT_SETTINGS)
+    )
+    if not unknown:
+        return
+    problems = []
+    for name in unknown:
+        near = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.6)
+        problems.append(f"{name} (did you mean {near[0]}?)" if near else name)
+    raise ValueError(f"unknown environment variable(s): {', '.join(problems)}")
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build settings, layering the config file (named by flag or env) under env and flags."""
+    check_env_names(os.environ)
     probe = Settings(**{k: v for k, v in overrides.items() if v is not None})
     if probe.config is None:
         return probe

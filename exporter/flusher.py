@@ -25,13 +25,13 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import orjson
 
+from exporter.backoff import backoff_delay
 from exporter.config import Settings
 from exporter.selfmetrics import SelfMetrics
 from exporter.store.errors import ErrorKind, classify, describe_error
@@ -272,9 +272,7 @@ class Flusher:
 
     def backoff_delay(self) -> float:
         """Next retry delay: doubling from min(1 s, interval), capped, with ±20% jitter."""
-        base = min(1.0, self.interval)
-        delay = min(self.max_backoff, base * 2 ** max(0, self._failures - 1))
-        return float(delay * random.uniform(0.8, 1.2))
+        return backoff_delay(self._failures, base=min(1.0, self.interval), cap=self.max_backoff)
 
     # -- retention ---------------------------------------------------------------------------
     async def run_retention(self) -> int:

@@ -32,6 +32,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from exporter.httputil import Route
 from exporter.ingest.body import BodyError
 from exporter.ingest.handlers import IngestEndpoint
 from exporter.ingest.pipeline import Backpressure
@@ -313,3 +314,6 @@ class OtlpHandler(IngestEndpoint):
                     f"{len(result.errors)} usage span(s) rejected; first: {first['error']}"
                 )[:1000]
         return web.Response(status=200, body=_encode(response, media), content_type=media)
+
+    def routes(self) -> list[Route]:
+        return [Route("POST", "/v1/traces", self.traces, "ingest")]

@@ -14,6 +14,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from exporter.timeutil import as_utc
+
 MAX_TOKENS = 10**12  # far above any real call; stops overflow games
 MAX_STRING = 256
 MAX_ID = 128
@@ -107,13 +109,11 @@ def normalize_status(value: Any) -> Any:
 
 
 def _utc(value: datetime, name: str) -> datetime:
-    """Naive means UTC; the range check compares aware times, so no overflow on conversion."""
-    offset = value.utcoffset()
-    if offset is None:
-        value = value.replace(tzinfo=UTC)
-    if not _EARLIEST <= value < _LATEST:
+    """Naive means UTC; the range is checked before converting, so no overflow on conversion."""
+    aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    if not _EARLIEST <= aware < _LATEST:
         raise ValueError(f"{name} must be between 2000-01-01 and 2200-01-01")
-    return value.astimezone(UTC) if offset else value
+    return as_utc(aware)
 
 
 TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS)]

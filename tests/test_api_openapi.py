@@ -25,24 +25,25 @@ from schemathesis.checks import (
 
 from exporter.api.openapi import openapi_document
 from exporter.api.stats import StatsResponse
-from exporter.app import STORE, create_app
+from exporter.app import create_app
+from exporter.appkeys import ACCESS, STORE
 
 
-def routes_of(app: Any) -> set[tuple[str, str]]:
-    out = set()
-    for route in app.router.routes():
-        if route.method in ("HEAD", "*"):
-            continue
-        info = route.resource.get_info() if route.resource is not None else {}
-        out.add((route.method, info.get("path") or info.get("formatter")))
-    return out
-
-
-def test_every_route_is_described_and_every_described_route_exists(tmp_path: Path) -> None:
-    doc = openapi_document()
+@pytest.mark.parametrize("metrics_auth", [False, True])
+def test_every_route_is_described_and_every_described_route_exists(
+    tmp_path: Path, metrics_auth: bool
+) -> None:
+    """Both ways, with the access each route really has (HEAD and OPTIONS inherit GET's)."""
+    doc = openapi_document(metrics_auth=metrics_auth)
     assert doc["openapi"].startswith("3.1")
-    described = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
-    assert described == routes_of(create_app(make_settings(tmp_path)))
+    described = {
+        (m.upper(), p, op.get("x-scope", "public"))
+        for p, ops in doc["paths"].items()
+        for m, op in ops.items()
+    }
+    app = create_app(make_settings(tmp_path, metrics_auth=metrics_auth))
+    routed = {(m, p, a) for m, p, a in app[ACCESS].entries() if m not in ("HEAD", "OPTIONS")}
+    assert described == routed
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
             assert op["summary"] and op["responses"], (method, path)

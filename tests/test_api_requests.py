@@ -18,7 +18,7 @@ from apiexpect import cost, done_at, make_reports
 from conftest import MakeClient
 from helpers import wait_ready
 
-from exporter.app import STORE
+from exporter.appkeys import STORE
 from exporter.usage import UsageReport
 
 REPORTS = make_reports(400, seed=11)

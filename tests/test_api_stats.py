@@ -20,7 +20,7 @@ from conftest import MakeClient
 from helpers import ADMIN_TOKEN, INGEST_TOKEN, READ_TOKEN, bearer, wait_ready
 from pgcluster import PgCluster
 
-from exporter.app import STORE
+from exporter.appkeys import STORE
 from exporter.store import Store
 
 REPORTS = make_reports(700)

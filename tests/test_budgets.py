@@ -13,7 +13,8 @@ from typing import Any
 import orjson
 from helpers import READ_TOKEN, bearer, make_settings, scrape, token_settings, value, wait_ready
 
-from exporter.app import BUDGETS, FLUSHER, create_app
+from exporter.app import create_app
+from exporter.appkeys import BUDGETS, FLUSHER
 from exporter.budgets import BudgetTracker
 from exporter.config import BudgetSpec
 from exporter.selfmetrics import SelfMetrics

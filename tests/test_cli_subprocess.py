@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,12 +13,11 @@ from helpers import (
     INGEST_TOKEN,
     ServiceProcess,
     bearer,
-    clean_env,
-    cli_command,
     free_port,
     http,
     parse_metrics,
     report,
+    run_cli,
     start_service,
     total,
     value,
@@ -28,19 +26,6 @@ from helpers import (
 from exporter import __version__
 
 SECRET = "gpustack_ak_CLI_SECRET_5e4d3c2b1a"
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*cli_command(), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=clean_env(env),
-        stdin=subprocess.DEVNULL,
-    )
 
 
 @pytest.fixture

@@ -1,1 +1,1 @@
-"""Read API: budgets (state and enforcement checks)."""
+"""HTTP out: the read API (budgets) and the service's own pages (landing, health, readiness)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from exporter.budgets import BudgetTracker
-from exporter.httputil import error_response, json_response
+from exporter.httputil import Route, error_response, json_response
 
 _CHECK_PARAMS = ("user", "team", "api_key_id", "model")
 
@@ -14,7 +14,7 @@ class BudgetHandlers:
     def __init__(self, tracker: BudgetTracker) -> None:
         self._tracker = tracker
 
-    async def list(self, request: web.Request) -> web.Response:
+    async def list_budgets(self, request: web.Request) -> web.Response:
         return json_response({"budgets": [s.as_json() for s in self._tracker.states()]})
 
     async def check(self, request: web.Request) -> web.Response:
@@ -28,3 +28,9 @@ class BudgetHandlers:
         if any(len(v) > 256 for v in args.values()):
             return error_response(400, "parameter values are limited to 256 characters")
         return json_response(self._tracker.check(**args))
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("GET", "/v1/budgets", self.list_budgets, "read"),
+            Route("GET", "/v1/budgets/check", self.check, "read"),
+        ]

@@ -7,9 +7,11 @@ equals the app's router, both ways.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import orjson
+from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
@@ -18,9 +20,10 @@ from exporter.api.params import REQUESTS_PARAMS, STATS_PARAMS, Param
 from exporter.api.requests import RequestRow, RequestsPage
 from exporter.api.stats import StatsResponse
 from exporter.api.traces import TraceUsage
+from exporter.httputil import Route
 from exporter.usage import MAX_ID, UsageReport
 
-__all__ = ["OPERATIONS", "Operation", "openapi_document"]
+__all__ = ["OPERATIONS", "OpenApiHandler", "Operation", "openapi_document"]
 
 
 class Error(BaseModel):
@@ -113,7 +116,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "GET",
         "/metrics",
         "Prometheus metrics (text 0.0.4 or OpenMetrics)",
-        "read",
+        None,
         "text/plain",
         errors=(),
     ),
@@ -282,13 +285,29 @@ def _operation(op: Operation) -> dict[str, Any]:
     return doc
 
 
-def openapi_document() -> dict[str, Any]:
+class OpenApiHandler:
+    """GET /openapi.json: the document, rendered once."""
+
+    def __init__(self, metrics_auth: bool = False) -> None:
+        self._body = orjson.dumps(openapi_document(metrics_auth=metrics_auth))
+
+    async def get(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._body, content_type="application/json")
+
+    def routes(self) -> list[Route]:
+        return [Route("GET", "/openapi.json", self.get, "public")]
+
+
+def openapi_document(*, metrics_auth: bool = False) -> dict[str, Any]:
+    """The document; `metrics_auth` (the setting) puts /metrics behind the read scope."""
     _, schemas = models_json_schema(
         [(m, "serialization" if m is not UsageReport else "validation") for m in _MODELS],
         ref_template="#/components/schemas/{model}",
     )
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
+        if op.path == "/metrics" and metrics_auth:
+            op = replace(op, scope="read")
         paths.setdefault(op.path, {})[op.method.lower()] = _operation(op)
     return {
         "openapi": "3.1.0",

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from exporter.api.params import ParamError, encode_cursor, parse_requests, wants_csv
 from exporter.api.stats import csv_text
-from exporter.httputil import error_response, json_response
+from exporter.httputil import Route, error_response, json_response
 from exporter.store.details import DETAIL_FIELDS, request_by_id, request_page
 from exporter.store.readsql import ReadError
 from exporter.store.rows import clean_text
@@ -78,7 +78,7 @@ class RequestsHandler:
         self._engine = engine
         self._time_limit = time_limit
 
-    async def list(self, request: web.Request) -> web.Response:
+    async def list_requests(self, request: web.Request) -> web.Response:
         try:
             csv_wanted = wants_csv(request.query, request.headers.get("Accept", ""))
             q = parse_requests(request.query)
@@ -120,3 +120,9 @@ class RequestsHandler:
         if row is None:
             return error_response(404, "no stored request with this request_id")
         return json_response(json_row(row))
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("GET", "/v1/requests", self.list_requests, "read"),
+            Route("GET", "/v1/requests/{request_id}", self.get, "read"),
+        ]

@@ -19,7 +19,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from exporter.api.params import ParamError, parse_stats, wants_csv
-from exporter.httputil import error_response, json_response
+from exporter.httputil import Route, error_response, json_response
 from exporter.store.readsql import ReadError
 from exporter.store.stats import (
     COUNTS,
@@ -204,3 +204,6 @@ class StatsHandler:
                 text=csv_text(csv_columns(doc), doc["groups"]), content_type="text/csv"
             )
         return json_response(doc)
+
+    def routes(self) -> list[Route]:
+        return [Route("GET", "/v1/stats", self.get, "read")]

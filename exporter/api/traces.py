@@ -18,7 +18,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from exporter.api.requests import json_row
-from exporter.httputil import error_response, json_response
+from exporter.httputil import Route, error_response, json_response
 from exporter.store.details import trace_rows
 from exporter.store.readsql import ReadError
 from exporter.store.rows import clean_text
@@ -218,3 +218,6 @@ class TraceHandler:
                 "tree": build_tree(rows, trace_id),
             }
         )
+
+    def routes(self) -> list[Route]:
+        return [Route("GET", "/v1/traces/{trace_id}/usage", self.usage, "read")]

@@ -6,7 +6,7 @@ import logging
 
 from aiohttp import web
 
-from exporter.httputil import LogOncePerMinute, error_response, json_response
+from exporter.httputil import LogOncePerMinute, Route, error_response, json_response
 from exporter.ingest.body import BodyError, ParsedBody, parse_items, read_body
 from exporter.ingest.pipeline import Backpressure, Ingestor, IngestResult
 from exporter.selfmetrics import SelfMetrics
@@ -89,6 +89,12 @@ class IngestHandlers(IngestEndpoint):
         if not any(k in parsed.items[0] for k in ("input_token", "output_token", "access_key")):
             parsed.items[0].setdefault("request_count", 1)  # route to the GPUStack adapter
         return await self._ingest(request, parsed)
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("POST", "/v1/usage", self.usage, "ingest"),
+            Route("POST", "/v2/usage/gateway-metrics", self.gateway_metrics, "ingest"),
+        ]
 
 
 def _status(result: IngestResult) -> int:

@@ -6,7 +6,7 @@ SUM() over the exact cost text would go through binary floats.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -18,13 +18,10 @@ from exporter.store.tables import (
     to_decimal,
     usage_rollups,
 )
+from exporter.timeutil import as_utc
 
 Granularity = Literal["hour", "day"]
 _ZERO = Decimal(0).quantize(COST_QUANTUM)
-
-
-def _utc(dt: datetime) -> datetime:
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 async def _sum_cost(engine: AsyncEngine, stmt: Select[Any]) -> Decimal:
@@ -83,7 +80,7 @@ async def spend(
     are exact (days, weeks and months are); otherwise the hour buckets *starting* inside the
     window count. Whole days are read from day rollups, edges from hour rollups.
     """
-    since, until = _utc(since), _utc(until)
+    since, until = as_utc(since), as_utc(until)
     if until <= since:
         return _ZERO
     t = usage_rollups

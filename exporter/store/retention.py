@@ -15,6 +15,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.store.tables import usage_details
+from exporter.timeutil import as_utc
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,7 @@ async def purge_details(
 ) -> int:
     """Delete details with completed_at < older_than; returns how many rows went."""
     t = usage_details
-    if older_than.tzinfo is None:
-        older_than = older_than.replace(tzinfo=UTC)
+    older_than = as_utc(older_than)
     victims = (
         select(t.c.request_id)
         .where(t.c.completed_at < older_than)

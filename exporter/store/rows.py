@@ -35,6 +35,7 @@ from exporter.store.tables import (
     UTCDateTime,
     usage_details,
 )
+from exporter.timeutil import as_utc
 
 __all__ = [
     "DERIVED_KEY",
@@ -174,11 +175,7 @@ def _time(name: str, value: Any) -> datetime | None:
             raise RowRefused(name, "not an RFC 3339 timestamp") from None
     if not isinstance(value, datetime):
         raise RowRefused(name, f"not a timestamp: {type(value).__name__}")
-    if value.tzinfo is UTC:
-        return value
-    if value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+    return as_utc(value)
 
 
 def _money(name: str, value: Any) -> Decimal | None:

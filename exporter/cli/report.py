@@ -21,9 +21,10 @@ from typing import Any, TextIO
 
 from multidict import MultiDict
 
+from exporter.cli.common import add_settings_flags
 from exporter.config import Settings
 
-__all__ = ["TABLE_FIELDS", "add_arguments", "render", "run"]
+__all__ = ["TABLE_FIELDS", "add_arguments", "register", "render", "run"]
 
 #: What the table shows per group (CSV and JSON carry every figure).
 TABLE_FIELDS = ("requests", "success_rate", "input_tokens", "output_tokens", "total_tokens",
@@ -36,6 +37,13 @@ class ReportError(Exception):
     def __init__(self, message: str, code: int = 2) -> None:
         super().__init__(message)
         self.code = code
+
+
+def register(sub: Any) -> None:
+    rep = sub.add_parser("report", help="usage per group and period (as GET /v1/stats)")
+    add_settings_flags(rep)
+    add_arguments(rep)
+    rep.set_defaults(run=run)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
