@@ -35,12 +35,13 @@ from exporter.budgets import BudgetTracker
 from exporter.config import BudgetSpec, Settings
 from exporter.flusher import Flusher
 from exporter.httputil import Route
+from exporter.ingest.adapters.sdk import UnknownUsageCollector
 from exporter.ingest.dedupe import RecentIds
 from exporter.ingest.handlers import IngestHandlers
+from exporter.ingest.otlp import OtlpHandler
 from exporter.ingest.pipeline import Ingestor
 from exporter.live.exposition import Exposition
 from exporter.live.usage_metrics import LabelCaps, UsageMetrics
-from exporter.otlp import OtlpHandler
 from exporter.selfmetrics import SelfMetrics
 from exporter.startup import install, load_pricer, open_store
 from exporter.store import Store
@@ -61,7 +62,9 @@ def _usage_metrics(settings: Settings, self_metrics: SelfMetrics) -> UsageMetric
             user=settings.max_users,
             provider=settings.max_providers,
             team=settings.max_teams,
+            tag=settings.max_tag_values,
         ),
+        promoted_tags=settings.promoted_tags,
         duration_buckets=settings.duration_buckets,
         ttft_buckets=settings.ttft_buckets,
         on_overflow=self_metrics.overflow,
@@ -85,6 +88,7 @@ def _readiness(app: web.Application) -> Readiness:
     readiness = Readiness()
     readiness.add("wal_space", wal_space)
     readiness.add("database", database)
+    readiness.add("flush", app[FLUSHER].readiness_problems)
     return readiness
 
 
@@ -144,15 +148,24 @@ def create_app(settings: Settings) -> web.Application:
         recent=RecentIds(settings.dedupe_cache_size),
         bytes_per_input_token=settings.bytes_per_input_token,
         tokens_per_output_chunk=settings.tokens_per_output_chunk,
+        user_attributes=settings.otel_user_attributes,
     )
     store = open_store(settings)
+    self_metrics.registry.register(UnknownUsageCollector())
 
     async def stored_spend(spec: BudgetSpec, since: datetime, until: datetime) -> Decimal:
         return await store.spend(since, until, spec.user, spec.team, spec.api_key_id, spec.model)
 
     budgets = BudgetTracker(settings.budgets, self_metrics, stored_spend)
     ingestor.on_durable.append(budgets.on_durable)
-    flusher = Flusher(wal, store.writer, self_metrics, settings, on_dropped=budgets.on_dropped)
+    flusher = Flusher(
+        wal,
+        store.writer,
+        self_metrics,
+        settings,
+        on_dropped=budgets.on_dropped,
+        retention=store.retention_schedule(settings.retention_days),
+    )
     ingestor.on_durable.append(lambda _seq, _reports: flusher.nudge())
 
     policy = AccessPolicy()
@@ -179,7 +192,9 @@ def create_app(settings: Settings) -> web.Application:
         *HealthHandlers(_readiness(app)).routes(),
         Route("GET", "/metrics", metrics.metrics, "read" if settings.metrics_auth else "public"),
         *IngestHandlers(ingestor, self_metrics, *limits).routes(),
-        *OtlpHandler(ingestor, self_metrics, *limits).routes(),
+        *OtlpHandler(
+            ingestor, self_metrics, *limits, user_attributes=settings.otel_user_attributes
+        ).routes(),
         *BudgetHandlers(budgets).routes(),
         *_read_api(settings, store),
         *OpenApiHandler(settings.metrics_auth).routes(),

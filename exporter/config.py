@@ -7,7 +7,7 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -39,6 +39,21 @@ _ASYNC_DRIVERS = {
     "postgres": "postgresql+asyncpg",
     "sqlite": "sqlite+aiosqlite",
 }
+
+#: where instrumentations record the caller, first match wins (settings: otel_user_attributes)
+DEFAULT_USER_ATTRIBUTES = (
+    "gen_ai.user",
+    "gen_ai.request.user",
+    "user.id",
+    "enduser.id",
+    "llm.user",
+    "traceloop.association.properties.user_id",
+    "ai.telemetry.metadata.userId",
+    "langfuse.user.id",
+    "session.user_id",
+)
+#: a tag key (report tags, promoted_tags, the read API's tag:<key>)
+TAG_KEY_PATTERN = r"^[A-Za-z0-9_.-]+$"
 
 Scope = Literal["ingest", "read", "admin"]
 ExtraLabel = Literal["provider", "team"]
@@ -120,12 +135,24 @@ class Settings(BaseSettings):
     flush_interval: float = Field(default=10.0, gt=0)
     flush_max_reports: int = Field(default=50_000, ge=1)
     flush_max_backoff: float = Field(default=60.0, gt=0)
+    #: /readyz answers 503 after this many flush failures in a row
+    flush_unready_after_failures: int = Field(default=3, ge=1)
     retention_days: int = Field(default=400, ge=1)
 
     # read API (docs/api.md)
     read_max_range_days: int = Field(default=400, ge=1)
     read_time_limit: float = Field(default=10.0, gt=0)  # seconds per read query
     trace_max_requests: int = Field(default=10_000, ge=1)
+
+    # clients: where OTel spans name the caller (first match wins), attribution tags
+    otel_user_attributes: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_USER_ATTRIBUTES), min_length=1, max_length=32
+    )
+    #: tag keys promoted to rollup dimensions and to `tag_<key>` labels (each capped)
+    promoted_tags: list[Annotated[str, Field(pattern=TAG_KEY_PATTERN, max_length=64)]] = Field(
+        default_factory=list, max_length=5
+    )
+    max_tag_values: int = Field(default=100, ge=1)
 
     # pricing and budgets
     price_file: Path | None = None

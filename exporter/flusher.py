@@ -6,17 +6,16 @@ active WAL segment and writes the sealed segments, oldest first, in transactions
 reports has committed; if the process dies in between, the replay is de-duplicated by the
 database (details are unique by request_id and rollups only add what was really inserted).
 
-A failing database keeps everything in the WAL: the flusher retries with exponential backoff
-(capped at `flush_max_backoff`), counts each failure, logs the outage once and its end once,
-and reads segments from disk per attempt, so memory stays flat however long the outage lasts.
-Ingest pushes back with 503 when the WAL reaches its size cap. A database that hangs instead
-of failing is abandoned after `write_timeout`.
+A failing flush keeps everything in the WAL: the flusher retries with exponential backoff
+(capped at `flush_max_backoff`), counts each failure (`llm_usage_flush_failures_total`), logs
+the outage once and its end once, and reads segments from disk per attempt, so memory stays
+flat however long the outage lasts. Ingest pushes back with 503 when the WAL reaches its size
+cap. A database that hangs instead of failing is abandoned after `write_timeout`.
 
-Reports the database refuses for their *data* (SQLSTATE 22/23: say a hostile cost that
-overflows a rollup's NUMERIC(20,10)) would otherwise be retried forever and jam everything
-behind them: the flusher bisects the batch, commits what is accepted, and appends the refused
-reports with the error to `<data_dir>/quarantine/*.ndjson` (fsynced before the WAL segment
-goes), logged as an error and counted as a flush failure.
+Which failures are whose fault is `store.errors.classify`: only a batch the database refuses
+for its *data* goes to `store.quarantine` (bisected, the rest committed); a bug in our write
+path is a flush failure like an outage, never a reason to set reports aside. Retention runs
+as its own task (`store.retention_schedule`), never inside the flush.
 """
 
 from __future__ import annotations
@@ -24,34 +23,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
-
-import orjson
+from dataclasses import dataclass
+from typing import Protocol
 
 from exporter.backoff import backoff_delay
 from exporter.config import Settings
 from exporter.selfmetrics import SelfMetrics
-from exporter.store.errors import ErrorKind, classify, describe_error
-from exporter.store.retention import purge_details, retention_cutoff
-from exporter.store.writer import StoreWriter
+from exporter.store.errors import ErrorKind, classify, describe_error, is_schema_missing
+from exporter.store.quarantine import Quarantine
+from exporter.store.retention_schedule import RetentionSchedule
+from exporter.store.writer import WriteResult
 from exporter.wal import Segment, WriteAheadLog
+
+__all__ = ["BatchWriter", "Flusher"]
 
 log = logging.getLogger(__name__)
 
-RETENTION_INTERVAL_S = 3600.0
-RETENTION_MAX_BATCHES = 200  # per run: a huge first purge never starves the flush for long
 STOP_TIMEOUT_S = 30.0
 #: A flush transaction of flush_max_reports takes seconds; past this the database is hung
 #: (not down: that fails fast) and the attempt is abandoned, rolled back and retried.
 WRITE_TIMEOUT_S = 120.0
 
 
-def is_data_error(exc: BaseException) -> bool:
-    """True when the database refuses the data itself (store.errors.classify)."""
-    return classify(exc) is ErrorKind.REFUSED
+class BatchWriter(Protocol):
+    """What the flusher needs from the store (StoreWriter): one exactly-once transaction."""
+
+    async def write_payloads(self, payloads: Sequence[bytes]) -> WriteResult: ...
+
+    async def probe(self) -> None:
+        """Raise what a write would raise now, writing nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    kind: ErrorKind
+    schema_missing: bool
+    description: str
 
 
 def _read_payloads(wal: WriteAheadLog, segments: Sequence[Segment]) -> list[bytes]:
@@ -68,12 +77,12 @@ class Flusher:
     def __init__(
         self,
         wal: WriteAheadLog,
-        store_writer: StoreWriter,
+        store_writer: BatchWriter,
         self_metrics: SelfMetrics,
         settings: Settings,
         *,
         on_dropped: Callable[[int], None] | None = None,
-        retention_interval: float = RETENTION_INTERVAL_S,
+        retention: RetentionSchedule | None = None,
         write_timeout: float = WRITE_TIMEOUT_S,
     ) -> None:
         self.wal = wal
@@ -82,18 +91,21 @@ class Flusher:
         self.interval = settings.flush_interval
         self.max_reports = settings.flush_max_reports
         self.max_backoff = settings.flush_max_backoff
-        self.retention_days = settings.retention_days
-        self.retention_interval = retention_interval
         self.write_timeout = write_timeout
+        self.unready_after_failures = settings.flush_unready_after_failures
         self.on_dropped = on_dropped
+        self.retention = retention
+        self.quarantine = Quarantine(wal.directory.parent / "quarantine")
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._stopping = False
         self._run_task: asyncio.Task[None] | None = None
+        self._retention_task: asyncio.Task[None] | None = None
         self._failures = 0  # consecutive
         self._failing_since: float | None = None
-        self._next_retention = time.monotonic()
-        self.quarantine_dir = wal.directory.parent / "quarantine"
+        # What the last failure was, never the exception itself: its traceback would keep the
+        # failed batch's payloads alive for as long as the outage lasts.
+        self._last_error: _Failure | None = None
         self.metrics.wal_max_bytes.set(wal.max_bytes)
 
     # -- ingest side -------------------------------------------------------------------------
@@ -106,6 +118,24 @@ class Flusher:
     @property
     def failing(self) -> bool:
         return self._failing_since is not None
+
+    def readiness_problems(self) -> list[str]:
+        """Why this replica should not get traffic, from the flush's point of view (/readyz):
+        the schema is missing, or `flush_unready_after_failures` flushes in a row failed."""
+        last = self._last_error
+        if last is None or not self._failures:
+            return []
+        if last.schema_missing:
+            return [
+                "database schema missing or behind: run `llm-usage-exporter db upgrade` "
+                f"({last.description})"
+            ]
+        if self._failures < self.unready_after_failures:
+            return []
+        return [
+            f"flush failing: {self._failures} consecutive failure(s), last "
+            f"{last.kind.value}: {last.description}"
+        ]
 
     # -- flushing ----------------------------------------------------------------------------
     def _update_gauges(self) -> None:
@@ -144,24 +174,33 @@ class Flusher:
             self._on_success(flushed)
             return flushed
 
+    async def _inserted(self, payloads: Sequence[bytes]) -> int:
+        return (await self.writer.write_payloads(payloads)).inserted
+
     async def _flush_locked(self) -> int:
         await self.wal.seal()
         loop = asyncio.get_running_loop()
         flushed = 0
-        for group in self._groups(self.wal.sealed_segments()):
+        groups = self._groups(self.wal.sealed_segments())
+        if not groups:  # idle: still find out whether a flush would work (for /readyz)
+            async with asyncio.timeout(self.write_timeout):
+                await self.writer.probe()
+        for group in groups:
             # Disk reads off the event loop; only this group's records are in memory.
             payloads = await loop.run_in_executor(None, _read_payloads, self.wal, group)
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(self.write_timeout):
-                    result = await self.writer.write_payloads(payloads)
+                    inserted = await self._inserted(payloads)
             except Exception as exc:
-                if not is_data_error(exc):
+                if classify(exc) is not ErrorKind.REFUSED:
                     raise
-                inserted = await self._isolate(group, payloads, exc)
+                name = f"{group[0].seq:016d}-{group[-1].seq:016d}"
+                isolated = await self.quarantine.isolate(self._inserted, payloads, exc, name)
+                self.metrics.quarantined.inc(isolated.refused)
+                inserted = isolated.inserted
             else:
                 self.metrics.flush_duration.observe(time.perf_counter() - started)
-                inserted = result.inserted
             self.metrics.flushed.inc(inserted)
             for seg in group:  # committed: now, and only now, the segments may go
                 self.wal.drop(seg)
@@ -180,84 +219,30 @@ class Flusher:
         self.metrics.last_flush_success.set(time.time())
         return flushed
 
-    # -- poison reports ----------------------------------------------------------------------
-    async def _isolate(
-        self, group: Sequence[Segment], payloads: Sequence[bytes], first: BaseException
-    ) -> int:
-        """The database refuses the batch for its data, not its health (e.g. a rollup cost
-        past NUMERIC(20,10)): retrying would fail forever and the WAL would fill up. Bisect
-        down to the reports it refuses, commit the rest, and set those few aside on disk;
-        return how many reports were new. A connection error in here propagates: the group
-        is retried later, and what was already stored is de-duplicated then.
-        """
-        log.warning("flush: batch refused for its data (%s); isolating the reports it refuses",
-                    describe_error(first))  # fmt: skip
-        refused: list[tuple[dict[str, object], str]] = []
-
-        async def store(payloads: Sequence[bytes], whole_records: bool) -> int:
-            """Bisect: halves that the database accepts are committed as they are."""
-            try:
-                return (await self.writer.write_payloads(payloads)).inserted
-            except Exception as exc:
-                if not is_data_error(exc):
-                    raise
-                if len(payloads) > 1:
-                    mid = len(payloads) // 2
-                    return await store(payloads[:mid], whole_records) + await store(
-                        payloads[mid:], whole_records
-                    )
-                try:
-                    reports = orjson.loads(payloads[0])
-                except ValueError:
-                    refused.append(({"raw": payloads[0].decode(errors="replace")}, "bad JSON"))
-                    return 0
-                if whole_records and len(reports) > 1:  # one record: now its reports
-                    return await store([orjson.dumps([r]) for r in reports], False)
-                refused.extend((r, describe_error(exc)) for r in reports)
-                return 0
-
-        inserted = await store(payloads, True)
-        if refused:
-            path = await asyncio.to_thread(self._quarantine, group, refused)
-            self.metrics.quarantined.inc(len(refused))
-            log.error(
-                "flush: the database refused %d report(s); they are kept in %s (not counted "
-                "in the rollups), first error: %s",
-                len(refused),
-                path,
-                refused[0][1],
-            )
-        return inserted
-
-    def _quarantine(
-        self, group: Sequence[Segment], refused: Sequence[tuple[dict[str, object], str]]
-    ) -> Path:
-        """Append the refused reports (and why) to an NDJSON file, durably, before the WAL
-        segments holding them are dropped."""
-        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
-        path = self.quarantine_dir / f"refused-{group[0].seq:016d}-{group[-1].seq:016d}.ndjson"
-        with path.open("ab") as f:
-            for report, error in refused:
-                f.write(orjson.dumps({"error": error, "report": report}) + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        return path
-
     def _on_failure(self, exc: BaseException) -> None:
         self.metrics.flush_failures.inc()
         self._failures += 1
-        if self._failing_since is None:
-            self._failing_since = time.monotonic()
-            log.error(
-                "flush failed, keeping %d report(s) in the WAL (%d bytes) and retrying with "
-                "backoff up to %gs: %s",
-                self.wal.pending_reports,
-                self.wal.total_bytes,
-                self.max_backoff,
-                describe_error(exc),
-            )
-        else:
+        self._last_error = _Failure(classify(exc), is_schema_missing(exc), describe_error(exc, 200))
+        if self._failing_since is not None:
             log.debug("flush failed again (%d in a row): %s", self._failures, describe_error(exc))
+            return
+        self._failing_since = time.monotonic()
+        kind, schema_missing = self._last_error.kind, self._last_error.schema_missing
+        why = {
+            ErrorKind.UNAVAILABLE: "database unavailable",
+            ErrorKind.REFUSED: "database refused the data while isolating it",
+            ErrorKind.BUG: "schema missing" if schema_missing else "unexpected error",
+        }[kind]
+        log.error(
+            "flush failed (%s), keeping %d report(s) in the WAL (%d bytes) and retrying with "
+            "backoff up to %gs: %s",
+            why,
+            self.wal.pending_reports,
+            self.wal.total_bytes,
+            self.max_backoff,
+            describe_error(exc),
+            exc_info=kind is ErrorKind.BUG and not schema_missing,
+        )
 
     def _on_success(self, flushed: int) -> None:
         if self._failing_since is not None:
@@ -269,34 +254,28 @@ class Flusher:
             )
         self._failing_since = None
         self._failures = 0
+        self._last_error = None
 
     def backoff_delay(self) -> float:
         """Next retry delay: doubling from min(1 s, interval), capped, with ±20% jitter."""
         return backoff_delay(self._failures, base=min(1.0, self.interval), cap=self.max_backoff)
 
-    # -- retention ---------------------------------------------------------------------------
-    async def run_retention(self) -> int:
-        """Delete details past retention (bounded work per call); rollups are kept."""
-        return await purge_details(
-            self.writer.engine,
-            retention_cutoff(self.retention_days),
-            max_batches=RETENTION_MAX_BATCHES,
-        )
-
-    async def _maybe_retention(self) -> None:
-        if self.failing or time.monotonic() < self._next_retention:
-            return
-        self._next_retention = time.monotonic() + self.retention_interval
-        try:
-            await self.run_retention()
-        except Exception as exc:
-            log.warning("retention failed (will retry in %.0fs): %s",
-                        self.retention_interval, describe_error(exc))  # fmt: skip
-
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> None:
-        """The loop: flush now (startup replay), then every interval or when nudged."""
+        """The loop: flush now (startup replay), then every interval or when nudged.
+
+        Retention, if configured, runs beside it as its own task, paused while flushes fail.
+        """
         self._run_task = asyncio.current_task()
+        if self.retention is not None and self._retention_task is None:
+            self._retention_task = asyncio.get_running_loop().create_task(
+                self.retention.run(
+                    paused=lambda: self.failing,
+                    on_deleted=self.metrics.retention_deleted.inc,
+                    on_failure=lambda _exc: self.metrics.retention_failures.inc(),
+                ),
+                name="retention",
+            )
         first = True
         while not self._stopping:
             if not first:
@@ -306,15 +285,16 @@ class Flusher:
                     await self._sleep(self.interval, wake_on_nudge=True)
                 if self._stopping:
                     break
+            # An idle flusher probes at start and while failing, so /readyz and the failure
+            # count see a broken database (say, never migrated) before any report arrives.
+            probe = first or self.failing
             first = False
             self._wake.clear()
-            if self.wal.pending_reports:
+            if self.wal.pending_reports or probe:
                 try:
                     await self.flush_once()
                 except Exception as exc:  # counted and logged once by flush_once
                     log.debug("flush: will retry after backoff (%s)", type(exc).__name__)
-                    continue
-            await self._maybe_retention()
 
     async def _sleep(self, seconds: float, *, wake_on_nudge: bool = False) -> None:
         if not wake_on_nudge:
@@ -322,10 +302,18 @@ class Flusher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
 
+    async def _stop_retention(self) -> None:
+        task, self._retention_task = self._retention_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:  # noqa: ASYNC109
         """Final flush (SIGTERM), bounded by `timeout`; what misses it is replayed at start."""
         self._stopping = True
         self._wake.set()
+        await self._stop_retention()
         try:
             async with asyncio.timeout(timeout):
                 task = self._run_task

@@ -76,6 +76,16 @@ class SelfMetrics:
             "Reports the database refused (data errors), kept in <data_dir>/quarantine.",
             registry=r,
         )
+        self.retention_deleted = Counter(
+            "llm_usage_retention_deleted_details",
+            "Audit rows (usage_details) deleted by retention; rollups are kept.",
+            registry=r,
+        )
+        self.retention_failures = Counter(
+            "llm_usage_retention_failures",
+            "Retention runs that failed (retried at the next run).",
+            registry=r,
+        )
         self.last_flush_success = Gauge(
             "llm_usage_last_flush_success_timestamp_seconds",
             "Unix time of the last successful flush.",

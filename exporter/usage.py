@@ -14,12 +14,17 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from exporter.config import TAG_KEY_PATTERN
 from exporter.timeutil import as_utc
 
 MAX_TOKENS = 10**12  # far above any real call; stops overflow games
 MAX_STRING = 256
 MAX_ID = 128
 MAX_COST_USD = 1_000_000.0
+MAX_TAGS = 16
+MAX_TAG_KEY = 64
+MAX_TAG_VALUE = 256
+#: tag keys: letters, digits and _ . - (also how the read API names them: `tag:<key>`)
 _EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 _LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 
@@ -70,6 +75,21 @@ _OPERATION_ALIASES: dict[str, Operation] = {
     "speech_to_text": Operation.AUDIO_TRANSCRIPTION,
     "stt": Operation.AUDIO_TRANSCRIPTION,
     "response": Operation.RESPONSES,
+    # LiteLLM call types (its OTel spans and StandardLoggingPayload use them as they are)
+    "acompletion": Operation.CHAT,
+    "anthropic_messages": Operation.CHAT,
+    "aembedding": Operation.EMBEDDING,
+    "atext_completion": Operation.COMPLETION,
+    "aresponses": Operation.RESPONSES,
+    "responses_api": Operation.RESPONSES,
+    "image_generation": Operation.IMAGE_GENERATION,
+    "aimage_generation": Operation.IMAGE_GENERATION,
+    "atranscription": Operation.AUDIO_TRANSCRIPTION,
+    "aspeech": Operation.AUDIO_SPEECH,
+    "arerank": Operation.RERANK,
+    "generate_text": Operation.CHAT,
+    "stream_text": Operation.CHAT,
+    "embed": Operation.EMBEDDING,
 }
 
 
@@ -122,6 +142,14 @@ Ident = Annotated[str, Field(max_length=MAX_ID)]
 #: RFC 3339 text (naive means UTC) or unix seconds / milliseconds; parsed by pydantic-core.
 Timestamp = Annotated[datetime, Field(strict=False)]
 Millis = Annotated[float, Field(ge=0, le=7 * 24 * 3600 * 1000)]
+TagKey = Annotated[str, Field(min_length=1, max_length=MAX_TAG_KEY, pattern=TAG_KEY_PATTERN)]
+TagValue = Annotated[str, Field(max_length=MAX_TAG_VALUE)]
+Tags = Annotated[dict[TagKey, TagValue], Field(max_length=MAX_TAGS)]
+#: identity strings both backends must store identically: Postgres text refuses NUL (and the
+#: driver would otherwise turn it into something else), so two ids differing only there would
+#: be counted twice live and stored once. Lone surrogates are refused by pydantic-core already.
+_IDENTITY_FIELDS = ("request_id", "model", "provider", "user", "team", "api_key_id",
+                    "trace_id", "parent_id", "node", "error_type")  # fmt: skip
 
 
 class UsageReport(BaseModel):
@@ -162,9 +190,17 @@ class UsageReport(BaseModel):
     #: capped far above any real call so a rollup's NUMERIC(20,10) cannot overflow
     cost_usd: Annotated[float, Field(ge=0, le=MAX_COST_USD, allow_inf_nan=False)] | None = None
     source: Annotated[str, Field(max_length=32)] = "canonical"
+    #: free-form attribution (project, feature, env…), stored with the audit row
+    tags: Tags | None = None
 
     @model_validator(mode="after")
     def _check_arithmetic(self) -> UsageReport:
+        d = self.__dict__
+        if "\x00" in "".join([d[k] for k in _IDENTITY_FIELDS]):
+            bad = [k for k in _IDENTITY_FIELDS if "\x00" in d[k]]
+            raise ValueError(f"{', '.join(bad)} must not contain NUL (\\x00) characters")
+        if self.tags and any("\x00" in v for v in self.tags.values()):
+            raise ValueError("tag values must not contain NUL (\\x00) characters")
         cache = self.cached_input_tokens + self.cache_creation_input_tokens
         if cache > self.input_tokens:
             raise ValueError(

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from helpers import make_settings, scrape, total, value
+from pydantic import ValidationError
 
 from exporter.app import create_app
 from exporter.ingest.adapters import ShapeError, adapt
@@ -495,9 +496,15 @@ def test_openai_total_mismatch_is_rejected() -> None:
         canonical(raw)
 
 
-def test_unknown_envelope_field_is_named() -> None:
-    with pytest.raises(ShapeError, match="colour"):
-        canonical({**OPENAI_CHAT, "colour": "blue"})
+def test_provider_bodies_ignore_fields_providers_add() -> None:
+    plain = canonical(OPENAI_CHAT)
+    added = canonical({**OPENAI_CHAT, "moderation": None, "obfuscation": "x9", "colour": "b"})
+    assert added.model_dump() == {**plain.model_dump(), "request_id": added.request_id}
+
+
+def test_canonical_shape_stays_strict() -> None:
+    with pytest.raises(ValidationError, match="colour"):
+        canonical({"model": "gpt-4o", "input_tokens": 1, "colour": "blue"})
 
 
 # -- end to end: POST /v1/usage → /metrics ----------------------------------------------------
@@ -591,16 +598,88 @@ async def test_gateway_metrics_endpoint_estimates_incomplete_stream(
     assert total(m, "llm_requests_total", model="qwen3-8b") == 2
 
 
-async def test_gateway_metrics_endpoint_rejects_arrays_and_other_shapes(
+async def test_gateway_metrics_endpoint_rejects_arrays_and_bad_numbers(
     aiohttp_client: Any, tmp_path: Any
 ) -> None:
     client = await aiohttp_client(create_app(make_settings(tmp_path)))
     resp = await client.post("/v2/usage/gateway-metrics", json=[GPUSTACK, GPUSTACK])
     assert resp.status in (400, 413, 422)
     assert "error" in await resp.json()
-    resp = await client.post("/v2/usage/gateway-metrics", json={"model": "m", "bogus": 1})
+    resp = await client.post("/v2/usage/gateway-metrics", json={"model": "m", "input_token": "7"})
     assert resp.status == 422
     body = await resp.json()
-    assert "bogus" in body["errors"][0]["error"]
+    assert "input_tokens" in body["errors"][0]["error"]
     m = await scrape(client)
     assert total(m, "llm_requests_total") == 0
+
+
+@pytest.mark.parametrize(
+    ("model", "provider", "want_model", "want_provider"),
+    [
+        ("openai/gpt-4o", "", "gpt-4o", "openai"),
+        ("anthropic/claude-sonnet-4-5", "", "claude-sonnet-4-5", "anthropic"),
+        ("anthropic/claude-sonnet-4-5", "litellm", "claude-sonnet-4-5", "anthropic"),
+        ("bedrock/anthropic.claude-3-5-sonnet-20240620-v1:0", "",
+         "anthropic.claude-3-5-sonnet-20240620-v1:0", "aws"),
+        ("anthropic.claude-3-5-sonnet-20240620-v1:0", "",
+         "anthropic.claude-3-5-sonnet-20240620-v1:0", "aws"),
+        ("us.anthropic.claude-3-5-sonnet-20240620-v1:0", "",
+         "us.anthropic.claude-3-5-sonnet-20240620-v1:0", "aws"),
+        ("claude-3-5-sonnet@20240620", "", "claude-3-5-sonnet@20240620", "google"),
+        ("publishers/google/models/gemini-2.0-flash", "", "gemini-2.0-flash", "google"),
+        ("vertex_ai/gemini-2.0-flash", "", "gemini-2.0-flash", "google"),
+        ("azure/gpt-4o", "", "gpt-4o", "azure"),
+        ("gpt-4o", "gcp.vertex_ai", "gpt-4o", "google"),
+        ("claude-sonnet-4-5", "aws.bedrock", "claude-sonnet-4-5", "aws"),
+        ("anthropic/claude-sonnet-4-5", "openrouter", "anthropic/claude-sonnet-4-5", "openrouter"),
+        ("meta-llama/Llama-3.3-70B-Instruct", "", "meta-llama/Llama-3.3-70B-Instruct", ""),
+        ("claude-sonnet-4-5", "", "claude-sonnet-4-5", "anthropic"),
+    ],
+)  # fmt: skip
+def test_provider_is_inferred_from_the_model_id(
+    model: str, provider: str, want_model: str, want_provider: str
+) -> None:
+    body = {"id": "x", "object": "chat.completion", "model": model,
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1}}  # fmt: skip
+    if provider:
+        body["provider"] = provider
+    r = canonical(body)
+    assert (r.model, r.provider) == (want_model, want_provider)
+
+
+def test_openai_shaped_claude_through_a_gateway_is_priced_as_claude() -> None:
+    """No provider is assumed for OpenAI-shaped bodies: the Pricer sees Anthropic's rates."""
+    from exporter.pricing import Pricer
+
+    r = canonical({"id": "x", "object": "chat.completion", "model": "anthropic/claude-sonnet-4-5",
+                   "usage": {"prompt_tokens": 1000, "completion_tokens": 100}})  # fmt: skip
+    assert r.provider == "anthropic"
+    assert Pricer().cost(r.provider, r.model, 1000, 100, 0, 0)
+
+
+def test_new_sdk_fields_are_ignored_and_new_usage_fields_read() -> None:
+    chat = canonical({**OPENAI_CHAT, "moderation": None, "obfuscation": "k2",
+                      "usage": {**OPENAI_CHAT["usage"], "prompt_tokens_details":
+                                {"cached_tokens": 1000, "cache_write_tokens": 900}}})  # fmt: skip
+    assert (chat.cached_input_tokens, chat.cache_creation_input_tokens) == (1000, 900)
+    by_ttl = {"ephemeral_5m_input_tokens": 30, "ephemeral_1h_input_tokens": 70}
+    message = canonical({"id": "msg_1", "type": "message", "model": "claude-sonnet-4-5",
+                         "stop_details": None, "diagnostics": {"x": 1},
+                         "usage": {"input_tokens": 5, "output_tokens": 2,
+                                   "cache_creation": by_ttl}})  # fmt: skip
+    assert (message.input_tokens, message.cache_creation_input_tokens) == (105, 100)
+
+
+@pytest.mark.parametrize(
+    ("tags", "message"),
+    [
+        ({"a b": "x"}, "pattern"),
+        ({f"k{i}": "x" for i in range(17)}, "at most 16"),
+        ({"k": "x" * 257}, "at most 256"),
+        ({"k": 5}, "valid string"),
+        ({"k": "a\x00b"}, "NUL"),
+    ],
+)
+def test_canonical_tags_outside_the_bounds_are_refused(tags: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        canonical({"model": "gpt-4o", "tags": tags})

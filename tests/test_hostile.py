@@ -189,18 +189,24 @@ CASES = [
     Case("multipart", item(), content_type="multipart/form-data; boundary=x", status=415),
     # unknown fields and shapes
     Case("unknown field", item(colour="blue"), status=422, mention="colour"),
-    Case("unknown openai field", item(usage={"prompt_tokens": 1}, colour=1), mention="colour"),
+    # provider shapes ignore body fields providers add, never a usage number of the wrong type
     Case(
-        "unknown gpustack field",
-        js({"model": "m", "input_token": 1, "colour": 1}),
+        "openai usage number as text",
+        item(usage={"prompt_tokens": "1"}, colour=1),
         status=422,
-        mention="colour",
+        mention="input_tokens",
     ),
     Case(
-        "unknown otel attribute",
-        js({"gen_ai.request.model": "m", "colour": 1}),
+        "gpustack token count as text",
+        js({"model": "m", "input_token": "1", "colour": 1}),
         status=422,
-        mention="colour",
+        mention="input_tokens",
+    ),
+    Case(
+        "otel token count not a number",
+        js({"gen_ai.request.model": "m", "gen_ai.usage.input_tokens": "x", "colour": 1}),
+        status=422,
+        mention="input_tokens",
     ),
     Case(
         "gpustack request_count 0",
@@ -218,14 +224,14 @@ CASES = [
         "many unknown keys", js({"model": "m", **{f"k{i}": i for i in range(50_000)}}), status=422
     ),
     Case(
-        "many unknown keys in an openai envelope",
-        js({"model": "m", "usage": {}, **{f"k{i}": i for i in range(50_000)}}),
+        "many unknown usage keys beside a bad number",
+        js({"model": "m", "usage": {"prompt_tokens": "x", **{f"k{i}": i for i in range(50_000)}}}),
         status=422,
     ),
     Case("one enormous key", js({"model": "m", "k" * 1_000_000: 1}), status=422),
     Case(
-        "one enormous key in a gpustack body",
-        js({"model": "m", "input_token": 1, "k" * 1_000_000: 1}),
+        "one enormous key beside a bad number in a gpustack body",
+        js({"model": "m", "input_token": -1, "k" * 1_000_000: 1}),
         status=422,
     ),
     Case("total mismatch", item(input_tokens=1, output_tokens=1, total_tokens=3), mention="total"),

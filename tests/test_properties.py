@@ -128,7 +128,7 @@ def wire(spec: dict[str, Any], run: str) -> dict[str, Any]:
             "request_count": 1,
         }
     if spec["invalid"]:
-        out["no_such_field"] = True  # rejected whatever the shape
+        out["model"] = ""  # rejected whatever the shape (provider shapes ignore unknown keys)
     return out
 
 

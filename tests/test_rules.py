@@ -172,6 +172,7 @@ REQUIRED_ALERTS = {
     "LLMUsageFlushFailing",
     "LLMUsageWALBacklog",
     "LLMUsageLabelOverflow",
+    "LLMUsageReportsQuarantined",
 }
 
 

@@ -39,6 +39,8 @@ def _base_type(annotation: object) -> type:
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         (annotation,) = (a for a in typing.get_args(annotation) if a is not type(None))
         return _base_type(annotation)
+    if typing.get_origin(annotation) is dict:  # `dict[K, V]` (tags)
+        return dict
     assert isinstance(annotation, type)
     return str if issubclass(annotation, Enum) else annotation
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -104,8 +105,17 @@ def csv_text(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
     writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+        writer.writerow({k: _csv_cell(row.get(k)) for k in columns})
     return buf.getvalue()
+
+
+def _csv_cell(value: Any) -> Any:
+    """'' for null; objects (a request's tags) as JSON, never a Python repr."""
+    if value is None:
+        return ""
+    if isinstance(value, dict | list):
+        return orjson.dumps(value).decode()
+    return value
 
 
 def csv_columns(doc: dict[str, Any]) -> list[str]:

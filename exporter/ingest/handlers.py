@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from aiohttp import web
 
@@ -27,6 +28,30 @@ class IngestEndpoint:
     async def _read(self, request: web.Request) -> bytes:
         return await read_body(request, self._max_body)
 
+    async def _accept(
+        self, request: web.Request, items: list[Any], pre_errors: dict[int, str] | None
+    ) -> IngestResult:
+        """The pipeline plus the logging every endpoint does the same way: one line a minute
+        for backpressure (re-raised for the endpoint's own 503 body) and for invalid items."""
+        try:
+            result = await self._ingestor.ingest(items, pre_errors)
+        except Backpressure as exc:
+            self._log_once_a_minute("backpressure", "%s: answering 503 (backpressure): %s",
+                                    request.path, exc)  # fmt: skip
+            raise
+        if result.errors:
+            first = result.errors[0]
+            self._log_once_a_minute(
+                "invalid",
+                "ingest: rejected %d invalid item(s) on %s from %s; first (index %s): %s",
+                len(result.errors),
+                request.path,
+                request.remote,
+                first["index"],
+                str(first["error"])[:300],
+            )
+        return result
+
 
 class IngestHandlers(IngestEndpoint):
     """POST /v1/usage and POST /v2/usage/gateway-metrics."""
@@ -48,24 +73,12 @@ class IngestHandlers(IngestEndpoint):
 
     async def _ingest(self, request: web.Request, parsed: ParsedBody) -> web.Response:
         try:
-            result = await self._ingestor.ingest(parsed.items, parsed.line_errors)
+            result = await self._accept(request, parsed.items, parsed.line_errors)
         except Backpressure as exc:
-            self._log_once_a_minute("backpressure", "ingest: answering 503 (backpressure): %s", exc)
             return error_response(
                 503,
                 "write-ahead log is full or closing; retry later",
                 headers={"Retry-After": str(exc.retry_after)},
-            )
-        if result.errors:
-            first = result.errors[0]
-            self._log_once_a_minute(
-                "invalid",
-                "ingest: rejected %d invalid item(s) on %s from %s; first (index %s): %s",
-                len(result.errors),
-                request.path,
-                request.remote,
-                first["index"],
-                str(first["error"])[:300],
             )
         return json_response(result.as_json(), status=_status(result))
 

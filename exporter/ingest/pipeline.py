@@ -12,7 +12,8 @@ from typing import Any
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from exporter.ingest.adapters import ShapeError, adapt
+from exporter.ingest.adapters import FALLBACK_COST, ShapeError, adapt
+from exporter.ingest.adapters.otel import DEFAULT_USER_ATTRIBUTES
 from exporter.ingest.dedupe import RecentIds
 from exporter.live.usage_metrics import UsageMetrics
 from exporter.pricing import Pricer
@@ -81,6 +82,7 @@ class Ingestor:
         bytes_per_input_token: float,
         tokens_per_output_chunk: float,
         retry_after: int = 5,
+        user_attributes: Sequence[str] = DEFAULT_USER_ATTRIBUTES,
     ) -> None:
         self._wal = wal
         self._usage = usage
@@ -90,14 +92,27 @@ class Ingestor:
         self._bytes_per_token = bytes_per_input_token
         self._tokens_per_chunk = tokens_per_output_chunk
         self._retry_after = retry_after
+        self._user_attributes = tuple(user_attributes)
         self._unpriced_logged: set[str] = set()
         #: called with (wal segment seq, reports) once reports are durable
         self.on_durable: list[Callable[[int, Sequence[UsageReport]], None]] = []
 
-    def validate(self, raw: Any, now: datetime) -> UsageReport:
-        return self._complete(UsageReport.model_validate(adapt(raw, key_alias)), now)
+    def adapt(self, raw: Any) -> tuple[Mapping[str, Any], float | None]:
+        """The canonical mapping and the client's fallback cost (kept out of the model)."""
+        out = adapt(raw, key_alias, self._user_attributes)
+        if FALLBACK_COST not in out:
+            return out, None
+        rest = dict(out)
+        fallback = rest.pop(FALLBACK_COST)
+        return rest, fallback if type(fallback) is float else None
 
-    def _complete(self, report: UsageReport, now: datetime) -> UsageReport:
+    def validate(self, raw: Any, now: datetime) -> UsageReport:
+        mapping, fallback = self.adapt(raw)
+        return self._complete(UsageReport.model_validate(mapping), now, fallback)
+
+    def _complete(
+        self, report: UsageReport, now: datetime, fallback: float | None = None
+    ) -> UsageReport:
         """Defaults that need the receive time or settings: time, estimates, price."""
         fields = report.__dict__  # plain writes: pydantic's __setattr__ costs ~0.3 µs each
         if report.completed_at is None:
@@ -105,7 +120,7 @@ class Ingestor:
         if not report.completed:
             report.estimate_incomplete_stream(self._bytes_per_token, self._tokens_per_chunk)
         if report.cost_usd is None:
-            fields["cost_usd"] = self._price(report)
+            fields["cost_usd"] = self._price(report, fallback)
         return report
 
     def validate_batch(
@@ -115,19 +130,29 @@ class Ingestor:
         only a batch with an invalid item is validated again item by item, for the reasons."""
         errors: list[dict[str, Any]] = []
         adapted: list[Mapping[str, Any]] = []
+        fallbacks: dict[int, float] = {}
         for i, raw in enumerate(items):
             if pre_errors and i in pre_errors:
                 errors.append({"index": i, "error": pre_errors[i]})
                 continue
             try:
-                adapted.append(adapt(raw, key_alias))
+                mapping, fallback = self.adapt(raw)
             except ShapeError as exc:
                 errors.append({"index": i, "error": str(exc)})
+                continue
+            if fallback is not None:
+                fallbacks[len(adapted)] = fallback
+            adapted.append(mapping)
         if not errors:
             try:
-                return [self._complete(r, now) for r in _BATCH.validate_python(adapted)], []
+                validated = _BATCH.validate_python(adapted)
             except ValidationError:
                 pass
+            else:
+                return [
+                    self._complete(r, now, fallbacks.get(i) if fallbacks else None)
+                    for i, r in enumerate(validated)
+                ], []
         reports: list[UsageReport] = []
         for i, raw in enumerate(items):
             if pre_errors and i in pre_errors:
@@ -141,7 +166,9 @@ class Ingestor:
         errors.sort(key=lambda e: int(e["index"]))
         return reports, errors
 
-    def _price(self, r: UsageReport) -> float:
+    def _price(self, r: UsageReport, fallback: float | None = None) -> float:
+        """Our price; else the client's own (`fallback`, e.g. LiteLLM's response_cost);
+        else 0, counted as unpriced."""
         if self._pricer is None:
             return 0.0
         cost = self._pricer.cost(
@@ -152,6 +179,8 @@ class Ingestor:
             r.cached_input_tokens,
             r.cache_creation_input_tokens,
         )
+        if cost is None and fallback is not None:
+            return fallback
         if cost is None:
             self._m.unpriced.inc()
             if r.model not in self._unpriced_logged and len(self._unpriced_logged) < 1000:

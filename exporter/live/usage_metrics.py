@@ -6,6 +6,7 @@ series renders its label string once, at creation, and a scrape is a string join
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,14 @@ HISTOGRAM_FAMILIES: tuple[tuple[str, str], ...] = (
     ("llm_time_to_first_token_seconds", "Time to first token in seconds."),
 )
 BASE_LABELS = ("model", "operation", "user")
+_NOT_LABEL_CHARS = re.compile(r"[^A-Za-z0-9_]")
+
+
+def tag_label(key: str) -> str:
+    """The label name of a promoted tag: `tag_` + the key with other characters as `_`."""
+    return "tag_" + _NOT_LABEL_CHARS.sub("_", key)
+
+
 _COST = len(COUNTER_FAMILIES) - 1
 
 
@@ -59,6 +68,7 @@ class LabelCaps:
     user: int = 2000
     provider: int = 100
     team: int = 500
+    tag: int = 100  # values per promoted tag
 
 
 def _label_string(names: Sequence[str], values: Iterable[str]) -> str:
@@ -76,12 +86,17 @@ class UsageMetrics:
         duration_buckets: Sequence[float],
         ttft_buckets: Sequence[float],
         on_overflow: Callable[[str], None],
+        promoted_tags: Sequence[str] = (),
     ) -> None:
-        self.label_names = (*BASE_LABELS, *extra_labels)
+        tag_names = tuple(tag_label(k) for k in promoted_tags)
+        self.label_names = (*BASE_LABELS, *extra_labels, *tag_names)
         self._hist_label_names = ("model", "operation")
         self._bounders = tuple(
-            BoundedLabel(name, getattr(caps, name), on_overflow) for name in self.label_names
-        )
+            BoundedLabel(name, getattr(caps, name) if name in BASE_LABELS + tuple(extra_labels)
+                         else caps.tag, on_overflow)
+            for name in self.label_names
+        )  # fmt: skip
+        self._tags = tuple(promoted_tags)
         self._series: dict[tuple[str, ...], Series] = {}
         self._raw_index: dict[tuple[str, ...], Series] = {}
         self._raw_index_cap = 8 * caps.user + 10_000
@@ -105,9 +120,12 @@ class UsageMetrics:
         return series
 
     def observe(self, r: UsageReport) -> None:
-        raw = (r.model, r.operation.value, r.user)
+        raw: tuple[str, ...] = (r.model, r.operation.value, r.user)
         if self._extra:
             raw += tuple(getattr(r, name) for name in self._extra)
+        if self._tags:
+            tags = r.tags or {}
+            raw += tuple(tags.get(key, "") for key in self._tags)
         series = self._series_for(raw)
         v = series.values
         v[0] += 1

@@ -2,6 +2,7 @@
 
 `Store` bundles one engine with what the app needs from it; the pieces stay usable alone
 (`StoreWriter(engine)`, `queries.spend(engine, …)`, `retention.purge_details(engine, …)`).
+Errors are classified in `errors`, refused reports set aside by `quarantine`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.store import migrate, queries
 from exporter.store.db import backend_name, create_engine, ping, redact_url
+from exporter.store.retention_schedule import RetentionSchedule
 from exporter.store.writer import StoreWriter, WriteResult
 
-__all__ = ["Store", "StoreWriter", "WriteResult", "create_engine", "redact_url"]
+__all__ = [
+    "RetentionSchedule",
+    "Store",
+    "StoreWriter",
+    "WriteResult",
+    "create_engine",
+    "redact_url",
+]
 
 
 class Store:
@@ -39,9 +48,6 @@ class Store:
     async def upgrade(self, revision: str = "head") -> str | None:
         return await migrate.upgrade(self.engine, revision)
 
-    async def current_revision(self) -> str | None:
-        return await migrate.current_revision(self.engine)
-
     async def ping(self, within: float = 2.0) -> bool:
         """True if the database answers within `within` seconds (for /readyz)."""
         return await ping(self.engine, within)
@@ -56,6 +62,10 @@ class Store:
         model: str | None = None,
     ) -> Decimal:
         return await queries.spend(self.engine, since, until, user, team, api_key_id, model)
+
+    def retention_schedule(self, retention_days: int) -> RetentionSchedule:
+        """Purges of details past `retention_days`, for the flusher to run beside it."""
+        return RetentionSchedule(self.engine, retention_days)
 
     async def close(self) -> None:
         await self.engine.dispose()

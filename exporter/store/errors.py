@@ -49,7 +49,7 @@ class RowRefused(Exception):
 _REFUSED_CLASSES = ("22", "23")
 _UNAVAILABLE_CLASSES = ("08", "53", "57", "58", "40")
 _UNAVAILABLE_STATES = frozenset({"55P03", "55006", "HV00N"})
-_SCHEMA_STATES = frozenset({"42P01", "42703", "3F000"})
+_SCHEMA_STATES = frozenset({"42P01", "42703", "42704", "3F000"})  # table, column, type, schema
 _SQLITE_REFUSED = ("SQLITE_CONSTRAINT", "SQLITE_MISMATCH", "SQLITE_TOOBIG")
 _SQLITE_UNAVAILABLE = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_FULL",
                        "SQLITE_CANTOPEN", "SQLITE_PROTOCOL", "SQLITE_READONLY")  # fmt: skip

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from enum import Enum
-from operator import attrgetter
+from operator import add, attrgetter, itemgetter
 from typing import Any
 
 import orjson
@@ -202,19 +202,33 @@ def _json(name: str, value: Any) -> Any:
     raise RowRefused(name, f"not a JSON object or array: {type(value).__name__}")
 
 
+_DEFAULTS: Mapping[str, Any] = {
+    **{c: EMPTY_TEXT_DEFAULTS.get(c, "") for c in DETAIL_COLUMNS if KINDS[c] is Kind.TEXT},
+    **{c: 0 for c in DETAIL_COLUMNS if KINDS[c] is Kind.COUNT},
+    **{c: bool_default(c) for c in DETAIL_COLUMNS if KINDS[c] is Kind.BOOL},
+    "total_tokens": None,  # derived below
+    "completed_at": None,  # `now` below
+}
+_AT = {c: i for i, c in enumerate(DETAIL_COLUMNS)}
+
+
+def _plan(*kinds: Kind) -> tuple[tuple[int, str, Any], ...]:
+    """(position, column, default) of the columns of these kinds."""
+    return tuple((_AT[c], c, _DEFAULTS.get(c)) for c in DETAIL_COLUMNS if KINDS[c] in kinds)
+
+
+# normalize() runs per report on the SQLite flush: one tight loop per kind.
+_TEXTS = _plan(Kind.TEXT)
+_INTS = _plan(Kind.COUNT, Kind.INT)
+_BOOLS = _plan(Kind.BOOL)
 _RULES: Mapping[Kind, Callable[[str, Any], Any]] = {
-    Kind.TEXT: _text,
-    Kind.COUNT: _int,
-    Kind.INT: _int,
-    Kind.BOOL: lambda _name, v: v if v is None else bool(v),
+    Kind.FLOAT: _float,
     Kind.MONEY: _money,
     Kind.TIME: _time,
-    Kind.FLOAT: _float,
     Kind.JSON: _json,
 }
-_COLUMN_RULES = tuple((c, _RULES[KINDS[c]]) for c in DETAIL_COLUMNS)
-_BOOL_DEFAULTS = {c: bool_default(c) for c in DETAIL_COLUMNS if KINDS[c] is Kind.BOOL}
-_COUNTS = tuple(c for c in DETAIL_COLUMNS if KINDS[c] is Kind.COUNT and c != "total_tokens")
+_OTHERS = tuple((i, c, d, _RULES[KINDS[c]]) for i, c, d in _plan(*_RULES))
+_EMPTY_ROW: list[Any] = [None] * len(DETAIL_COLUMNS)
 
 
 def normalize(report: Mapping[str, Any], now: datetime) -> Any:
@@ -226,20 +240,35 @@ def normalize(report: Mapping[str, Any], now: datetime) -> Any:
     if not isinstance(report, Mapping):
         raise RowRefused("", f"a report is a JSON object, not {type(report).__name__}")
     g = report.get
-    values = {name: rule(name, g(name)) for name, rule in _COLUMN_RULES}
-    if not values["request_id"]:
+    out = list(_EMPTY_ROW)
+    for i, name, default in _TEXTS:
+        v = g(name)
+        if not v:
+            v = default
+        elif v.__class__ is not str:
+            v = str(v)
+        out[i] = clean_text(v) if "\x00" in v else v
+    if not out[_AT["request_id"]]:
         return None
-    for name in _COUNTS:
-        if values[name] is None:
-            values[name] = 0
-    if values["total_tokens"] is None:
-        values["total_tokens"] = values["input_tokens"] + values["output_tokens"]
-    for name, default in _BOOL_DEFAULTS.items():
-        if values[name] is None:
-            values[name] = default
-    if values["completed_at"] is None:
-        values["completed_at"] = now
-    return DetailRow(**values)
+    for i, name, default in _INTS:
+        v = g(name)
+        if v is None:
+            out[i] = default
+        elif v.__class__ is int and -INT64_MAX <= v <= INT64_MAX:
+            out[i] = v
+        else:
+            out[i] = _int(name, v)
+    for i, name, default in _BOOLS:
+        v = g(name)
+        out[i] = default if v is None else bool(v)
+    for i, name, default, rule in _OTHERS:
+        v = g(name)
+        out[i] = default if v is None else rule(name, v)
+    if out[_AT["total_tokens"]] is None:
+        out[_AT["total_tokens"]] = out[_AT["input_tokens"]] + out[_AT["output_tokens"]]
+    if out[_AT["completed_at"]] is None:
+        out[_AT["completed_at"]] = now
+    return DetailRow._make(out)
 
 
 class Batch:
@@ -294,12 +323,13 @@ class RollupSum:
     column: str
     sql: str
     reads: tuple[str, ...]
-    of: Callable[[Any], Any]
+    #: one row's contribution; None: the value of the one (never NULL) column it reads
+    of: Callable[[Any], Any] | None = None
     zero: Any = 0
 
 
-def _token_sum(name: str) -> RollupSum:
-    return RollupSum(name, f'sum("{name}")', (name,), attrgetter(name))
+def _column_sum(name: str) -> RollupSum:
+    return RollupSum(name, f'sum("{name}")', (name,))
 
 
 ROLLUP_SPECS: Mapping[str, RollupSum] = {
@@ -312,11 +342,11 @@ ROLLUP_SPECS: Mapping[str, RollupSum] = {
             ("status",),
             lambda r: int(r.status != "success"),
         ),
-        _token_sum("input_tokens"),
-        _token_sum("output_tokens"),
-        _token_sum("cached_input_tokens"),
-        _token_sum("cache_creation_input_tokens"),
-        _token_sum("reasoning_tokens"),
+        _column_sum("input_tokens"),
+        _column_sum("output_tokens"),
+        _column_sum("cached_input_tokens"),
+        _column_sum("cache_creation_input_tokens"),
+        _column_sum("reasoning_tokens"),
         RollupSum(
             "cost_usd",
             "coalesce(sum(cost_usd), 0)",
@@ -363,13 +393,22 @@ ROLLUP_SPECS: Mapping[str, RollupSum] = {
     )
 }
 _SPECS = tuple(ROLLUP_SPECS[c] for c in ROLLUP_SUMS if c in ROLLUP_SPECS)
+# Plain column sums are read with one attrgetter and added with one map(); the rest call `of`.
+_PLAIN = tuple(s for s in _SPECS if s.of is None)
+_CALLS = tuple(s for s in _SPECS if s.of is not None)
+_ORDER = tuple(s.column for s in _PLAIN + _CALLS)
+_plain = attrgetter(*(s.reads[0] for s in _PLAIN))
+_calls = tuple((i, s.of) for i, s in enumerate(_CALLS, len(_PLAIN)) if s.of is not None)
+_zeros = [s.zero for s in _PLAIN + _CALLS]
+_n_plain = len(_PLAIN)
+_in_table_order = itemgetter(*(_ORDER.index(c) for c in ROLLUP_SUMS))
 _dimensions = attrgetter(*DIMENSIONS)
 _DERIVED = tuple(DERIVED_KEY[c] for c in ROLLUP_KEY if c in DERIVED_KEY)
 
 
 def aggregate(rows: Iterable[Any]) -> list[Any]:
     """Hour and day rollup deltas (RollupRows) of DetailRows, sorted by the rollup key."""
-    hours: dict[tuple[Any, ...], dict[str, Any]] = {}
+    hours: dict[tuple[Any, ...], list[Any]] = {}
     for r in rows:
         key = (
             r.completed_at.replace(minute=0, second=0, microsecond=0),
@@ -378,22 +417,21 @@ def aggregate(rows: Iterable[Any]) -> list[Any]:
         )
         acc = hours.get(key)
         if acc is None:
-            acc = hours[key] = {s.column: s.zero for s in _SPECS}
-        for s in _SPECS:
-            acc[s.column] += s.of(r)
-    days: dict[tuple[Any, ...], dict[str, Any]] = {}
+            acc = hours[key] = list(_zeros)
+        acc[:_n_plain] = map(add, acc, _plain(r))
+        for i, of in _calls:
+            acc[i] += of(r)
+    days: dict[tuple[Any, ...], list[Any]] = {}
     for (bucket, *parts), acc in hours.items():
         key = (bucket.replace(hour=0), *parts)
         day = days.get(key)
         if day is None:
-            days[key] = dict(acc)
+            days[key] = list(acc)
         else:
-            for column, value in acc.items():
-                day[column] += value
-    out = [
-        RollupRow._make((granularity, *key, *(acc[c] for c in ROLLUP_SUMS)))
-        for granularity, table in (("hour", hours), ("day", days))
-        for key, acc in table.items()
-    ]
+            day[:] = map(add, day, acc)
+    out = []
+    for granularity, table in (("hour", hours), ("day", days)):
+        for key, acc in table.items():
+            out.append(RollupRow._make((granularity, *key, *_in_table_order(acc))))
     out.sort(key=attrgetter(*ROLLUP_KEY))
     return out

@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     Column,
@@ -147,6 +148,8 @@ usage_details = Table(
     Column("duration_ms", Double, nullable=True),
     Column("ttft_ms", Double, nullable=True),
     _key_text("source"),
+    # free-form attribution (project, feature, env…) as sent; NULL when the report had none
+    Column("tags", JSON, nullable=True),
     Column("inserted_at", UTCDateTime(), nullable=False, server_default=func.current_timestamp()),
     PrimaryKeyConstraint("request_id"),
     # Only what the read API queries (docs/api.md): completed_at ranges (stats percentiles,

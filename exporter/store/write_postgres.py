@@ -14,7 +14,8 @@ collation.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -34,7 +35,7 @@ from exporter.store.rows import (
 )
 from exporter.store.tables import ROLLUP_KEY, ROLLUP_SUMS
 
-__all__ = ["PG_WORK_MEM", "PG_WRITE_SQL", "write_postgres"]
+__all__ = ["PG_WORK_MEM", "PG_WRITE_SQL", "probe_postgres", "write_postgres"]
 
 #: Session setting for the flush transaction: sorts and hash aggregates of a large batch stay
 #: in memory instead of spilling to disk.
@@ -124,20 +125,32 @@ def _clean_payload(payload: bytes) -> bytes:
     return orjson.dumps(reports)
 
 
+@contextlib.asynccontextmanager
+async def _driver_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
+    """A pooled asyncpg connection; broken, or cancelled mid-statement, it is never handed
+    back to the pool."""
+    async with engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        try:
+            yield raw.driver_connection
+        except BaseException:
+            await conn.invalidate()
+            raise
+
+
 async def write_postgres(engine: AsyncEngine, payloads: Sequence[bytes]) -> tuple[int, int, int]:
     """(received, inserted, rollup rows) of one transaction over WAL record payloads."""
     docs = [(_clean_payload(p) if b"\\u0000" in p else p).decode() for p in payloads]
     if not docs:
         return 0, 0, 0
-    async with engine.connect() as conn:
-        raw = await conn.get_raw_connection()
-        pg: Any = raw.driver_connection
-        try:
-            async with pg.transaction():
-                await pg.execute(f"SET LOCAL work_mem = '{PG_WORK_MEM}'")
-                received, inserted, rollups = await pg.fetchrow(PG_WRITE_SQL, docs)
-        except BaseException:
-            # Broken, or cancelled mid-statement: never hand it back to the pool.
-            await conn.invalidate()
-            raise
+    async with _driver_connection(engine) as pg, pg.transaction():
+        await pg.execute(f"SET LOCAL work_mem = '{PG_WORK_MEM}'")
+        received, inserted, rollups = await pg.fetchrow(PG_WRITE_SQL, docs)
     return int(received), int(inserted), int(rollups)
+
+
+async def probe_postgres(engine: AsyncEngine) -> None:
+    """Run the write statement over no records: fails as a flush would (schema missing or
+    behind, permissions, database down) without writing anything."""
+    async with _driver_connection(engine) as pg, pg.transaction():
+        await pg.fetchrow(PG_WRITE_SQL, [])

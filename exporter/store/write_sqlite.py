@@ -28,7 +28,7 @@ from exporter.store.rows import (
 )
 from exporter.store.tables import ROLLUP_KEY, ROLLUP_SUMS, decimal_text, usage_rollups
 
-__all__ = ["SQLITE_MAX_VARIABLES", "prepare", "sqlite_timestamp", "write_sqlite"]
+__all__ = ["SQLITE_MAX_VARIABLES", "prepare", "probe_sqlite", "sqlite_timestamp", "write_sqlite"]
 
 SQLITE_MAX_VARIABLES = 32766  # SQLite's default limit since 3.32
 
@@ -152,3 +152,14 @@ async def write_sqlite(engine: AsyncEngine, payloads: Sequence[bytes]) -> tuple[
     async with engine.begin() as conn:
         inserted, rollups = await _insert(conn, rows)
     return received, len(inserted), len(rollups)
+
+
+async def probe_sqlite(engine: AsyncEngine) -> None:
+    """Read no rows of every column the write uses: fails as a flush would (schema missing or
+    behind, database locked or unreadable) without writing anything."""
+    async with engine.connect() as conn:
+        for table, columns in (
+            ("usage_details", DETAIL_COLUMNS),
+            ("usage_rollups", ROLLUP_COLUMNS),
+        ):
+            await conn.exec_driver_sql(f"SELECT {_cols(columns)} FROM {table} LIMIT 0")  # noqa: S608

@@ -23,8 +23,8 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.store.db import backend_name
-from exporter.store.write_postgres import write_postgres
-from exporter.store.write_sqlite import write_sqlite
+from exporter.store.write_postgres import probe_postgres, write_postgres
+from exporter.store.write_sqlite import probe_sqlite, write_sqlite
 
 __all__ = ["StoreWriter", "WriteResult"]
 
@@ -58,7 +58,7 @@ class StoreWriter:
     def __init__(
         self, engine: AsyncEngine, *, fault: Callable[[Sequence[bytes]], None] | None = None
     ) -> None:
-        self.engine = engine
+        self._engine = engine
         self.backend = backend_name(engine.url)
         self.fault = fault
 
@@ -72,7 +72,16 @@ class StoreWriter:
         if self.fault is not None:
             self.fault(payloads)
         if self.backend == "postgresql":
-            received, inserted, rollups = await write_postgres(self.engine, payloads)
+            received, inserted, rollups = await write_postgres(self._engine, payloads)
         else:
-            received, inserted, rollups = await write_sqlite(self.engine, payloads)
+            received, inserted, rollups = await write_sqlite(self._engine, payloads)
         return WriteResult(received, inserted, rollups)
+
+    async def probe(self) -> None:
+        """Raise what a flush would raise now, writing nothing (an idle health check)."""
+        if self.fault is not None:
+            self.fault([])
+        if self.backend == "postgresql":
+            await probe_postgres(self._engine)
+        else:
+            await probe_sqlite(self._engine)

@@ -13,7 +13,7 @@ row has requests); where retention already purged them, `duration_count` falls b
 definition (every request, when the row has any duration) and TTFT stays unknown (count 0).
 
 Revision ID: 0004
-Revises: 0001
+Revises: 0003_tags
 Create Date: 2026-12-01
 """
 
@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0004"
-down_revision: str | None = "0001"
+down_revision: str | None = "0003_tags"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
