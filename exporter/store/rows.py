@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from enum import Enum
@@ -27,6 +26,7 @@ import orjson
 from sqlalchemy import JSON, BigInteger, Boolean, Column, Double, Integer, Text
 
 from exporter.store.errors import RowRefused
+from exporter.store.rollup_sums import ROLLUP_SPECS, RollupSum
 from exporter.store.tables import (
     COST_QUANTUM,
     ROLLUP_KEY,
@@ -315,83 +315,6 @@ class Batch:
 # -- rollups -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RollupSum:
-    """One additive rollup column: how Postgres aggregates it over the newly inserted detail
-    rows, and what one detail row adds to it (SQLite path)."""
-
-    column: str
-    sql: str
-    reads: tuple[str, ...]
-    #: one row's contribution; None: the value of the one (never NULL) column it reads
-    of: Callable[[Any], Any] | None = None
-    zero: Any = 0
-
-
-def _column_sum(name: str) -> RollupSum:
-    return RollupSum(name, f'sum("{name}")', (name,))
-
-
-ROLLUP_SPECS: Mapping[str, RollupSum] = {
-    s.column: s
-    for s in (
-        RollupSum("requests", "count(*)", (), lambda r: 1),
-        RollupSum(
-            "errors",
-            "count(*) FILTER (WHERE status <> 'success')",
-            ("status",),
-            lambda r: int(r.status != "success"),
-        ),
-        _column_sum("input_tokens"),
-        _column_sum("output_tokens"),
-        _column_sum("cached_input_tokens"),
-        _column_sum("cache_creation_input_tokens"),
-        _column_sum("reasoning_tokens"),
-        RollupSum(
-            "cost_usd",
-            "coalesce(sum(cost_usd), 0)",
-            ("cost_usd",),
-            lambda r: _ZERO if r.cost_usd is None else r.cost_usd,
-            _ZERO,
-        ),
-        RollupSum(
-            "duration_ms_sum",
-            "coalesce(sum(duration_ms), 0)",
-            ("duration_ms",),
-            lambda r: 0.0 if r.duration_ms is None else r.duration_ms,
-            0.0,
-        ),
-        # averages divide by the reports that carried the value, not by requests
-        RollupSum(
-            "duration_count",
-            "count(duration_ms)",
-            ("duration_ms",),
-            lambda r: int(r.duration_ms is not None),
-        ),
-        RollupSum(
-            "ttft_ms_sum",
-            "coalesce(sum(ttft_ms), 0)",
-            ("ttft_ms",),
-            lambda r: 0.0 if r.ttft_ms is None else r.ttft_ms,
-            0.0,
-        ),
-        RollupSum(
-            "ttft_count", "count(ttft_ms)", ("ttft_ms",), lambda r: int(r.ttft_ms is not None)
-        ),
-        RollupSum(
-            "cancelled",
-            "count(*) FILTER (WHERE status = 'cancelled')",
-            ("status",),
-            lambda r: int(r.status == "cancelled"),
-        ),
-        RollupSum(
-            "estimated",
-            "count(*) FILTER (WHERE estimated)",
-            ("estimated",),
-            lambda r: int(bool(r.estimated)),
-        ),
-    )
-}
 _SPECS = tuple(ROLLUP_SPECS[c] for c in ROLLUP_SUMS if c in ROLLUP_SPECS)
 # Plain column sums are read with one attrgetter and added with one map(); the rest call `of`.
 _PLAIN = tuple(s for s in _SPECS if s.of is None)
