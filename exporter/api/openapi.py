@@ -159,6 +159,18 @@ OPERATIONS: tuple[Operation, ...] = (
         media=("application/json", "application/x-protobuf"),
     ),
     Operation(
+        "POST",
+        "/v1/metrics",
+        "OTLP metrics are refused (no request ids): always 404 saying to export traces",
+        "ingest",
+        "application/json",
+        body=_OTLP_BODY,
+        errors=(),
+        error_models=tuple((code, OtlpStatus) for code in (404, 413)),
+        media=("application/json", "application/x-protobuf"),
+        ok=404,
+    ),
+    Operation(
         "GET",
         "/v1/stats",
         "usage per group and calendar period, from the rollups",
