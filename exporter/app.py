@@ -7,7 +7,7 @@ state in typed `web.AppKey`s (`appkeys`), readiness checks in one list below.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from aiohttp import web
@@ -85,10 +85,15 @@ def _readiness(app: web.Application) -> Readiness:
             return "database schema not migrated yet"
         return None if await store.ping() else "database not reachable"
 
+    def wal_writes() -> str | None:
+        reason = wal.broken_reason
+        return None if reason is None else f"write-ahead log cannot write: {reason}"
+
     readiness = Readiness()
     readiness.add("wal_space", wal_space)
     readiness.add("database", database)
     readiness.add("flush", app[FLUSHER].readiness_problems)
+    readiness.add("wal_writes", wal_writes)
     return readiness
 
 
@@ -149,6 +154,8 @@ def create_app(settings: Settings) -> web.Application:
         bytes_per_input_token=settings.bytes_per_input_token,
         tokens_per_output_chunk=settings.tokens_per_output_chunk,
         user_attributes=settings.otel_user_attributes,
+        max_report_age=settings.max_report_age,
+        max_future_skew=timedelta(seconds=settings.max_future_skew_seconds),
     )
     store = open_store(settings)
     self_metrics.registry.register(UnknownUsageCollector())

@@ -6,6 +6,7 @@ import difflib
 import ipaddress
 import os
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -153,6 +154,17 @@ class Settings(BaseSettings):
         default_factory=list, max_length=5
     )
     max_tag_values: int = Field(default=100, ge=1)
+    # accepted means kept (helper "wal"): the dedupe window and connection hygiene
+    #: reports completed longer ago are refused (422 too_old); default 90% of retention_days
+    max_report_age_days: float | None = Field(default=None, gt=0)
+    #: reports completed further ahead of this clock are refused (422 too_far_in_future)
+    max_future_skew_seconds: float = Field(default=3600.0, ge=0)
+    #: idle keep-alive and request-head timeout (a slowloris never completes its headers)
+    http_keepalive_timeout: float = Field(default=15.0, gt=0)
+    #: a request body not fully received this long after its head is cut off
+    http_body_timeout: float = Field(default=30.0, gt=0)
+    #: open connections at most; default: the file descriptor limit minus a reserve
+    http_max_connections: int | None = Field(default=None, ge=1)
 
     # pricing and budgets
     price_file: Path | None = None
@@ -185,7 +197,19 @@ class Settings(BaseSettings):
         ):
             if len(names) != len(set(names)):
                 raise ValueError(f"{kind} names must be unique")
+        if self.max_report_age_days is not None and self.max_report_age_days >= self.retention_days:
+            raise ValueError(
+                f"max_report_age_days ({self.max_report_age_days:g}) must be shorter than "
+                f"retention_days ({self.retention_days}): the audit rows are the dedupe index, "
+                "and a report older than them would be counted again"
+            )
         return self
+
+    @property
+    def max_report_age(self) -> timedelta:
+        """The dedupe window: shorter than retention so a retry always meets its audit row."""
+        days = self.max_report_age_days
+        return timedelta(days=days if days is not None else 0.9 * self.retention_days)
 
     @property
     def effective_database_url(self) -> str:

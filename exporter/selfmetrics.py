@@ -26,7 +26,14 @@ REJECT_REASONS = (
     "forbidden",
     "backpressure",
     "unsupported_media_type",
+    "too_old",
+    "too_far_in_future",
+    "client_disconnect",
 )
+WAL_FAILURE_KINDS = ("write", "open", "rotate")
+CONNECTION_CLOSE_REASONS = ("evicted_idle", "refused_cap", "body_timeout")
+#: what accept() fails with when the process or system runs out of resources
+OS_ERRNOS = ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
 
 
 class SelfMetrics:
@@ -98,6 +105,49 @@ class SelfMetrics:
         self.wal_max_bytes = Gauge(
             "llm_usage_wal_max_bytes", "WAL size cap; past it ingest answers 503.", registry=r
         )
+        # durability and connection hygiene (exporter.wal, exporter.server)
+        self.wal_failures = Counter(
+            "llm_usage_wal_failures",
+            "WAL write/fsync, segment-open and rotation failures (appends answered 503).",
+            ["kind"],
+            registry=r,
+        )
+        for kind in WAL_FAILURE_KINDS:
+            self.wal_failures.labels(kind)
+        self.wal_broken = Gauge(
+            "llm_usage_wal_broken",
+            "1 while the WAL cannot write (ingest answers 503); /readyz says why.",
+            registry=r,
+        )
+        self.client_disconnects = Counter(
+            "llm_usage_client_disconnects",
+            "Requests whose client hung up before the body was read.",
+            registry=r,
+        )
+        self.http_connections = Gauge(
+            "llm_usage_http_connections", "Open HTTP connections.", registry=r
+        )
+        self.http_connection_limit = Gauge(
+            "llm_usage_http_connection_limit",
+            "Connection cap (below the file descriptor limit).",
+            registry=r,
+        )
+        self.http_connections_closed = Counter(
+            "llm_usage_http_connections_closed",
+            "Connections closed by the server's hygiene rules, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in CONNECTION_CLOSE_REASONS:
+            self.http_connections_closed.labels(reason)
+        self.os_errors = Counter(
+            "llm_usage_os_errors",
+            "OS errors on the event loop (e.g. EMFILE on accept), by errno name.",
+            ["errno"],
+            registry=r,
+        )
+        for name in OS_ERRNOS:
+            self.os_errors.labels(name)
         self.label_overflow = Counter(
             "llm_usage_label_overflow",
             "Label values folded into __other__ by the cardinality caps.",

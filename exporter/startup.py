@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from exporter.appkeys import BUDGETS, FLUSHER, SETTINGS, STARTUP, STORE, WAL, StartupState
+from exporter.appkeys import BUDGETS, FLUSHER, INGESTOR, SETTINGS, STARTUP, STORE, WAL, StartupState
 from exporter.backoff import backoff_delay
 from exporter.config import Settings
 from exporter.errors import ConfigError, StartupError, one_line
@@ -87,7 +87,8 @@ async def _background(app: web.Application) -> None:
 
 async def _wal_ctx(app: web.Application) -> AsyncIterator[None]:
     wal = app[WAL]
-    wal.open()
+    # segments read in a thread; the ids still in the WAL are known to dedupe after a restart
+    await wal.open_async(on_record=app[INGESTOR].remember_replayed)
     wal.start()
     yield
     await wal.close()

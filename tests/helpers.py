@@ -43,6 +43,11 @@ TOKEN_FAMILIES = {
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     """Settings with an isolated data dir; anything else as given."""
     data_dir = overrides.pop("data_dir", tmp_path / "data")
+    # Test payloads carry fixed dates (2024-2026); a dedupe window relative to the wall clock
+    # would make them expire as time passes. Tests of the window set it explicitly.
+    if "retention_days" not in overrides:
+        overrides["retention_days"] = 10 * 365
+        overrides.setdefault("max_report_age_days", 9 * 365)
     return Settings(data_dir=data_dir, **overrides)
 
 
@@ -224,11 +229,12 @@ def start_service(
     env: Mapping[str, str] | None = None,
     wait: bool = True,
     timeout: float = 30.0,
+    wrap: Sequence[str] = (),
 ) -> ServiceProcess:
     """Start `llm-usage-exporter <args>`, stdout+stderr to `log_path`, wait for /healthz."""
     log_file = log_path.open("wb")
     proc = subprocess.Popen(
-        [*cli_command(), *args],
+        [*wrap, *cli_command(), *args],  # wrap: e.g. prlimit for a small fd limit
         stdout=log_file,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,12 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         env={"LLM_USAGE_FLUSH_INTERVAL": "0.2", "LLM_USAGE_WAL_DURABILITY": "os"},
     )
     try:
-        body = json.dumps(make_reports(60, seed=3)).encode()
+        now = datetime.now(UTC)  # recent: ingest refuses reports older than its window
+        reports = [
+            r | {"completed_at": (now - timedelta(minutes=7 * i)).isoformat()}
+            for i, r in enumerate(make_reports(60, seed=3))
+        ]
+        body = json.dumps(reports).encode()
         req = urllib.request.Request(
             f"{service.url}/v1/usage", data=body, headers={"Content-Type": "application/json"}
         )

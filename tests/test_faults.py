@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,14 @@ INPUT_FIELDS = ("request_id", "model", "provider", "operation", "user", "team", 
 
 
 def make_reports(n: int, prefix: str) -> list[dict[str, Any]]:
-    """WAL-form reports (what the DB must end up holding) with unique ids for this test."""
-    return [report(i, request_id=f"{prefix}-{i:06d}") for i in range(n)]
+    """WAL-form reports (what the DB must end up holding) with unique ids for this test,
+    spread over hours and days but inside the service's dedupe window (max_report_age)."""
+    now = datetime.now(UTC)
+    return [
+        report(i, request_id=f"{prefix}-{i:06d}",
+               completed_at=now - timedelta(seconds=(17 * 60 * i) % (300 * 86400)))
+        for i in range(n)
+    ]  # fmt: skip
 
 
 def body(reports: Sequence[Mapping[str, Any]]) -> bytes:

@@ -27,6 +27,8 @@ from helpers import (
     wait_ready,
 )
 
+from exporter.app import WAL
+
 MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
@@ -213,9 +215,19 @@ async def test_duplicates_across_requests(make_client: MakeClient) -> None:
 
 
 async def test_concurrent_retries_count_once(make_client: MakeClient) -> None:
+    """A retry racing its first copy is answered only once that copy is on disk (when the
+    write fails the retry becomes the accepted copy: tests/test_faults_disk.py)."""
     client = await make_client()
+    wal = client.app[WAL]
     one = report(request_id="raced", input_tokens=42)
-    results = await asyncio.gather(*(post(client, one) for _ in range(25)))
+
+    async def post_and_look() -> tuple[int, dict[str, Any], int]:
+        status, answer = await post(client, one)
+        return status, answer, wal.pending_reports  # what was durable when it was answered
+
+    results = await asyncio.gather(*(post_and_look() for _ in range(25)))
+    assert all(durable == 1 for _, _, durable in results)
+    results = [(status, answer) for status, answer, _ in results]
     assert all(status == 202 for status, _ in results)
     assert sum(body["accepted"] for _, body in results) == 1
     assert sum(body["duplicates"] for _, body in results) == 24

@@ -15,6 +15,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
 MAX_LINES = 400
 #: Modules allowed past MAX_LINES, each with why (keep this short; split instead).
 LONG_MODULES: dict[str, str] = {
+    "exporter.wal": "the segment writer with its failure handling (truncate back, fresh "
+    "segment, probe); the segment set and replay can move out once the fault work settles",
     "exporter.pricing": "genai-prices' rate decomposition and the price file; the pricing "
     "helper is reworking it (Decimal), split it after that lands",
     "exporter.client.client": "the SDK's UsageClient (414 lines, landed with the SDK); its wire "
@@ -35,6 +37,7 @@ GROUPS: dict[str, str] = {
     "exporter.pricing": "pricing",
     "exporter.live": "live",
     "exporter.wal": "wal",
+    "exporter.walformat": "wal",
     "exporter.store": "store",
     "exporter.ingest": "ingest",
     "exporter.otlp": "ingest",  # an ingest endpoint (moving into ingest/)
@@ -45,6 +48,7 @@ GROUPS: dict[str, str] = {
     "exporter.client": "client",
     "exporter.appkeys": "wiring",
     "exporter.startup": "wiring",
+    "exporter.server": "wiring",
     "exporter.app": "app",
     "exporter.cli": "cli",
     "exporter.__main__": "cli",

@@ -1,19 +1,23 @@
-"""The write-ahead log on real files: reopen, torn tails, crc, the size cap, seal/drop,
-rotation, group commit, and the HTTP path (202 only once the report is on disk)."""
+"""The write-ahead log on real files: reopen, torn tails, crc and resync, the size cap,
+seal/drop, rotation, group commit, a real ENOSPC mid-write (tmpfs), and the HTTP path (202
+only once the report is on disk)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from faultkit import Tmpfs, mount_tmpfs
 from helpers import make_settings, report
 
 from exporter.app import create_app
-from exporter.wal import WalClosed, WalFull, WriteAheadLog, encode_record, read_records
+from exporter.ingest.dedupe import RecentIds
+from exporter.wal import WalBroken, WalClosed, WalFull, WriteAheadLog, encode_record, read_records
 
 HEADER = 12  # u32 length, u32 crc, u32 report count
 
@@ -106,7 +110,7 @@ async def test_garbage_after_the_last_record_is_truncated(tmp_path: Path, garbag
     await wal.close()
 
 
-async def test_crc_mismatch_is_detected(tmp_path: Path) -> None:
+async def test_crc_mismatch_skips_only_the_bad_record(tmp_path: Path) -> None:
     items = payloads(3)
     await write_and_close(tmp_path, items)
     (seg,) = segment_files(tmp_path)
@@ -117,18 +121,41 @@ async def test_crc_mismatch_is_detected(tmp_path: Path) -> None:
     flipped_payload[record + HEADER + 5] ^= 0x01  # one bit in the second record's payload
     seg.write_bytes(bytes(flipped_payload))
     records, good = read_records(seg)
-    assert [r.payload for r in records] == items[:1]
-    assert good == record
+    assert [r.payload for r in records] == [items[0], items[2]]  # resynchronised past it
+    assert good == len(data)
 
     flipped_count = bytearray(data)
     flipped_count[record + 8] ^= 0x01  # the report count is covered by the crc too
     seg.write_bytes(bytes(flipped_count))
     records, good = read_records(seg)
-    assert [r.payload for r in records] == items[:1]
+    assert [r.payload for r in records] == [items[0], items[2]]
+
+    flipped_last = bytearray(data)
+    flipped_last[-3] ^= 0x01  # nothing intact after it: a torn tail
+    seg.write_bytes(bytes(flipped_last))
+    records, good = read_records(seg)
+    assert [r.payload for r in records] == items[:2] and good == 2 * record
 
     seg.write_bytes(bytes(data))
     records, good = read_records(seg)
     assert [r.payload for r in records] == items and good == len(data)
+
+
+async def test_corrupt_record_mid_segment_never_hides_later_records_at_start_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    items = payloads(6)
+    await write_and_close(tmp_path, items)
+    (seg,) = segment_files(tmp_path)
+    data = bytearray(seg.read_bytes())
+    record = HEADER + 40
+    data[2 * record : 3 * record] = os.urandom(record)  # the third record is garbage
+    seg.write_bytes(bytes(data))
+    wal = await started(tmp_path)
+    assert [p for _, p in all_records(wal)] == items[:2] + items[3:]
+    assert wal.pending_reports == sum(i + 1 for i in range(6) if i != 2)
+    assert "corrupt byte(s) before intact records" in caplog.text
+    await wal.close()
 
 
 async def test_segment_with_nothing_intact_is_removed(tmp_path: Path) -> None:
@@ -201,7 +228,7 @@ async def test_rotation_by_size_keeps_order(tmp_path: Path) -> None:
     wal = await started(tmp_path, segment_bytes=1024)
     for p in items:
         await wal.append(p, 1)
-    assert len(wal.sealed_segments()) >= 5
+    assert len(wal.sealed_segments()) >= 4  # the 5th rotates just after its last append
     assert all(s.size >= 1024 for s in wal.sealed_segments())
     await wal.close()
     wal = await started(tmp_path, segment_bytes=1024)
@@ -282,3 +309,52 @@ async def test_accepted_reports_are_in_the_wal_before_202(
             found.extend(reports)
     assert sorted(r["request_id"] for r in found) == [f"wal-{i}" for i in range(5)]
     assert {r["request_id"]: r["input_tokens"] for r in found} == {f"wal-{i}": i for i in range(5)}
+
+
+def test_recent_ids_discard_never_evicts_a_re_added_id_early() -> None:
+    recent = RecentIds(3)
+    recent.add("a")
+    recent.discard("a")  # its write failed
+    for rid in ("b", "c", "a"):  # the retry of "a" is accepted later
+        recent.add(rid)
+    recent.add("d")  # one over capacity: the oldest live id ("b") goes, not the re-added "a"
+    assert [rid in recent for rid in "abcd"] == [True, False, True, True]
+    assert len(recent) == 3
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Tmpfs]:
+    yield from mount_tmpfs(tmp_path / "disk", "size=1m")
+
+
+async def test_failed_write_leaves_no_torn_record_before_acknowledged_ones(
+    small_disk: Tmpfs,
+) -> None:
+    directory = small_disk.path / "wal"
+    wal = await started(directory, probe_interval=0.05)
+    acked = payloads(3, 1000)
+    for p in acked:
+        await wal.append(p, 1)
+    filler = small_disk.fill(leave=20_000)
+    big = b"x" * 200_000  # cannot fit: ENOSPC part-way, a torn record on disk
+    with pytest.raises(WalBroken):
+        await wal.append(big, 1)
+    assert wal.failures >= 1 and wal.broken_reason is not None
+    assert "ENOSPC" in wal.broken_reason
+    with pytest.raises(WalBroken):  # batches fail at once while broken
+        await wal.append(b"while-broken", 1)
+    filler.unlink()
+    deadline = asyncio.get_running_loop().time() + 5
+    while wal.broken_reason is not None:  # the probe notices the space by itself
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    later = payloads(3, 500)
+    for p in later:
+        await wal.append(p, 1)
+    # the failed segment was cut back to its last good record: nothing torn sits anywhere
+    for seg in wal.sealed_segments():
+        assert seg.path.stat().st_size == seg.size
+    await wal.close()
+    wal = await started(directory)
+    assert [p for _, p in all_records(wal)] == acked + later
+    await wal.close()

@@ -21,6 +21,15 @@ class BodyError(ValueError):
         self.close = close
 
 
+class ClientGone(BodyError):
+    """The client hung up (or was cut off by the body timeout) before its body arrived:
+    counted, never logged as an error; the answer goes nowhere."""
+
+    def __init__(self) -> None:
+        super().__init__(400, "client_disconnect", "client disconnected before the body was read",
+                         close=True)  # fmt: skip
+
+
 @dataclass
 class ParsedBody:
     items: list[Any]
@@ -129,6 +138,10 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise BodyError(413, "too_large", f"body exceeds {limit} bytes") from None
-    except web.RequestPayloadError:  # a client that hangs up or breaks chunked framing
+    except web.RequestPayloadError:  # a client that breaks chunked framing
+        if request.transport is None or request.transport.is_closing():
+            raise ClientGone from None
         raise BodyError(400, "bad_body", "body could not be read", close=True) from None
+    except ConnectionError:  # hung up mid-body, or cut off by the server's body timeout
+        raise ClientGone from None
     return decompress(raw, encoding, limit)

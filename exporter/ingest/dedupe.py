@@ -1,33 +1,40 @@
 """Recently seen request_ids, so a client retry is not counted twice in the live counters.
 
 The database's unique key is the real dedupe; this only keeps /metrics honest for retries that
-land on the same replica within the last `capacity` reports.
+land on the same replica within the last `capacity` reports (the ids still in the WAL are put
+back at start-up, so a retry after a restart is not counted again either).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
+
+__all__ = ["RecentIds"]
 
 
 class RecentIds:
-    __slots__ = ("_capacity", "_order", "_seen")
+    """A bounded insertion-ordered set: the oldest id goes first when it is full. `discard`
+    removes an id completely, so it can never evict a later re-add of the same id early."""
+
+    __slots__ = ("_capacity", "_seen")
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
-        self._seen: set[str] = set()
-        self._order: deque[str] = deque()
+        self._seen: OrderedDict[str, None] = OrderedDict()
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._seen
 
+    def __len__(self) -> int:
+        return len(self._seen)
+
     def add(self, request_id: str) -> None:
         if self._capacity == 0 or request_id in self._seen:
             return
-        self._seen.add(request_id)
-        self._order.append(request_id)
-        if len(self._order) > self._capacity:
-            self._seen.discard(self._order.popleft())
+        self._seen[request_id] = None
+        if len(self._seen) > self._capacity:
+            self._seen.popitem(last=False)
 
     def discard(self, request_id: str) -> None:
         """Forget an id whose report was not made durable (so a retry is not a duplicate)."""
-        self._seen.discard(request_id)  # its deque entry expires harmlessly
+        self._seen.pop(request_id, None)

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from exporter.httputil import LogOncePerMinute, Route, error_response, json_response
-from exporter.ingest.body import BodyError, ParsedBody, parse_items, read_body
+from exporter.ingest.body import BodyError, ClientGone, ParsedBody, parse_items, read_body
 from exporter.ingest.pipeline import Backpressure, Ingestor, IngestResult
 from exporter.selfmetrics import SelfMetrics
 
@@ -57,6 +57,9 @@ class IngestHandlers(IngestEndpoint):
     """POST /v1/usage and POST /v2/usage/gateway-metrics."""
 
     def _reject(self, request: web.Request, exc: BodyError) -> web.Response:
+        if isinstance(exc, ClientGone):  # nobody to answer, nothing to log
+            self._m.client_disconnects.inc()
+            return error_response(exc.status, str(exc), headers={"Connection": "close"})
         self._m.rejected.labels(exc.reason).inc()
         self._log_once_a_minute(
             exc.reason,
@@ -77,7 +80,7 @@ class IngestHandlers(IngestEndpoint):
         except Backpressure as exc:
             return error_response(
                 503,
-                "write-ahead log is full or closing; retry later",
+                "write-ahead log is full, closing or cannot write; retry later",
                 headers={"Retry-After": str(exc.retry_after)},
             )
         return json_response(result.as_json(), status=_status(result))

@@ -1,12 +1,21 @@
-"""Validated items → durable (WAL) → counted live. The one path every report takes."""
+"""Validated items → durable (WAL) → counted live. The one path every report takes.
+
+Dedupe (live counters; the database's unique key is the stored truth): a report whose
+request_id is already durable is a duplicate; one whose first copy is still being written
+waits for that write and becomes the accepted copy if it fails, so a 202 "duplicate" is never
+given for a report that is nowhere. Reports outside the time window are refused: older than
+`max_report_age` (the audit rows that de-duplicate them may be gone by retention) or past
+`max_future_skew` in the future.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -19,7 +28,7 @@ from exporter.live.usage_metrics import UsageMetrics
 from exporter.pricing import Pricer
 from exporter.selfmetrics import SelfMetrics
 from exporter.usage import UsageReport
-from exporter.wal import WalClosed, WalFull, WriteAheadLog
+from exporter.wal import Record, WalBroken, WalClosed, WalFull, WriteAheadLog
 
 log = logging.getLogger(__name__)
 _BATCH = TypeAdapter(list[UsageReport])
@@ -83,6 +92,8 @@ class Ingestor:
         tokens_per_output_chunk: float,
         retry_after: int = 5,
         user_attributes: Sequence[str] = DEFAULT_USER_ATTRIBUTES,
+        max_report_age: timedelta | None = None,
+        max_future_skew: timedelta | None = None,
     ) -> None:
         self._wal = wal
         self._usage = usage
@@ -93,7 +104,13 @@ class Ingestor:
         self._tokens_per_chunk = tokens_per_output_chunk
         self._retry_after = retry_after
         self._user_attributes = tuple(user_attributes)
+        self._max_age = max_report_age
+        self._max_skew = max_future_skew
         self._unpriced_logged: set[str] = set()
+        #: request_id → outcome of the WAL write carrying its first copy (True: durable)
+        self._inflight: dict[str, asyncio.Future[bool]] = {}
+        wal.on_failure.append(lambda kind: self_metrics.wal_failures.labels(kind).inc())
+        self_metrics.wal_broken.set_function(lambda: 0 if wal.broken_reason is None else 1)
         #: called with (wal segment seq, reports) once reports are durable
         self.on_durable: list[Callable[[int, Sequence[UsageReport]], None]] = []
 
@@ -149,20 +166,46 @@ class Ingestor:
             except ValidationError:
                 pass
             else:
-                return [
+                valid = [
                     self._complete(r, now, fallbacks.get(i) if fallbacks else None)
                     for i, r in enumerate(validated)
-                ], []
-        reports: list[UsageReport] = []
+                ]
+                return self._in_window(list(enumerate(valid)), errors, now)
+        indexed: list[tuple[int, UsageReport]] = []
         for i, raw in enumerate(items):
             if pre_errors and i in pre_errors:
                 continue
             try:
-                reports.append(self.validate(raw, now))
+                indexed.append((i, self.validate(raw, now)))
             except ValidationError as exc:
                 errors.append({"index": i, "error": describe(exc)})
             except ShapeError:
                 pass  # already reported above
+        return self._in_window(indexed, errors, now)
+
+    def _in_window(
+        self, indexed: list[tuple[int, UsageReport]], errors: list[dict[str, Any]], now: datetime
+    ) -> tuple[list[UsageReport], list[dict[str, Any]]]:
+        """Drop (with a reason) reports older than the dedupe window or too far ahead."""
+        if self._max_age is None and self._max_skew is None:
+            errors.sort(key=lambda e: int(e["index"]))
+            return [r for _, r in indexed], errors
+        oldest = now - self._max_age if self._max_age is not None else None
+        latest = now + self._max_skew if self._max_skew is not None else None
+        reports: list[UsageReport] = []
+        for i, r in indexed:
+            done = r.completed_at
+            assert done is not None  # _complete fills it in
+            if oldest is not None and done < oldest:
+                errors.append({"index": i, "reason": "too_old", "error": (
+                    f"completed_at {done.isoformat()} is older than max_report_age "
+                    f"({_days(self._max_age)}): it could be counted twice")})  # fmt: skip
+            elif latest is not None and done > latest:
+                errors.append({"index": i, "reason": "too_far_in_future", "error": (
+                    f"completed_at {done.isoformat()} is more than max_future_skew "
+                    f"({_days(self._max_skew)}) ahead of this server's clock")})  # fmt: skip
+            else:
+                reports.append(r)
         errors.sort(key=lambda e: int(e["index"]))
         return reports, errors
 
@@ -199,37 +242,85 @@ class Ingestor:
     ) -> IngestResult:
         result = IngestResult()
         reports, result.errors = self.validate_batch(items, pre_errors, datetime.now(UTC))
-        accepted: list[UsageReport] = []
-        batch_ids: set[str] = set()
-        recent = self._recent
-        for report in reports:
-            rid = report.request_id
-            if rid in recent or rid in batch_ids:
-                result.duplicates += 1
-                continue
-            batch_ids.add(rid)
-            accepted.append(report)
         if result.errors:
-            self._m.rejected.labels("invalid").inc(len(result.errors))
-        if result.duplicates:
-            self._m.duplicates.inc(result.duplicates)
-        if accepted:
-            await self._make_durable(accepted)
-            result.accepted = len(accepted)
+            reasons: dict[str, int] = {}
+            for e in result.errors:
+                reason = e.pop("reason", "invalid")
+                reasons[reason] = reasons.get(reason, 0) + 1
+            for reason, n in reasons.items():
+                self._m.rejected.labels(reason).inc(n)
+        batch_ids: set[str] = set()
+        pending = reports
+        while pending:
+            fresh, waiting = self._classify(pending, batch_ids, result)
+            if fresh:
+                await self._make_durable(fresh)
+                result.accepted += len(fresh)
+            pending = await self._outcome_of_first_copies(waiting, batch_ids, result)
         return result
 
+    def _classify(
+        self, reports: list[UsageReport], batch_ids: set[str], result: IngestResult
+    ) -> tuple[list[UsageReport], list[tuple[UsageReport, asyncio.Future[bool]]]]:
+        """New reports to write, and retries whose first copy is still being written."""
+        fresh: list[UsageReport] = []
+        waiting: list[tuple[UsageReport, asyncio.Future[bool]]] = []
+        duplicates = 0
+        for report in reports:
+            rid = report.request_id
+            first = self._inflight.get(rid)
+            if first is not None and rid not in batch_ids:
+                waiting.append((report, first))
+            elif rid in batch_ids or rid in self._recent:
+                duplicates += 1
+            else:
+                fresh.append(report)
+            batch_ids.add(rid)
+        if duplicates:
+            result.duplicates += duplicates
+            self._m.duplicates.inc(duplicates)
+        return fresh, waiting
+
+    async def _outcome_of_first_copies(
+        self,
+        waiting: list[tuple[UsageReport, asyncio.Future[bool]]],
+        batch_ids: set[str],
+        result: IngestResult,
+    ) -> list[UsageReport]:
+        """Wait for the first copies; a retry whose first copy failed is the new first copy."""
+        if not waiting:
+            return []
+        await asyncio.wait({f for _, f in waiting})  # never cancels the shared futures
+        again: list[UsageReport] = []
+        durable = 0
+        for report, first in waiting:
+            if first.result():
+                durable += 1
+            else:
+                again.append(report)
+                batch_ids.discard(report.request_id)
+        if durable:
+            result.duplicates += durable
+            self._m.duplicates.inc(durable)
+        return again
+
     async def _make_durable(self, accepted: list[UsageReport]) -> None:
-        # Claim the ids before awaiting, so a concurrent retry of the same id is a duplicate.
+        # Claim the ids before awaiting, so a concurrent retry waits for this write's outcome.
+        outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         for r in accepted:
             self._recent.add(r.request_id)
+            self._inflight[r.request_id] = outcome
         payload = orjson.dumps([r.__dict__ for r in accepted])
         try:
             seq = await self._wal.append(payload, len(accepted))
-        except (WalFull, WalClosed, OSError) as exc:
-            for r in accepted:
-                self._recent.discard(r.request_id)
+        except (WalFull, WalClosed, WalBroken, OSError) as exc:
+            self._settle(accepted, outcome, durable=False)
             self._m.rejected.labels("backpressure").inc(len(accepted))
             raise Backpressure(str(exc), self._retry_after) from exc
+        except BaseException:
+            self._settle(accepted, outcome, durable=False)
+            raise
+        self._settle(accepted, outcome, durable=True)
         estimated = 0
         for r in accepted:
             self._usage.observe(r)
@@ -239,3 +330,30 @@ class Ingestor:
             self._m.estimated.inc(estimated)
         for listener in self.on_durable:
             listener(seq, accepted)
+
+    def _settle(
+        self, accepted: list[UsageReport], outcome: asyncio.Future[bool], *, durable: bool
+    ) -> None:
+        for r in accepted:
+            if self._inflight.get(r.request_id) is outcome:
+                del self._inflight[r.request_id]
+            if not durable:
+                self._recent.discard(r.request_id)
+        outcome.set_result(durable)
+
+    def remember_replayed(self, record: Record) -> None:
+        """Start-up: ids still in the WAL are known, so a retry after a restart is a
+        duplicate (counted once live). Runs in the WAL's loader thread, before serving."""
+        try:
+            reports = orjson.loads(record.payload)
+        except orjson.JSONDecodeError:
+            return
+        for r in reports:
+            rid = r.get("request_id") if isinstance(r, dict) else None
+            if isinstance(rid, str):
+                self._recent.add(rid)
+
+
+def _days(delta: timedelta | None) -> str:
+    seconds = delta.total_seconds() if delta is not None else 0.0
+    return f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds:g} s"
