@@ -1355,12 +1355,12 @@ def billing() -> Board:
             "short",
         ),
         ("Success rate in range", SUCCESS_RATE, "success_rate", "percentunit"),
-        ("Average latency in range (ms)", AVG_DURATION_MS, "avg_duration_ms", "ms"),
+        ("Average latency in range", f"{AVG_DURATION_MS} / 1000", "avg_duration_s", "s"),
     )
     notes = {
         "success_rate": " (requests - errors) / requests; errors count every non-success "
         "status, cancelled included, as /v1/stats does.",
-        "avg_duration_ms": " The duration sum over the reports that carried a duration, as "
+        "avg_duration_s": " The duration sum over the reports that carried a duration, as "
         "/v1/stats does.",
     }
     for title, agg, alias, unit in totals:
