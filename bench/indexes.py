@@ -4,7 +4,7 @@ For each index set, a fresh database gets `--batches` flushes of `--batch` new r
 through the real `StoreWriter` (one statement per flush, as the service runs it), the sets
 taking turns; the figure is the median reports/s of the flushes after the first. The sets:
 the indexes the read API uses (completed_at, trace_id), each one dropped, and the two
-per-user/per-team indexes 0004 removed added back.
+per-user/per-team indexes 0005 removed added back.
 
     python bench/indexes.py                   # prints markdown
     python bench/indexes.py --write-results   # ...and updates "## Detail indexes" in RESULTS.md
@@ -41,7 +41,7 @@ SETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "without trace_id": (("ix_usage_details_trace_id",), ()),
     "without completed_at": (("ix_usage_details_completed_at",), ()),
     "none (primary key only)": (KEPT, ()),
-    "+ (user, completed_at), (team, completed_at) (before 0004)": ((), tuple(EXTRA)),
+    "+ (user, completed_at), (team, completed_at) (before 0005)": ((), tuple(EXTRA)),
 }
 
 

@@ -138,6 +138,7 @@ def _read_api(settings: Settings, store: Store) -> list[Route]:
 def create_app(settings: Settings) -> web.Application:
     self_metrics = SelfMetrics()
     usage = _usage_metrics(settings, self_metrics)
+    self_metrics.init_overflow(usage.label_names)
     wal = WriteAheadLog(
         settings.wal_dir,
         segment_bytes=settings.wal_segment_bytes,

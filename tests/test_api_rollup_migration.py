@@ -1,4 +1,4 @@
-"""Migration 0004 on rollups written before it, on SQLite and Postgres: rows whose audit rows
+"""Migration 0005 on rollups written before it, on SQLite and Postgres: rows whose audit rows
 are still there get exact duration/TTFT counts, TTFT sums, cancelled and estimated counts;
 rows whose audit rows were purged keep the old definition; node and dims join the key and new
 flushes add onto the migrated rows.
@@ -34,7 +34,7 @@ DETAIL_0001 = ("request_id", "model", "provider", "operation", "user", "team", "
 
 
 def old_rollups(reports: Sequence[Mapping[str, Any]]) -> dict[tuple[Any, ...], list[Any]]:
-    """What the writer before 0004 stored: the old key, the old sums."""
+    """What the writer before 0005 stored: the old key, the old sums."""
     groups: dict[tuple[Any, ...], list[Any]] = {}
     for r in reports:
         hour = done_at(r).replace(minute=0, second=0, microsecond=0)
@@ -108,7 +108,7 @@ async def test_old_rollups_get_honest_counts_and_new_flushes_add_to_them(old_sto
 
     # a report into a migrated key (node '') adds onto that row
     first = KEPT[0]
-    extra = dict(first, request_id="after-0004", cost_usd=0.25, duration_ms=10.0, ttft_ms=None)
+    extra = dict(first, request_id="after-0005", cost_usd=0.25, duration_ms=10.0, ttft_ms=None)
     assert (await old_store.writer.write([extra])).inserted == 1
     hour = done_at(first).replace(minute=0, second=0, microsecond=0)
     day = hour.replace(hour=0)

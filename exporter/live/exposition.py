@@ -8,6 +8,7 @@ import gzip
 from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
+from exporter.live.negotiation import negotiate
 from exporter.live.usage_metrics import UsageMetrics
 from exporter.selfmetrics import SelfMetrics
 
@@ -15,10 +16,6 @@ TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 _EOF = b"# EOF\n"
 _GZIP_INLINE_MAX = 256 * 1024
-
-
-def wants_openmetrics(accept: str) -> bool:
-    return "application/openmetrics-text" in accept
 
 
 class Exposition:
@@ -48,10 +45,13 @@ class Exposition:
         return usage + text
 
     async def response(self, accept: str, accept_encoding: str) -> tuple[bytes, dict[str, str]]:
-        openmetrics = wants_openmetrics(accept)
+        openmetrics, gzip_ok = negotiate(accept, accept_encoding)
         body = self.render(openmetrics)
-        headers = {"Content-Type": OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE}
-        if "gzip" in accept_encoding:
+        headers = {
+            "Content-Type": OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE,
+            "Vary": "Accept, Accept-Encoding",
+        }
+        if gzip_ok:
             if len(body) > _GZIP_INLINE_MAX:  # zlib releases the GIL: keep the loop free
                 body = await asyncio.get_running_loop().run_in_executor(None, _gzip, body)
             else:

@@ -18,7 +18,7 @@ import orjson
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from exporter.store.tables import COST_QUANTUM, COST_SCALE
+from exporter.money import COST_QUANTUM, COST_SCALE
 
 __all__ = [
     "DIMENSIONS",

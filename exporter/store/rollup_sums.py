@@ -64,6 +64,12 @@ ROLLUP_SPECS: Mapping[str, RollupSum] = {
             lambda r: 0.0 if r.duration_ms is None else r.duration_ms,
             0.0,
         ),
+        RollupSum(
+            "unpriced",
+            "count(*) FILTER (WHERE cost_usd IS NULL)",
+            ("cost_usd",),
+            lambda r: int(r.cost_usd is None),
+        ),
         # averages divide by the reports that carried the value, not by requests
         RollupSum(
             "duration_count",

@@ -17,7 +17,7 @@ import logging
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import Decimal
 from enum import Enum
 from operator import add, attrgetter, itemgetter
 from typing import Any
@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 from sqlalchemy import JSON, BigInteger, Boolean, Column, Double, Integer, Text
 
+from exporter.money import exact_decimal, to_money
 from exporter.store.errors import RowRefused
 from exporter.store.rollup_sums import ROLLUP_SPECS, RollupSum
 from exporter.store.tables import (
@@ -179,21 +180,19 @@ def _time(name: str, value: Any) -> datetime | None:
 
 
 def _money(name: str, value: Any) -> Decimal | None:
-    """Exact cost: a float through its shortest repr (0.1 → 0.1, not 0.1000…0555).
-
-    Half away from zero, as Postgres rounds into NUMERIC(20,10): both backends agree.
-    """
+    """Exact cost by the one rule (exporter.money): WAL records carry it as decimal text,
+    already rounded by validation; anything else is rounded half-even at 1e-10 here."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
         raise RowRefused(name, f"not a number: {type(value).__name__}")
     try:
-        dec = Decimal(repr(value) if isinstance(value, float) else str(value))
-        if not dec.is_finite() or abs(dec) >= COST_LIMIT:
-            raise RowRefused(name, "outside NUMERIC(20,10)")
-        return dec.quantize(COST_QUANTUM, rounding=ROUND_HALF_UP)
-    except InvalidOperation:
+        dec = exact_decimal(value)
+    except ValueError:
         raise RowRefused(name, "not a decimal number") from None
+    if not dec.is_finite() or abs(dec) >= COST_LIMIT:
+        raise RowRefused(name, "outside NUMERIC(20,10)")
+    return to_money(dec)
 
 
 def _json(name: str, value: Any) -> Any:

@@ -12,8 +12,8 @@ counts come from the audit rows where those are complete for the row (as many de
 row has requests); where retention already purged them, `duration_count` falls back to the old
 definition (every request, when the row has any duration) and TTFT stays unknown (count 0).
 
-Revision ID: 0004
-Revises: 0003_tags
+Revision ID: 0005
+Revises: 0004_pricing
 Create Date: 2026-12-01
 """
 
@@ -25,8 +25,8 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0004"
-down_revision: str | None = "0003_tags"
+revision: str = "0005"
+down_revision: str | None = "0004_pricing"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
