@@ -9,7 +9,7 @@ import random
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -65,7 +65,7 @@ def make_reports(n: int, seed: int = 7, prefix: str = "r") -> list[dict[str, Any
             "cost_usd": None if i % 13 == 0 else round(rnd.uniform(0, 0.5), 9),
         }
         r = UsageReport(**fields)
-        out.append(dict(orjson.loads(orjson.dumps(r.__dict__))))
+        out.append(dict(orjson.loads(orjson.dumps(r.__dict__, default=str))))
     return out
 
 
@@ -75,7 +75,10 @@ def done_at(r: Mapping[str, Any]) -> datetime:
 
 def cost(r: Mapping[str, Any]) -> Decimal:
     v = r["cost_usd"]
-    return Decimal(0).quantize(Q) if v is None else Decimal(repr(v)).quantize(Q, ROUND_HALF_UP)
+    if v is None:
+        return Decimal(0).quantize(Q)
+    # the reports carry at most 9 decimals: no rounding rule comes into play
+    return Decimal(repr(v) if isinstance(v, float) else str(v)).quantize(Q, ROUND_HALF_EVEN)
 
 
 def period_label(when: datetime, unit: str | None, tz: ZoneInfo) -> str | None:
