@@ -1282,6 +1282,12 @@ def _per_bucket(bucket: str, column: str, top: int | None) -> str:
     )
 
 
+# The read API's definitions (docs/api.md): errors are every non-success status; an average
+# divides by the reports that carried the value, not by all requests.
+SUCCESS_RATE = "(SUM(requests) - SUM(errors))::double precision / NULLIF(SUM(requests), 0)"
+AVG_DURATION_MS = "SUM(duration_ms_sum) / NULLIF(SUM(duration_count), 0)"
+AVG_TTFT_MS = "SUM(ttft_ms_sum) / NULLIF(SUM(ttft_count), 0)"
+
 DAY = "bucket_start"
 MONTH = "date_trunc('month', bucket_start, 'UTC')"
 
@@ -1293,7 +1299,10 @@ EXPORT_COLUMNS = (
     "  SUM(cached_input_tokens)::bigint AS cached_input_tokens,\n"
     "  SUM(cache_creation_input_tokens)::bigint AS cache_creation_input_tokens,\n"
     "  SUM(reasoning_tokens)::bigint AS reasoning_tokens,\n"
-    "  SUM(cost_usd) AS cost_usd"
+    "  SUM(cost_usd) AS cost_usd,\n"
+    f"  {SUCCESS_RATE} AS success_rate,\n"
+    f"  {AVG_DURATION_MS} AS avg_duration_ms,\n"
+    f"  {AVG_TTFT_MS} AS avg_ttft_ms"
 )
 
 
@@ -1346,16 +1355,26 @@ def billing() -> Board:
             "cached_input_tokens",
             "short",
         ),
+        ("Success rate in range", SUCCESS_RATE, "success_rate", "percentunit"),
+        ("Average latency in range", f"{AVG_DURATION_MS} / 1000", "avg_duration_s", "s"),
     )
+    notes = {
+        "success_rate": " (requests - errors) / requests; errors count every non-success "
+        "status, cancelled included, as /v1/stats does.",
+        "avg_duration_s": " The duration sum over the reports that carried a duration, as "
+        "/v1/stats does.",
+    }
     for title, agg, alias, unit in totals:
+        value = agg if alias in notes else f"COALESCE({agg}, 0)"
         b.add(
             "stat",
             title,
-            f"{title} from the daily rollups: every UTC day that overlaps the range, whole.",
-            [sql(f"SELECT COALESCE({agg}, 0) AS {alias}\nFROM usage_rollups\n{WHERE}", "table")],
+            f"{title} from the daily rollups: every UTC day that overlaps the range, whole."
+            + notes.get(alias, ""),
+            [sql(f"SELECT {value} AS {alias}\nFROM usage_rollups\n{WHERE}", "table")],
             unit=unit,
-            decimals=2 if unit == "currencyUSD" else None,
-            w=6,
+            decimals=2 if unit in ("currencyUSD", "percentunit") else None,
+            w=4,
             h=4,
             options={**_default_options("stat"), "graphMode": "none"},
         )

@@ -13,6 +13,10 @@ from aiohttp import web
 
 from exporter.api.budgets import BudgetHandlers
 from exporter.api.health import HealthHandlers, Readiness
+from exporter.api.openapi import OpenApiHandler
+from exporter.api.requests import RequestsHandler
+from exporter.api.stats import StatsHandler
+from exporter.api.traces import TraceHandler
 from exporter.appkeys import (
     ACCESS,
     BUDGETS,
@@ -39,6 +43,7 @@ from exporter.live.exposition import Exposition
 from exporter.live.usage_metrics import LabelCaps, UsageMetrics
 from exporter.selfmetrics import SelfMetrics
 from exporter.startup import install, load_pricer, open_store
+from exporter.store import Store
 from exporter.wal import WriteAheadLog
 
 __all__ = ["create_app"]  # the state keys are in exporter.appkeys
@@ -114,6 +119,22 @@ async def _check_every_route_listed(app: web.Application, policy: AccessPolicy) 
         raise RuntimeError(f"routes without an access entry: {', '.join(unlisted)}")
 
 
+def _read_api(settings: Settings, store: Store) -> list[Route]:
+    limit = settings.read_time_limit
+    stats = StatsHandler(
+        store.engine,
+        max_range_days=settings.read_max_range_days,
+        retention_days=settings.retention_days,
+        promoted_tags=getattr(settings, "promoted_tags", ()),
+        time_limit=limit,
+    )
+    return [
+        *stats.routes(),
+        *RequestsHandler(store.engine, limit).routes(),
+        *TraceHandler(store.engine, settings.trace_max_requests, limit).routes(),
+    ]
+
+
 def create_app(settings: Settings) -> web.Application:
     self_metrics = SelfMetrics()
     usage = _usage_metrics(settings, self_metrics)
@@ -180,6 +201,8 @@ def create_app(settings: Settings) -> web.Application:
             ingestor, self_metrics, *limits, user_attributes=settings.otel_user_attributes
         ).routes(),
         *BudgetHandlers(budgets).routes(),
+        *_read_api(settings, store),
+        *OpenApiHandler(settings.metrics_auth).routes(),
     ]
     policy.install(app.router, routes)
     # first of the start steps, so a bad route table opens nothing

@@ -172,6 +172,11 @@ class Settings(BaseSettings):
     flush_unready_after_failures: int = Field(default=3, ge=1)
     retention_days: int = Field(default=400, ge=1)
 
+    # read API (docs/api.md)
+    read_max_range_days: int = Field(default=400, ge=1)
+    read_time_limit: float = Field(default=10.0, gt=0)  # seconds per read query
+    trace_max_requests: int = Field(default=10_000, ge=1)
+
     # clients: where OTel spans name the caller (first match wins), attribution tags
     otel_user_attributes: list[str] = Field(
         default_factory=lambda: list(DEFAULT_USER_ATTRIBUTES), min_length=1, max_length=32

@@ -85,8 +85,8 @@ def expected_rollups(reports: Iterable[Mapping[str, Any]]) -> dict[tuple[Any, ..
     groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
     for r in distinct(reports):
         done = datetime.fromisoformat(r["completed_at"]).astimezone(UTC)
-        dims = tuple(r[k] for k in ("model", "provider", "operation", "user", "team",
-                                    "api_key_id"))  # fmt: skip
+        dims = (*(r[k] for k in ("model", "provider", "operation", "user", "team",
+                                 "api_key_id", "node")), "{}")  # fmt: skip
         hour = done.replace(minute=0, second=0, microsecond=0)
         groups.setdefault(("hour", hour, *dims), []).append(r)
         groups.setdefault(("day", hour.replace(hour=0), *dims), []).append(r)

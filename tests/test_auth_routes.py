@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from conftest import MakeClient
-from helpers import ADMIN_TOKEN, INGEST_TOKEN, READ_TOKEN, bearer, make_settings
+from helpers import ADMIN_TOKEN, INGEST_TOKEN, READ_TOKEN, bearer, make_settings, wait_ready
 
 from exporter.app import create_app
 from exporter.appkeys import ACCESS, SELF_METRICS
@@ -30,6 +30,11 @@ CONTRACT = {
     ("POST", "/v1/traces"): "ingest",
     ("GET", "/v1/budgets"): "read",
     ("GET", "/v1/budgets/check"): "read",
+    ("GET", "/v1/stats"): "read",
+    ("GET", "/v1/requests"): "read",
+    ("GET", "/v1/requests/{request_id}"): "read",
+    ("GET", "/v1/traces/{trace_id}/usage"): "read",
+    ("GET", "/openapi.json"): "public",
 }
 
 #: A token that has the scope, and one that lacks it (admin implies every scope).
@@ -74,6 +79,7 @@ async def test_every_protected_route_refuses_missing_and_wrong_tokens(
     make_client: MakeClient, method_kind: str
 ) -> None:
     client = await make_client(with_tokens=True)
+    await wait_ready(client)  # the read API answers 503 until the schema is migrated
     app = client.server.app
     rejected_before = _rejected(app)
     checked = 0

@@ -48,6 +48,8 @@ TOTALS = {
     "Requests in range",
     "Tokens in range (input + output)",
     "Cached input tokens in range",
+    "Success rate in range",
+    "Average latency in range",
 }
 PANELS = TOTALS | {
     "variable team",
@@ -144,6 +146,7 @@ def build_reports() -> list[dict[str, Any]]:
                     cost_usd=cost,
                     completed_at=_at(day, (5 * k + 3 * i) % 24, (7 * k) % 60, 0.25 * i),
                     duration_ms=100.0 + k,
+                    ttft_ms=None if k % 3 == 0 else 10.0 + k,
                 )
     for u in range(1, LOAD_USERS + 1):
         add(
@@ -208,6 +211,8 @@ class Stored:
     cache_creation_input_tokens: int
     reasoning_tokens: int
     cost: Decimal
+    duration_ms: float | None
+    ttft_ms: float | None
 
     @classmethod
     def of(cls, r: Mapping[str, Any]) -> Stored:
@@ -225,6 +230,8 @@ class Stored:
             cache_creation_input_tokens=r["cache_creation_input_tokens"],
             reasoning_tokens=r["reasoning_tokens"],
             cost=exact_cost(RAW_COST[r["request_id"]]),
+            duration_ms=r["duration_ms"],
+            ttft_ms=r["ttft_ms"],
         )
 
 
@@ -245,6 +252,15 @@ def selected(selection: Selection) -> list[Stored]:
 
 def _cost(rows: Iterable[Stored]) -> Decimal:
     return sum((s.cost for s in rows), Decimal(0))
+
+
+def _success_rate(rows: Sequence[Stored]) -> float | None:
+    return (len(rows) - sum(s.errors for s in rows)) / len(rows) if rows else None
+
+
+def _avg(values: Sequence[float | None]) -> float | None:
+    carried = [v for v in values if v is not None]
+    return sum(carried) / len(carried) if carried else None
 
 
 def _top_keys(rows: Sequence[Stored], who: str) -> set[str]:
@@ -281,6 +297,11 @@ def expected(title: str, selection: Selection) -> list[dict[str, Any]]:
         return [{"tokens": sum(s.input_tokens + s.output_tokens for s in rows)}]
     if title == "Cached input tokens in range":
         return [{"cached_input_tokens": sum(s.cached_input_tokens for s in rows)}]
+    if title == "Success rate in range":
+        return [{"success_rate": _success_rate(rows)}]
+    if title == "Average latency in range":
+        avg = _avg([s.duration_ms for s in rows])
+        return [{"avg_duration_s": None if avg is None else avg / 1000}]
     if m := _PER_BUCKET.fullmatch(title):
         period, who = m.groups()
         top = None if who == "team" else _top_keys(rows, who)
@@ -308,6 +329,9 @@ def expected(title: str, selection: Selection) -> list[dict[str, Any]]:
                 "errors": sum(s.errors for s in g),
                 **{f: sum(getattr(s, f) for s in g) for f in _TOKEN_FIELDS},
                 "cost_usd": _cost(g),
+                "success_rate": _success_rate(g),
+                "avg_duration_ms": _avg([s.duration_ms for s in g]),
+                "avg_ttft_ms": _avg([s.ttft_ms for s in g]),
             }
             for (period, team, user, model, provider), g in groups.items()
         ]
@@ -461,8 +485,13 @@ async def test_every_query_with_combined_variables(
         await assert_query(billing, title, selection)
 
 
+def expected_empty(title: str) -> list[Any]:
+    return [None] if title in ("Success rate in range", "Average latency in range") else [0]
+
+
 async def test_a_selection_without_data(billing: BillingDb) -> None:
-    """Totals say 0, every other panel is empty, and nothing breaks on the quote."""
+    """Totals say 0 (rates and averages: no value), every other panel is empty, and nothing
+    breaks on the quote."""
     selection = {"user": ["nobody's"]}
     assert not selected(selection)
     for title in billing_queries():
@@ -470,7 +499,7 @@ async def test_a_selection_without_data(billing: BillingDb) -> None:
         if title.startswith("variable "):
             assert rows == expected(title, selection) != [], title
         elif title in TOTALS:
-            assert len(rows) == 1 and list(rows[0].values()) == [0], title
+            assert len(rows) == 1 and list(rows[0].values()) == expected_empty(title), title
         else:
             assert rows == [], title
 

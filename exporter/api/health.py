@@ -32,6 +32,10 @@ _LANDING = """<!doctype html>
 <li>POST /v2/usage/gateway-metrics GPUStack gateway metrics</li>
 <li>POST /v1/traces OTLP/HTTP spans with GenAI usage (protobuf or JSON)</li>
 <li><a href="/v1/budgets">/v1/budgets</a> budgets</li>
+<li><a href="/v1/stats">/v1/stats</a> usage per group and period;
+<a href="/v1/requests">/v1/requests</a> stored requests;
+/v1/traces/{{trace_id}}/usage per-trace tree</li>
+<li><a href="/openapi.json">/openapi.json</a> OpenAPI 3.1 of every route</li>
 </ul></body></html>
 """
 

@@ -1,4 +1,4 @@
-"""Command line: `llm-usage-exporter serve | db upgrade | version`, one module per command.
+"""Command line: `llm-usage-exporter serve | db upgrade | report | version`, one module per command.
 
 A command module exports `register(subparsers)`, which adds its parser and sets
 `run=<function(args, settings) -> exit code>` (or `run_plain=<function(args) -> int>` for a

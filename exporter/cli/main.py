@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from exporter import __version__
-from exporter.cli import db, reprice, serve
+from exporter.cli import db, report, reprice, serve
 from exporter.cli.common import settings_from_args
 from exporter.errors import StartupError, one_line
 from exporter.logs import configure
@@ -27,7 +27,7 @@ __all__ = ["build_parser", "main"]
 log = logging.getLogger("exporter")
 
 #: One entry per command module; a new command is a new module and one line here.
-COMMANDS = (serve, db, reprice)
+COMMANDS = (serve, db, report, reprice)
 
 
 def _version(args: argparse.Namespace) -> int:

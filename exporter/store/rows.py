@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import Enum
@@ -28,6 +27,7 @@ from sqlalchemy import JSON, BigInteger, Boolean, Column, Double, Integer, Text
 
 from exporter.money import exact_decimal, to_money
 from exporter.store.errors import RowRefused
+from exporter.store.rollup_sums import ROLLUP_SPECS, RollupSum
 from exporter.store.tables import (
     COST_QUANTUM,
     ROLLUP_KEY,
@@ -39,6 +39,7 @@ from exporter.store.tables import (
 from exporter.timeutil import as_utc
 
 __all__ = [
+    "DERIVED_KEY",
     "DETAIL_COLUMNS",
     "DIMENSIONS",
     "ROLLUP_COLUMNS",
@@ -62,8 +63,17 @@ DETAIL_COLUMNS: tuple[str, ...] = tuple(
     c.name for c in usage_details.columns if c.name not in SERVER_COLUMNS
 )
 ROLLUP_COLUMNS: tuple[str, ...] = ROLLUP_KEY + ROLLUP_SUMS
+#: Rollup key parts computed from a report rather than copied from a detail column: `dims`,
+#: the canonical JSON of the promoted tags ('{}' until reports carry tags): the Postgres
+#: expression and the Python value.
+DERIVED_KEY: Mapping[str, tuple[str, Callable[[Any], str]]] = {
+    "dims": ("'{}'::text", lambda _row: "{}"),
+}
+#: Whether the writer fills `dims` from the promoted tags (not before reports carry tags);
+#: the read API refuses tag:<key> until then rather than answer everything under ''.
+DIMS_FROM_TAGS = False
 #: Rollup key parts that are detail columns of the same name (all but granularity, bucket).
-DIMENSIONS: tuple[str, ...] = ROLLUP_KEY[2:]
+DIMENSIONS: tuple[str, ...] = tuple(c for c in ROLLUP_KEY[2:] if c not in DERIVED_KEY)
 #: Text columns whose absent or empty value is not ''.
 EMPTY_TEXT_DEFAULTS: Mapping[str, str] = {"operation": "other", "status": "success"}
 #: Largest integer both backends store (BIGINT / SQLite INTEGER).
@@ -304,60 +314,6 @@ class Batch:
 # -- rollups -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RollupSum:
-    """One additive rollup column: how Postgres aggregates it over the newly inserted detail
-    rows, and what one detail row adds to it (SQLite path)."""
-
-    column: str
-    sql: str
-    reads: tuple[str, ...]
-    #: one row's contribution; None: the value of the one (never NULL) column it reads
-    of: Callable[[Any], Any] | None = None
-    zero: Any = 0
-
-
-def _column_sum(name: str) -> RollupSum:
-    return RollupSum(name, f'sum("{name}")', (name,))
-
-
-ROLLUP_SPECS: Mapping[str, RollupSum] = {
-    s.column: s
-    for s in (
-        RollupSum("requests", "count(*)", (), lambda r: 1),
-        RollupSum(
-            "errors",
-            "count(*) FILTER (WHERE status <> 'success')",
-            ("status",),
-            lambda r: int(r.status != "success"),
-        ),
-        _column_sum("input_tokens"),
-        _column_sum("output_tokens"),
-        _column_sum("cached_input_tokens"),
-        _column_sum("cache_creation_input_tokens"),
-        _column_sum("reasoning_tokens"),
-        RollupSum(
-            "cost_usd",
-            "coalesce(sum(cost_usd), 0)",
-            ("cost_usd",),
-            lambda r: _ZERO if r.cost_usd is None else r.cost_usd,
-            _ZERO,
-        ),
-        RollupSum(
-            "duration_ms_sum",
-            "coalesce(sum(duration_ms), 0)",
-            ("duration_ms",),
-            lambda r: 0.0 if r.duration_ms is None else r.duration_ms,
-            0.0,
-        ),
-        RollupSum(
-            "unpriced",
-            "count(*) FILTER (WHERE cost_usd IS NULL)",
-            ("cost_usd",),
-            lambda r: int(r.cost_usd is None),
-        ),
-    )
-}
 _SPECS = tuple(ROLLUP_SPECS[c] for c in ROLLUP_SUMS if c in ROLLUP_SPECS)
 # Plain column sums are read with one attrgetter and added with one map(); the rest call `of`.
 _PLAIN = tuple(s for s in _SPECS if s.of is None)
@@ -369,13 +325,18 @@ _zeros = [s.zero for s in _PLAIN + _CALLS]
 _n_plain = len(_PLAIN)
 _in_table_order = itemgetter(*(_ORDER.index(c) for c in ROLLUP_SUMS))
 _dimensions = attrgetter(*DIMENSIONS)
+_DERIVED = tuple(DERIVED_KEY[c] for c in ROLLUP_KEY if c in DERIVED_KEY)
 
 
 def aggregate(rows: Iterable[Any]) -> list[Any]:
     """Hour and day rollup deltas (RollupRows) of DetailRows, sorted by the rollup key."""
     hours: dict[tuple[Any, ...], list[Any]] = {}
     for r in rows:
-        key = (r.completed_at.replace(minute=0, second=0, microsecond=0), *_dimensions(r))
+        key = (
+            r.completed_at.replace(minute=0, second=0, microsecond=0),
+            *_dimensions(r),
+            *(value(r) for _sql, value in _DERIVED),
+        )
         acc = hours.get(key)
         if acc is None:
             acc = hours[key] = list(_zeros)

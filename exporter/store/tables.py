@@ -151,16 +151,17 @@ usage_details = Table(
     Column("tags", JSON, nullable=True),
     Column("inserted_at", UTCDateTime(), nullable=False, server_default=func.current_timestamp()),
     PrimaryKeyConstraint("request_id"),
+    # Only what the read API queries (docs/api.md): completed_at ranges (stats percentiles,
+    # /v1/requests keyset pages, retention), trace_id (/v1/traces/{id}/usage). Every index
+    # costs flush throughput (bench/RESULTS.md); per-user/team figures come from the rollups.
     Index(None, "completed_at"),
-    Index(None, "user", "completed_at"),
-    Index(None, "team", "completed_at"),
     Index(None, "trace_id"),
-    # Every index here costs ~15% of flush throughput; per-API-key spend comes from the
-    # rollups' (granularity, api_key_id, bucket_start) index instead.
 )
 
+#: `dims` is the canonical JSON object of the promoted tags ('{}' for none): a bounded set of
+#: configured keys, so the key stays one fixed-width tuple whatever tags are promoted.
 ROLLUP_KEY = ("granularity", "bucket_start", "model", "provider", "operation", "user", "team",
-              "api_key_id")  # fmt: skip
+              "api_key_id", "node", "dims")  # fmt: skip
 
 usage_rollups = Table(
     "usage_rollups",
@@ -182,6 +183,13 @@ usage_rollups = Table(
     _count("reasoning_tokens"),
     Column("cost_usd", Money(), nullable=False, server_default=text("0")),
     Column("duration_ms_sum", Double, nullable=False, server_default=text("0")),
+    _key_text("node"),
+    Column("dims", Text, nullable=False, server_default=text("'{}'")),
+    _count("duration_count"),
+    Column("ttft_ms_sum", Double, nullable=False, server_default=text("0")),
+    _count("ttft_count"),
+    _count("cancelled"),
+    _count("estimated"),
     _count("unpriced"),  # reports stored with cost NULL (migration 0004_pricing)
     PrimaryKeyConstraint(*ROLLUP_KEY),
     Index(None, "granularity", "user", "bucket_start"),
@@ -190,6 +198,7 @@ usage_rollups = Table(
 )
 
 #: The additive columns: every rollup column outside the key (each has a rule in rows.py).
+#: Averages divide a sum by the count of reports that carried the value (not by requests).
 ROLLUP_SUMS: tuple[str, ...] = tuple(
     c.name for c in usage_rollups.columns if c.name not in ROLLUP_KEY
 )

@@ -22,6 +22,7 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.store.rows import (
+    DERIVED_KEY,
     DETAIL_COLUMNS,
     DIMENSIONS,
     EMPTY_TEXT_DEFAULTS,
@@ -72,7 +73,9 @@ _RETURNING = tuple(
         ("completed_at", *DIMENSIONS, *(c for s in ROLLUP_SPECS.values() for c in s.reads))
     )
 )
-_KEY_C = ", ".join(f'{_q(c)} COLLATE "C"' for c in DIMENSIONS)
+_KEY_C = ", ".join(f'{_q(c)} COLLATE "C"' for c in ROLLUP_KEY[2:])
+_DERIVED_SQL = "".join(f", {DERIVED_KEY[c][0]} AS {_q(c)}" for c in ROLLUP_KEY if c in DERIVED_KEY)
+_DERIVED_COLS = "".join(f", {_q(c)}" for c in ROLLUP_KEY if c in DERIVED_KEY)
 
 PG_WRITE_SQL = f"""
 WITH src AS (
@@ -89,17 +92,17 @@ WITH src AS (
     ON CONFLICT (request_id) DO NOTHING
     RETURNING {_cols(_RETURNING)}
 ), hourly AS (
-    SELECT date_trunc('hour', completed_at, 'UTC') AS bucket_start, {_cols(DIMENSIONS)},
-        {", ".join(f"{ROLLUP_SPECS[c].sql} AS {_q(c)}" for c in ROLLUP_SUMS)}
+    SELECT date_trunc('hour', completed_at, 'UTC') AS bucket_start, {_cols(DIMENSIONS)}
+        {_DERIVED_SQL}, {", ".join(f"{ROLLUP_SPECS[c].sql} AS {_q(c)}" for c in ROLLUP_SUMS)}
     FROM ins
     GROUP BY 1, {_cols(DIMENSIONS)}
 ), deltas AS (
     SELECT 'hour' AS granularity, * FROM hourly
     UNION ALL
-    SELECT 'day', date_trunc('day', bucket_start, 'UTC'), {_cols(DIMENSIONS)},
+    SELECT 'day', date_trunc('day', bucket_start, 'UTC'), {_cols(DIMENSIONS)}{_DERIVED_COLS},
         {", ".join(f"sum({_q(c)})" for c in ROLLUP_SUMS)}
     FROM hourly
-    GROUP BY 2, {_cols(DIMENSIONS)}
+    GROUP BY 2, {_cols(DIMENSIONS)}{_DERIVED_COLS}
 ), up AS (
     INSERT INTO usage_rollups ({_cols(ROLLUP_COLUMNS)})
     SELECT * FROM deltas
