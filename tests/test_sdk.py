@@ -5,6 +5,7 @@ server returned (its `calls` log), never from the SDK under test."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from collections import Counter, defaultdict
@@ -196,6 +197,20 @@ async def test_agent_pipeline_lands_each_call_on_its_node(
     # every report's parent is the span of the node it was made in, one span per node entry
     spans = Counter((r["node"], r["parent_id"]) for r in rows)
     assert len({p for (n, p) in spans if n == "agent/retriever"}) == 3
+
+    # the read API's per-node breakdown of the trace equals the fake provider's own numbers
+    status, body, _ = http("GET", f"{service.url}/v1/traces/{root.trace_id}/usage")
+    assert status == 200, body
+    nodes = {n["node"]: n for n in json.loads(body)["by_node"]}
+    assert set(nodes) == set(expected)
+    for path in expected:
+        nested = [c for p, cs in expected.items() if p == path or p.startswith(path + "/")
+                  for c in cs]  # fmt: skip
+        for k in TOKENS:
+            assert nodes[path][k] == sums(expected[path])[k], (path, k)
+            assert nodes[path]["cumulative"][k] == sums(nested)[k], (path, k)
+        assert nodes[path]["requests"] == len(expected[path])
+        assert nodes[path]["cumulative"]["requests"] == len(nested)
 
 
 def test_usage_tracker_reads_sdk_objects_and_errors(

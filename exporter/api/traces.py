@@ -133,7 +133,9 @@ def _clean(node: dict[str, Any]) -> dict[str, Any]:
 
 
 def by_node(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Own figures summed per node name, most expensive first."""
+    """Own figures summed per node, most expensive first, each with `cumulative` figures of the
+    node and every node nested under it. The SDK names nested nodes as paths (`agent/tools`),
+    so a path's ancestors are listed too, even when they made no call of their own."""
     sums: dict[str, dict[str, Any]] = {}
     for row in rows:
         own = _own(row)
@@ -141,10 +143,24 @@ def by_node(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             _add(sums[row["node"]], own)
         else:
             sums[row["node"]] = own
+    zero: dict[str, Any] = {k: 0 for k in TOKENS} | {
+        "requests": 0,
+        "cost_usd": _ZERO,
+        "duration_ms": 0.0,
+    }
+    for name in list(sums):
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            sums.setdefault("/".join(parts[:i]), dict(zero))
+    cumulative = {name: dict(own) for name, own in sums.items()}
+    for name, own in sums.items():
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            _add(cumulative["/".join(parts[:i])], own)
     ranked = sorted(
         sums.items(), key=lambda kv: (-kv[1]["cost_usd"], -kv[1]["total_tokens"], kv[0])
     )
-    return [{"node": k, **json_row(v)} for k, v in ranked]
+    return [{"node": k, **json_row(v), "cumulative": json_row(cumulative[k])} for k, v in ranked]
 
 
 class Figures(BaseModel):
@@ -176,6 +192,9 @@ class TraceNode(BaseModel):
 
 class NodeFigures(Figures):
     node: str
+    cumulative: Figures = Field(
+        description="this node and the nodes nested under it (SDK node paths: `agent/tools`)"
+    )
 
 
 class TraceUsage(BaseModel):
