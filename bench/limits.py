@@ -163,7 +163,8 @@ def measure_http(
 def http_part(args: argparse.Namespace, workdir: Path) -> list[WrkResult]:
     wrk = require_wrk()
     out: list[WrkResult] = []
-    for per_body, conns in ((1, args.single_conns), (args.batch, args.batch_conns)):
+    shapes = {"single": (1, args.single_conns), "batch": (args.batch, args.batch_conns)}
+    for per_body, conns in (shapes[b] for b in args.bodies.split(",")):
         with bare_server(workdir) as s:
             out.append(measure_http(wrk, s, "bare", per_body, conns, args, workdir))
         with our_server(workdir) as s:
@@ -290,6 +291,7 @@ def render(args: argparse.Namespace, http: list[WrkResult], pg: list[FlushResult
     summary: list[list[str]] = []
     if http:
         by = {(r.server, r.per_body): r for r in http}
+        shapes = {r.per_body for r in http}
         lines.append(md_table(
             ["server", "body", "wrk -c", "req/s", "reports/s", "p50 / p99 / max ms",
              "server CPU µs/report", "errors", "load avg"],
@@ -302,6 +304,8 @@ def render(args: argparse.Namespace, http: list[WrkResult], pg: list[FlushResult
         for per_body, label, target in ((1, "HTTP, 1 report per POST (wrk -c32)", 0.5),
                                         (args.batch, f"HTTP, {args.batch} reports per POST "
                                          "(wrk -c8)", 0.25)):  # fmt: skip
+            if per_body not in shapes:
+                continue
             bare, ours, held = by["bare", per_body], by["ours", per_body], by[
                 "ours (flush held)", per_body]  # fmt: skip
             ratio = ours.reports_s / bare.reports_s
@@ -336,6 +340,7 @@ def render(args: argparse.Namespace, http: list[WrkResult], pg: list[FlushResult
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--parts", default="http,pg", help="comma list of http, pg")
+    p.add_argument("--bodies", default="single,batch", help="HTTP: comma list of single, batch")
     # ≥ the 10 s flush interval, so the default flusher runs inside the measured window
     p.add_argument("--duration", type=int, default=12, help="measured s per server")
     p.add_argument("--warmup", type=int, default=2)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from prometheus_client.utils import floatToGoString
 
-from exporter.live.labels import BoundedLabel, escape
+from exporter.live.labels import OVERFLOW, BoundedLabel, escape
 from exporter.usage import Status, UsageReport
 
 #: (metric base name, help); the order is the order of `Series.values`.
@@ -69,6 +69,9 @@ class LabelCaps:
     provider: int = 100
     team: int = 500
     tag: int = 100  # values per promoted tag
+    #: label sets in total (the product of the per-label caps is far larger); past it, new
+    #: label sets fold into the one all-`__other__` series. ~1 KB each (bench/RESULTS.md)
+    series: int = 100_000
 
 
 def _label_string(names: Sequence[str], values: Iterable[str]) -> str:
@@ -97,6 +100,9 @@ class UsageMetrics:
             for name in self.label_names
         )  # fmt: skip
         self._tags = tuple(promoted_tags)
+        self._max_series = caps.series
+        self._on_overflow = on_overflow
+        self._overflow_key = (OVERFLOW,) * len(self.label_names)
         self._series: dict[tuple[str, ...], Series] = {}
         self._raw_index: dict[tuple[str, ...], Series] = {}
         self._raw_index_cap = 8 * caps.user + 10_000
@@ -112,12 +118,20 @@ class UsageMetrics:
             return series
         bounded = tuple(b(v) for b, v in zip(self._bounders, raw, strict=True))
         series = self._series.get(bounded)
+        if series is None and len(self._series) >= self._max_series:
+            self._on_overflow("series")
+            bounded = self._overflow_key
+            series = self._series.get(bounded)
         if series is None:
             series = Series(_label_string(self.label_names, bounded))
             self._series[bounded] = series
         if len(self._raw_index) < self._raw_index_cap:
             self._raw_index[raw] = series
         return series
+
+    def __len__(self) -> int:
+        """Live counter label sets."""
+        return len(self._series)
 
     def observe(self, r: UsageReport) -> None:
         raw: tuple[str, ...] = (r.model, r.operation.value, r.user)
