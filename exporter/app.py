@@ -7,8 +7,7 @@ state in typed `web.AppKey`s (`appkeys`), readiness checks in one list below.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
-from decimal import Decimal
+from datetime import timedelta
 
 from aiohttp import web
 
@@ -27,8 +26,8 @@ from exporter.appkeys import (
     WAL,
 )
 from exporter.auth import AccessPolicy, Authenticator, auth_middleware
-from exporter.budgets import BudgetTracker
-from exporter.config import BudgetSpec, Settings
+from exporter.budgets import BudgetTracker, SpendQuery
+from exporter.config import Settings
 from exporter.flusher import Flusher
 from exporter.httputil import Route
 from exporter.ingest.adapters.sdk import UnknownUsageCollector
@@ -140,10 +139,7 @@ def create_app(settings: Settings) -> web.Application:
     store = open_store(settings)
     self_metrics.registry.register(UnknownUsageCollector())
 
-    async def stored_spend(spec: BudgetSpec, since: datetime, until: datetime) -> Decimal:
-        return await store.spend(since, until, spec.user, spec.team, spec.api_key_id, spec.model)
-
-    budgets = BudgetTracker(settings.budgets, self_metrics, stored_spend)
+    budgets = BudgetTracker.from_settings(settings, SpendQuery(store.engine), self_metrics)
     ingestor.on_durable.append(budgets.on_durable)
     flusher = Flusher(
         wal,
@@ -151,6 +147,7 @@ def create_app(settings: Settings) -> web.Application:
         self_metrics,
         settings,
         on_dropped=budgets.on_dropped,
+        commit_lock=budgets.db_lock,
         retention=store.retention_schedule(settings.retention_days),
     )
     ingestor.on_durable.append(lambda _seq, _reports: flusher.nudge())

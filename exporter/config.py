@@ -5,10 +5,13 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -58,6 +61,10 @@ TAG_KEY_PATTERN = r"^[A-Za-z0-9_.-]+$"
 
 Scope = Literal["ingest", "read", "admin"]
 ExtraLabel = Literal["provider", "team"]
+BudgetDimension = Literal["user", "team", "api_key_id", "model"]
+#: budget windows: calendar ones, and rolling lengths of whole hours ("30d", "7d", "24h")
+CALENDAR_WINDOWS = ("day", "week", "month")
+ROLLING_WINDOW = r"^([1-9][0-9]{0,4})([dh])$"
 
 
 class TokenSpec(BaseModel):
@@ -70,7 +77,12 @@ class TokenSpec(BaseModel):
 
 
 class BudgetSpec(BaseModel):
-    """One spending limit. Empty match fields mean "any"; all empty is a global budget."""
+    """One spending limit. Empty match fields mean "any"; all empty is a global budget.
+
+    `per` makes it a template: one budget per distinct value of that field (every user gets
+    their own $20). `window` is day|week|month (in `timezone`, UTC by default) or a rolling
+    length of whole hours such as "30d", "7d" or "24h".
+    """
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
@@ -78,8 +90,10 @@ class BudgetSpec(BaseModel):
     team: str | None = None
     api_key_id: str | None = None
     model: str | None = None
-    window: Literal["day", "week", "month"] = "month"
-    limit_usd: float = Field(gt=0)
+    per: BudgetDimension | None = None
+    window: str = "month"
+    timezone: str | None = None
+    limit_usd: Decimal = Field(gt=0, max_digits=20, decimal_places=10)
     warn_ratios: list[float] = Field(default_factory=lambda: [0.8])
 
     @field_validator("warn_ratios")
@@ -88,6 +102,24 @@ class BudgetSpec(BaseModel):
         if any(not 0 < r < 1 for r in v):
             raise ValueError("warn ratios must be between 0 and 1 (exclusive)")
         return sorted(v)
+
+    @model_validator(mode="after")
+    def _window_and_template(self) -> BudgetSpec:
+        rolling = re.match(ROLLING_WINDOW, self.window) is not None
+        if self.window not in CALENDAR_WINDOWS and not rolling:
+            raise ValueError(
+                f"window must be day, week, month or a length like 30d / 24h: {self.window!r}"
+            )
+        if self.timezone not in (None, "UTC"):
+            if rolling:
+                raise ValueError("rolling windows are whole UTC hours: no timezone")
+            try:
+                ZoneInfo(self.timezone)
+            except (ValueError, KeyError):  # ZoneInfoNotFoundError is a KeyError
+                raise ValueError(f"unknown IANA time zone: {self.timezone!r}") from None
+        if self.per is not None and getattr(self, self.per) is not None:
+            raise ValueError(f"per = {self.per!r} cannot also match a fixed {self.per}")
+        return self
 
 
 class Settings(BaseSettings):

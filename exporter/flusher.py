@@ -82,6 +82,7 @@ class Flusher:
         settings: Settings,
         *,
         on_dropped: Callable[[int], None] | None = None,
+        commit_lock: asyncio.Lock | None = None,
         retention: RetentionSchedule | None = None,
         write_timeout: float = WRITE_TIMEOUT_S,
     ) -> None:
@@ -94,6 +95,9 @@ class Flusher:
         self.write_timeout = write_timeout
         self.unready_after_failures = settings.flush_unready_after_failures
         self.on_dropped = on_dropped
+        #: held from each write until its segments are dropped (budgets: no spend query sees
+        #: a commit that on_dropped has not reported yet)
+        self.commit_lock = commit_lock or asyncio.Lock()
         self.retention = retention
         self.quarantine = Quarantine(wal.directory.parent / "quarantine")
         self._lock = asyncio.Lock()
@@ -188,28 +192,29 @@ class Flusher:
         for group in groups:
             # Disk reads off the event loop; only this group's records are in memory.
             payloads = await loop.run_in_executor(None, _read_payloads, self.wal, group)
-            started = time.perf_counter()
-            try:
-                async with asyncio.timeout(self.write_timeout):
-                    inserted = await self._inserted(payloads)
-            except Exception as exc:
-                if classify(exc) is not ErrorKind.REFUSED:
-                    raise
-                name = f"{group[0].seq:016d}-{group[-1].seq:016d}"
-                isolated = await self.quarantine.isolate(self._inserted, payloads, exc, name)
-                self.metrics.quarantined.inc(isolated.refused)
-                inserted = isolated.inserted
-            else:
-                self.metrics.flush_duration.observe(time.perf_counter() - started)
-            self.metrics.flushed.inc(inserted)
-            for seg in group:  # committed: now, and only now, the segments may go
-                self.wal.drop(seg)
-                flushed += seg.reports
-                if self.on_dropped is not None:
-                    try:
-                        self.on_dropped(seg.seq)
-                    except Exception:
-                        log.exception("flush: on_dropped hook failed for segment %d", seg.seq)
+            async with self.commit_lock:
+                started = time.perf_counter()
+                try:
+                    async with asyncio.timeout(self.write_timeout):
+                        inserted = await self._inserted(payloads)
+                except Exception as exc:
+                    if classify(exc) is not ErrorKind.REFUSED:
+                        raise
+                    name = f"{group[0].seq:016d}-{group[-1].seq:016d}"
+                    isolated = await self.quarantine.isolate(self._inserted, payloads, exc, name)
+                    self.metrics.quarantined.inc(isolated.refused)
+                    inserted = isolated.inserted
+                else:
+                    self.metrics.flush_duration.observe(time.perf_counter() - started)
+                self.metrics.flushed.inc(inserted)
+                for seg in group:  # committed: now, and only now, the segments may go
+                    self.wal.drop(seg)
+                    flushed += seg.reports
+                    if self.on_dropped is not None:
+                        try:
+                            self.on_dropped(seg.seq)
+                        except Exception:
+                            log.exception("flush: on_dropped hook failed for segment %d", seg.seq)
             log.debug(
                 "flush: committed %d segment(s), %d report(s), %d new",
                 len(group),

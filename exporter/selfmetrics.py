@@ -159,24 +159,7 @@ class SelfMetrics:
             "Reports whose model has no known price (cost counted as 0).",
             registry=r,
         )
-        self.budget_limit = Gauge(
-            "llm_budget_limit_usd", "Budget limit for the current window.", ["budget"], registry=r
-        )
-        self.budget_spent = Gauge(
-            "llm_budget_spent_usd", "Spend in the budget's current window.", ["budget"], registry=r
-        )
-        self.budget_ratio = Gauge(
-            "llm_budget_usage_ratio", "Budget spend divided by its limit.", ["budget"], registry=r
-        )
-        self.budget_warn_ratio = Gauge(
-            "llm_budget_warn_ratio", "The budget's lowest warning ratio.", ["budget"], registry=r
-        )
-        self.budget_window_end = Gauge(
-            "llm_budget_window_end_timestamp_seconds",
-            "Unix time at which the budget's current window ends.",
-            ["budget"],
-            registry=r,
-        )
+        # llm_budget_* gauges: exporter.budgets.BudgetCollector computes them at each scrape
         build = Gauge(
             "llm_usage_build_info",
             "Build information; always 1.",

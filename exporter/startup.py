@@ -89,6 +89,7 @@ async def _wal_ctx(app: web.Application) -> AsyncIterator[None]:
     wal = app[WAL]
     # segments read in a thread; the ids still in the WAL are known to dedupe after a restart
     await wal.open_async(on_record=app[INGESTOR].remember_replayed)
+    await app[BUDGETS].load_wal(wal)  # unflushed spend back, before the flusher drops a segment
     wal.start()
     yield
     await wal.close()

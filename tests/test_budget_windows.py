@@ -1,14 +1,17 @@
-"""UTC calendar windows roll over exactly at the end of a day, a week and a month."""
+"""Calendar windows roll over exactly at the end of a day, a week and a month, in UTC and in
+time zones with DST; rolling windows are whole hours."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from exporter.budgets import window_bounds
+from exporter.budgets.window import rolling_length
 
 T = datetime
 
@@ -82,3 +85,61 @@ def test_windows_tile_time(now: datetime, window: str) -> None:
         assert start.weekday() == 0 and end - start == timedelta(days=7)
     if window == "month":
         assert start.day == 1 and end.day == 1
+
+
+ZONES = ["UTC", "Asia/Tokyo", "America/New_York", "Europe/Berlin", "Asia/Kathmandu",
+         "Australia/Lord_Howe", "America/Santiago", "Pacific/Apia"]  # fmt: skip
+
+
+@given(
+    st.datetimes(min_value=T(2000, 1, 1), max_value=T(2100, 1, 1), timezones=st.just(UTC)),
+    st.sampled_from(["day", "week", "month"]),
+    st.sampled_from(ZONES),
+)
+def test_zoned_windows_tile_time_and_start_at_local_midnight(
+    now: datetime, window: str, zone: str
+) -> None:
+    """In any zone (DST, :45 offsets, midnights skipped by DST in Santiago): every instant is in
+    one window, windows abut, and each holds exactly the instants of one local day/week/month."""
+    tz = ZoneInfo(zone)
+    start, end = window_bounds(window, now, zone)
+    assert start <= now < end
+    assert window_bounds(window, end, zone)[0] == end
+    assert window_bounds(window, end - timedelta(microseconds=1), zone) == (start, end)
+    local_first, local_last = start.astimezone(tz), (end - timedelta(microseconds=1)).astimezone(tz)
+    n = now.astimezone(tz).date()
+    if window == "day":
+        assert local_first.date() == local_last.date() == n
+    elif window == "week":
+        assert local_first.date().isocalendar()[:2] == local_last.date().isocalendar()[:2]
+        assert local_first.date().weekday() == 0 and local_last.date().weekday() == 6
+    else:
+        assert (local_first.year, local_first.month) == (local_last.year, local_last.month)
+        assert local_first.day == 1 and (local_last + timedelta(days=1)).day == 1
+    before = (start - timedelta(microseconds=1)).astimezone(tz).date()
+    assert before != local_first.date()  # the window starts exactly where the local date turns
+
+
+@pytest.mark.parametrize(
+    ("zone", "day", "hours"),
+    [
+        ("America/New_York", T(2026, 3, 8, 12, tzinfo=UTC), 23),  # spring forward
+        ("America/New_York", T(2026, 11, 1, 12, tzinfo=UTC), 25),  # fall back
+        ("Europe/Berlin", T(2026, 3, 29, 12, tzinfo=UTC), 23),
+        ("Australia/Lord_Howe", T(2026, 4, 5, 2, tzinfo=UTC), 24.5),  # a 30-minute change
+        ("Asia/Tokyo", T(2026, 3, 8, 12, tzinfo=UTC), 24),
+    ],
+)
+def test_dst_days_are_23_or_25_hours_long(zone: str, day: datetime, hours: float) -> None:
+    start, end = window_bounds("day", day, zone)
+    assert end - start == timedelta(hours=hours)
+
+
+@pytest.mark.parametrize("window", ["1h", "24h", "7d", "30d"])
+def test_rolling_windows_are_whole_hours_ending_after_the_current_one(window: str) -> None:
+    now = T(2026, 3, 1, 0, 30, 5, tzinfo=UTC)
+    start, end = window_bounds(window, now)
+    length = rolling_length(window)
+    assert end == T(2026, 3, 1, 1, tzinfo=UTC) and end - start == length
+    assert window_bounds(window, T(2026, 3, 1, 0, 59, 59, tzinfo=UTC)) == (start, end)
+    assert window_bounds(window, T(2026, 3, 1, 1, tzinfo=UTC))[0] == start + timedelta(hours=1)

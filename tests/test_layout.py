@@ -19,8 +19,6 @@ LONG_MODULES: dict[str, str] = {
     "segment, probe); the segment set and replay can move out once the fault work settles",
     "exporter.pricing": "genai-prices' rate decomposition and the price file; the pricing "
     "helper is reworking it (Decimal), split it after that lands",
-    "exporter.client.client": "the SDK's UsageClient (414 lines, landed with the SDK); its wire "
-    "helpers (encode_batch, _retry_after, _RequestIds) can move to a module of their own",
 }
 
 #: Groups by module-name prefix (longest prefix wins), and what each may import besides itself.

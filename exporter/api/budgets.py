@@ -1,4 +1,7 @@
-"""GET /v1/budgets and GET /v1/budgets/check, for dashboards and for gateways that enforce."""
+"""GET /v1/budgets and GET /v1/budgets/check, for dashboards and for gateways that enforce.
+
+Money is a decimal string (exact); `usage_ratio` is a float.
+"""
 
 from __future__ import annotations
 
@@ -18,16 +21,17 @@ class BudgetHandlers:
         return json_response({"budgets": [s.as_json() for s in self._tracker.states()]})
 
     async def check(self, request: web.Request) -> web.Response:
-        unknown = set(request.query) - set(_CHECK_PARAMS)
+        query = request.query
+        unknown = [k for k in query if k not in _CHECK_PARAMS]
         if unknown:
             return error_response(
                 400,
                 f"unknown parameter(s) {sorted(unknown)}; use {', '.join(_CHECK_PARAMS)}",
             )
-        args = {k: request.query.get(k, "") for k in _CHECK_PARAMS}
-        if any(len(v) > 256 for v in args.values()):
+        args = [query.get(k, "") for k in _CHECK_PARAMS]
+        if any(len(v) > 256 for v in args):
             return error_response(400, "parameter values are limited to 256 characters")
-        return json_response(self._tracker.check(**args))
+        return json_response(self._tracker.check(*args))
 
     def routes(self) -> list[Route]:
         return [

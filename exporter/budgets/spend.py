@@ -1,0 +1,155 @@
+"""Stored spend in one window, grouped by the fields budgets match on, exactly.
+
+Budgets that share a window and the fields they fix (700 per-user day budgets) are read by
+one grouped query, so a refresh costs a query per kind of budget, not per budget.
+
+Whole UTC days come from day rollups, whole hours from hour rollups and the sub-hour edges of
+windows in zones with a :30 or :45 offset from the audit rows, so any window is exact. Costs are
+summed by Postgres NUMERIC, or in Python Decimal on SQLite (whose SUM() would go through
+floats). NULL costs (unpriced reports) count as 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import ColumnElement, Integer, and_, case, cast, func, select, type_coerce
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from exporter.store.tables import to_decimal, usage_details, usage_rollups
+
+__all__ = ["Filters", "SpendQuery", "stored_spend"]
+
+
+#: field → the values to keep (a superset is fine: results are keyed by the grouped fields)
+Filters = Mapping[str, Sequence[str]]
+MAX_IN = 5000  # past this many values a filter is dropped: the grouping still separates them
+
+
+_ZERO = Decimal(0)
+_DAY = timedelta(days=1)
+_HOUR = timedelta(hours=1)
+
+
+def _ceil(dt: datetime, step: timedelta) -> datetime:
+    f = _floor(dt, step)
+    return f if f == dt else f + step
+
+
+def _floor(dt: datetime, step: timedelta) -> datetime:
+    if step == _DAY:
+        return dt.replace(hour=0, minute=0, second=0, microsecond=0)
+    return dt.replace(minute=0, second=0, microsecond=0)
+
+
+def spans(since: datetime, until: datetime) -> list[tuple[str, datetime, datetime]]:
+    """Cover [since, until) with ('day'|'hour'|'detail', start, end) pieces, coarsest inside."""
+    out: list[tuple[str, datetime, datetime]] = []
+
+    def cover(start: datetime, end: datetime, level: int) -> None:
+        if start >= end:
+            return
+        if level == 2:
+            out.append(("detail", start, end))
+            return
+        step = (_DAY, _HOUR)[level]
+        lo, hi = _ceil(start, step), _floor(end, step)
+        if lo >= hi:
+            cover(start, end, level + 1)
+            return
+        out.append((("day", "hour")[level], lo, hi))
+        cover(start, lo, level + 1)
+        cover(hi, end, level + 1)
+
+    cover(since.astimezone(UTC), until.astimezone(UTC), 0)
+    return out
+
+
+def _where(granularity: str, start: datetime, end: datetime, filters: Filters) -> Any:
+    t = usage_details if granularity == "detail" else usage_rollups
+    time_col = t.c.completed_at if granularity == "detail" else t.c.bucket_start
+    conds: list[ColumnElement[bool]] = [time_col >= start, time_col < end]
+    if granularity != "detail":
+        conds.append(t.c.granularity == granularity)
+    for d, values in filters.items():
+        if len(values) == 1:
+            conds.append(t.c[d] == values[0])
+        elif len(values) <= MAX_IN:
+            conds.append(t.c[d].in_(values))
+    return t, and_(*conds)
+
+
+def _units_select(t: Any, where: Any, group: Sequence[str]) -> Any:
+    """SQLite: an exact SUM in 1e-10 USD integer units of the canonical cost text (ten
+    decimals, as the store writes it), with a count of rows not in that form (then Python
+    sums that span instead)."""
+    c = t.c.cost_usd
+    canonical = and_(func.instr(c, ".") > 0, func.length(c) - func.instr(c, ".") == 10)
+    units = func.sum(case((canonical, cast(func.replace(c, ".", ""), Integer))))
+    odd = func.sum(case((and_(c.is_not(None), ~canonical), 1), else_=0))
+    cols = [t.c[d] for d in group]
+    stmt = select(*cols, type_coerce(units, Integer), type_coerce(odd, Integer)).where(where)
+    return stmt.group_by(*cols) if cols else stmt
+
+
+async def stored_spend(
+    engine: AsyncEngine, since: datetime, until: datetime, filters: Filters, group: Sequence[str]
+) -> dict[tuple[str, ...], Decimal]:
+    """Stored USD completed in [since, until) per value of the `group` fields (one total under
+    `()` without any), for the rows whose fields are among `filters`; zero sums are absent.
+    Exact on both backends: Postgres sums NUMERIC; SQLite sums integer units in SQL (on its
+    own thread, not the event loop), or Decimals in Python for odd rows or on overflow."""
+    is_pg = engine.dialect.name == "postgresql"
+    n = len(group)
+    totals: dict[tuple[str, ...], Decimal] = {}
+
+    def add(key: tuple[Any, ...], amount: Decimal) -> None:
+        k = tuple(str(v) for v in key)
+        totals[k] = totals.get(k, _ZERO) + amount
+
+    async with engine.connect() as conn:
+        for granularity, start, end in spans(since, until):
+            t, where = _where(granularity, start, end, filters)
+            cols = [t.c[d] for d in group]
+            if is_pg:
+                stmt = select(*cols, func.sum(t.c.cost_usd)).where(where)
+                for row in await conn.execute(stmt.group_by(*cols) if cols else stmt):
+                    if row[n] is not None:
+                        add(row[:n], to_decimal(row[n]))
+                continue
+            try:
+                rows = (await conn.execute(_units_select(t, where, group))).all()
+            except OverflowError:
+                rows = None
+            except Exception as exc:  # SQLite's "integer overflow" past 9.2e8 USD in a sum
+                if "overflow" not in str(exc):
+                    raise
+                rows = None
+            if rows is not None and not any(r[n + 1] for r in rows):
+                for r in rows:
+                    if r[n] is not None:
+                        add(r[:n], Decimal(r[n]).scaleb(-10))
+                continue
+            result = await conn.stream(select(*cols, t.c.cost_usd).where(where))
+            async for part in result.partitions(500):  # yield between slices
+                for r in part:
+                    if r[n] is not None:
+                        add(r[:n], r[n] if isinstance(r[n], Decimal) else to_decimal(r[n]))
+                await asyncio.sleep(0)
+    return totals
+
+
+class SpendQuery:
+    """What the tracker calls to read the database; the engine's owner closes it."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def __call__(
+        self, since: datetime, until: datetime, filters: Filters, group: Sequence[str]
+    ) -> dict[tuple[str, ...], Decimal]:
+        return await stored_spend(self._engine, since, until, filters, group)

@@ -1,0 +1,376 @@
+"""Budget spend at every instant = stored spend (every replica's flushed reports, from the
+database) + this replica's unflushed reports (its WAL), exact in Decimal.
+
+The unflushed part lives in a `Ledger` per WAL segment and is fed by ingest (`on_durable`), by
+the WAL at start-up (`load_wal`) and by the last state saved to the data dir (`budgets.json`),
+so neither a flush, a refresh nor a restart with the database down makes spend read low.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+
+from exporter.budgets import snapshot
+from exporter.budgets.index import SpecIndex
+from exporter.budgets.ledger import Ledger, Segment
+from exporter.budgets.model import Budget, BudgetView, cost_decimal
+from exporter.budgets.spend import Filters
+from exporter.budgets.window import HOUR
+from exporter.config import BudgetSpec, Settings
+from exporter.selfmetrics import SelfMetrics
+
+__all__ = ["BudgetTracker", "SpendReader"]
+
+log = logging.getLogger(__name__)
+
+#: a hung database must not hold `db_lock` (and so the flusher's commits) for long
+QUERY_TIMEOUT_S = 30.0
+
+#: (window start, window end, filters, grouped fields) → stored spend per group
+SpendReader = Callable[
+    [datetime, datetime, Filters, Sequence[str]], Awaitable[dict[tuple[str, ...], Decimal]]
+]
+
+
+class _Record(Protocol):
+    @property
+    def payload(self) -> bytes: ...
+
+
+class WalReader(Protocol):
+    """The WAL's public read side (`exporter.wal.WriteAheadLog`): budgets may not import it."""
+
+    def sealed_segments(self) -> Sequence[Any]: ...
+
+    def read(self, segment: Any) -> Sequence[_Record]: ...
+
+
+class _Report(Protocol):
+    user: str
+    team: str
+    api_key_id: str
+    model: str
+    completed_at: datetime | None
+    cost_usd: Any
+
+
+class BudgetTracker:
+    def __init__(
+        self,
+        specs: Sequence[BudgetSpec],
+        spend: SpendReader,
+        *,
+        gauge_caps: Mapping[str, int] | None = None,
+        on_overflow: Callable[[str], None] | None = None,
+        state_path: Path | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.budgets = [Budget(i, s) for i, s in enumerate(specs)]
+        self._by_name = {b.name: b for b in self.budgets}
+        self._index = SpecIndex(self.budgets)
+        self._spend = spend
+        self._clock = clock
+        self._caps = dict(gauge_caps or {})
+        self._on_overflow = on_overflow
+        self._state_path = state_path
+        self.ledger = Ledger()
+        #: held by each spend query and by the flusher around each commit + drop, so a query
+        #: never runs between a commit and the ledger learning of it
+        self.db_lock = asyncio.Lock()
+        self._epoch = 0  # spend queries started so far
+        self._failing = False
+        self._save_failing = False
+        now = clock()
+        for b in self.budgets:
+            b.roll(now)
+            if not b.spec.per:
+                b.gauge_values[""] = None
+        if state_path is not None:
+            self._restore(state_path)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, spend: SpendReader, self_metrics: SelfMetrics
+    ) -> BudgetTracker:
+        """The app's tracker: gauges in the self-metrics registry, capped like the labels,
+        its state file in the data dir."""
+        from exporter.budgets.gauges import BudgetCollector
+
+        tracker = cls(
+            settings.budgets,
+            spend,
+            gauge_caps={"user": settings.max_users, "team": settings.max_teams,
+                        "api_key_id": settings.max_users, "model": settings.max_models},
+            on_overflow=self_metrics.overflow,
+            state_path=settings.data_dir / "budgets.json" if settings.budgets else None,
+        )  # fmt: skip
+        self_metrics.registry.register(BudgetCollector(tracker))
+        return tracker
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.budgets)
+
+    # -- unflushed spend: ingest, WAL replay, flusher ----------------------------------------
+    def on_durable(self, seq: int, reports: Sequence[_Report]) -> None:
+        """Reports of WAL segment `seq` are durable: count their spend as unflushed. The batch
+        is summed per identity and minute first (window edges fall on whole minutes in every
+        zone since 1972), so the matching runs once per group, not once per report."""
+        if not self.budgets:
+            return
+        groups: dict[tuple[str, str, str, str, datetime], Decimal] = {}
+        for r in reports:
+            if r.cost_usd and r.completed_at is not None:
+                key = (r.user, r.team, r.api_key_id, r.model,
+                       r.completed_at.replace(second=0, microsecond=0))  # fmt: skip
+                cost = cost_decimal(r.cost_usd)
+                groups[key] = groups[key] + cost if key in groups else cost
+        self._add_groups(self.ledger.segment(seq), groups)
+
+    def _add_groups(
+        self, seg: Segment, groups: Mapping[tuple[str, str, str, str, datetime], Decimal]
+    ) -> None:
+        matched: dict[tuple[str, str, str, str], list[Budget]] = {}
+        acc: dict[tuple[int, str, datetime], Decimal] = {}  # the batch's sums, then the ledger
+        for (user, team, api_key_id, model, at), amount in groups.items():
+            ids = (user, team, api_key_id, model)
+            budgets = matched.get(ids)
+            if budgets is None:
+                budgets = matched[ids] = self._index.matching(*ids)
+            for b in budgets:
+                per = b.spec.per
+                key = (b.index, ids[_DIM[per]] if per else "", b.key_of(at))
+                acc[key] = acc[key] + amount if key in acc else amount
+        for (i, value, at), amount in acc.items():
+            self.ledger.add(seg, (i, value), at, amount)
+            b = self.budgets[i]
+            if b.spec.per and value not in b.gauge_values:
+                self._note_value(b, value)
+
+    async def load_wal(self, wal: WalReader) -> int:
+        """Rebuild the unflushed ledger from the WAL's sealed segments (after `wal.open()`,
+        before the flusher starts); returns the reports read."""
+        if not self.budgets:
+            return 0
+        segments = wal.sealed_segments()
+        rows = await asyncio.to_thread(_read_segments, wal, segments)
+        n = 0
+        for seq, reports in rows:
+            groups: dict[tuple[str, str, str, str, datetime], Decimal] = {}
+            for user, team, key, model, at, cost in reports:
+                n += 1
+                if cost:
+                    k = (user, team, key, model, at.replace(second=0, microsecond=0))
+                    groups[k] = groups[k] + cost if k in groups else cost
+            self._add_groups(self.ledger.segment(seq), groups)
+        if n:
+            log.info("budgets: %d unflushed report(s) read back from the WAL", n)
+        return n
+
+    def on_dropped(self, seq: int) -> None:
+        """The flusher committed segment `seq` and dropped it from the WAL."""
+        if self.ledger.mark_dropped(seq, self._epoch):
+            self._save()
+
+    # -- stored spend ------------------------------------------------------------------------
+    async def refresh(self) -> None:
+        """Re-read stored spend: one grouped query per (window, fixed fields, template field)."""
+        now = self._clock()
+        refreshed = now.isoformat()
+        error: Exception | None = None
+        kinds: dict[tuple[Any, ...], list[Budget]] = {}
+        for b in self.budgets:
+            b.roll(now)
+            fixed = tuple(i for i, v in enumerate(b.fixed) if v is not None)
+            sig = (b.start, b.end, b.kind.rolling is not None, fixed, b.spec.per)
+            kinds.setdefault(sig, []).append(b)
+        for (start, end, rolling, fixed, per), members in kinds.items():
+            fields = [_DIMS[i] for i in fixed]
+            group = [*fields, per] if per else fields
+            filters = {_DIMS[i]: sorted({str(b.fixed[i]) for b in members}) for i in fixed}
+            try:
+                async with self.db_lock, asyncio.timeout(QUERY_TIMEOUT_S):
+                    self._epoch += 1
+                    epoch = self._epoch
+                    stored = await self._spend(start, end, filters, group)
+                    head = {}
+                    if rolling:
+                        head = await self._spend(start, start + HOUR, filters, group)
+            except Exception as exc:  # the database may be down; keep serving last values
+                error = exc
+                continue
+            stored_by, head_by = _split(stored, len(fields)), _split(head, len(fields))
+            for b in members:
+                prefix = tuple(str(b.fixed[i]) for i in fixed)
+                b.stored, b.head = stored_by.get(prefix, {}), head_by.get(prefix, {})
+                b.covered, b.epoch, b.refreshed_at = (start, end), epoch, now
+                b.refreshed_json = refreshed
+                if per:
+                    for value in b.stored:
+                        if value not in b.gauge_values:
+                            self._note_value(b, value)
+        self._collect()
+        self._save()
+        if error is not None and not self._failing:
+            log.warning(
+                "budgets: spend query failed (%s: %s); keeping last values",
+                type(error).__name__,
+                str(error)[:300],
+            )
+        elif error is None and self._failing:
+            log.info("budgets: spend query works again")
+        self._failing = error is not None
+
+    def _collect(self) -> None:
+        """Forget dropped segments every budget's stored spend now holds."""
+        done = []
+        for seg in self.ledger.dropped():
+            assert seg.dropped is not None
+            for (i, _value), by_key in seg.entries.items():
+                b = self.budgets[i]
+                if b.epoch <= seg.dropped or b.covered is None:
+                    if any(k >= b.start for k in by_key):
+                        break
+                elif any(k >= b.start and not b.covered[0] <= k < b.covered[1] for k in by_key):
+                    break
+            else:
+                done.append(seg.seq)
+        self.ledger.collect(done)
+
+    async def run(self, interval: float, stop: asyncio.Event) -> None:
+        """Refresh until `stop` is set; stopped between rounds, never mid-query (a hung query
+        ends at QUERY_TIMEOUT_S)."""
+        while not stop.is_set():
+            await self.refresh()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    # -- read side ---------------------------------------------------------------------------
+    def view(self, b: Budget, value: str, now: datetime | None = None) -> BudgetView:
+        b.roll(self._clock() if now is None else now)
+        pending = self.ledger.pending((b.index, value), b.start, b.end, b.epoch, b.covered)
+        return BudgetView(b, value, b.stored_for(value), pending)
+
+    def values(self, b: Budget) -> list[str]:
+        """Every template value with spend in the stored result or the ledger ('' if none)."""
+        if not b.spec.per:
+            return [""]
+        seen = dict.fromkeys(b.stored)
+        keys = [*self.ledger.live_keys(), *(k for s in self.ledger.dropped() for k in s.entries)]
+        for i, value in keys:
+            if i == b.index:
+                seen[value] = None
+        return sorted(seen)
+
+    def states(self) -> list[BudgetView]:
+        now = self._clock()
+        return [self.view(b, v, now) for b in self.budgets for v in self.values(b)]
+
+    def gauge_views(self) -> Iterable[BudgetView]:
+        now = self._clock()
+        for b in self.budgets:
+            for v in b.gauge_values:
+                yield self.view(b, v, now)
+
+    def check(self, user: str, team: str, api_key_id: str, model: str) -> dict[str, Any]:
+        """Is one more request within every budget that matches it?"""
+        now = self._clock()
+        ids = (user, team, api_key_id, model)
+        views = [
+            self.view(b, ids[_DIM[b.spec.per]] if b.spec.per else "", now)
+            for b in self._index.matching(*ids)
+        ]
+        refused = [v for v in views if v.status == "exceeded"]
+        return {
+            "allowed": not refused,
+            "exceeded": [v.label for v in refused],
+            "refused_by": [
+                {"budget": v.label, "resets_at": v.budget.end.isoformat()} for v in refused
+            ],
+            "budgets": [v.as_json() for v in views],
+        }
+
+    # -- gauges: template values up to the label cap of their dimension ------------------------
+    def _note_value(self, b: Budget, value: str) -> None:
+        cap = self._caps.get(b.spec.per or "", 2000)
+        if len(b.gauge_values) < cap:
+            b.gauge_values[value] = None
+        elif self._on_overflow is not None:
+            self._on_overflow("budget")
+
+    # -- the state file: stored spend + dropped-but-not-yet-seen spend survive a restart -----
+    def _save(self) -> None:
+        if self._state_path is None:
+            return
+        try:
+            snapshot.save(self._state_path, self.budgets, self.ledger)
+        except OSError as exc:
+            if not self._save_failing:
+                log.error(
+                    "budgets: cannot write %s (%s); a restart with the database down "
+                    "may read spend low until the first refresh",
+                    self._state_path,
+                    exc,
+                )
+            self._save_failing = True
+        else:
+            self._save_failing = False
+
+    def _restore(self, path: Path) -> None:
+        try:
+            loaded = snapshot.load(path, self._by_name, self.ledger)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("budgets: ignoring unreadable %s (%s)", path, exc)
+            return
+        if loaded:
+            log.info("budgets: stored spend of %d budget(s) restored from %s", loaded, path)
+
+
+_DIMS = ("user", "team", "api_key_id", "model")
+_DIM = {d: i for i, d in enumerate(_DIMS)}
+
+
+def _split(
+    rows: Mapping[tuple[str, ...], Decimal], n: int
+) -> dict[tuple[str, ...], dict[str, Decimal]]:
+    """Grouped rows by their first `n` fields (a budget's fixed values) → template value
+    (the last field, or '') → spend."""
+    out: dict[tuple[str, ...], dict[str, Decimal]] = {}
+    for key, amount in rows.items():
+        value = key[n] if len(key) > n else ""
+        out.setdefault(key[:n], {})[value] = amount
+    return out
+
+
+_Row = tuple[str, str, str, str, datetime, Decimal]
+
+
+def _read_segments(wal: WalReader, segments: Sequence[Any]) -> list[tuple[int, list[_Row]]]:
+    out: list[tuple[int, list[_Row]]] = []
+    for seg in segments:
+        rows: list[_Row] = []
+        for record in wal.read(seg):
+            for d in orjson.loads(record.payload):
+                at = d.get("completed_at")
+                if at is None:
+                    continue
+                rows.append((d.get("user", ""), d.get("team", ""), d.get("api_key_id", ""),
+                             d.get("model", ""), _parse_time(at),
+                             cost_decimal(d.get("cost_usd"))))  # fmt: skip
+        out.append((seg.seq, rows))
+    return out
+
+
+def _parse_time(value: Any) -> datetime:
+    dt = datetime.fromisoformat(value) if isinstance(value, str) else value
+    assert isinstance(dt, datetime)
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
