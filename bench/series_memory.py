@@ -22,6 +22,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from common import fmt_int, machine_note, md_table, now_utc, replace_section
 
@@ -41,6 +42,14 @@ def hwm() -> int:
 
 def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
+
+
+async def scrape(exposition: Any, encoding: str) -> int:
+    """One /metrics answer as the handler gives it to aiohttp: bytes, or pieces it writes."""
+    body, _ = await exposition.response("text/plain", encoding)
+    if isinstance(body, bytes):
+        return len(body)
+    return sum([len(piece) async for piece in body])
 
 
 def child(n: int) -> dict[str, float]:
@@ -70,9 +79,7 @@ def child(n: int) -> dict[str, float]:
         gc.collect()
         base = rss()
         reset_peak()
-        body, _ = asyncio.run(exposition.response("text/plain", encoding))
-        out[f"{name}_bytes"] = len(body)
-        del body
+        out[f"{name}_bytes"] = asyncio.run(scrape(exposition, encoding))
         out[f"{name}_peak"] = hwm()
         out[f"{name}_base"] = base
         usage.generation += 1  # the next scrape renders again, as after a new report

@@ -1,4 +1,5 @@
-"""The total series cap: label sets past `max_series` fold into one all-`__other__` series.
+"""The total series cap: label sets past `max_series` fold into one all-`__other__` series;
+a large /metrics body is streamed in pieces instead of held (and cached) whole.
 
 Each label's own cap bounds that label, not their product (500 models x 2,000 users); the total
 cap bounds the product. Counts are compared with sums computed here from the reports sent.
@@ -8,8 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from conftest import MakeClient
-from helpers import report, scrape, select, total, value
+from helpers import parse_metrics, report, scrape, select, total, value
+
+from exporter.live.exposition import LARGE_SERIES
 
 
 async def test_label_sets_past_max_series_fold_into_other(make_client: MakeClient) -> None:
@@ -46,3 +50,30 @@ async def test_series_cap_default_leaves_small_deployments_alone(make_client: Ma
     m = await scrape(client)
     assert len(select(m, "llm_requests_total")) == len({(r["model"], r["user"]) for r in sent})
     assert total(m, "llm_usage_label_overflow_total", label="series") == 0
+
+
+async def test_a_large_scrape_is_streamed_in_pieces_and_adds_up(make_client: MakeClient) -> None:
+    n = LARGE_SERIES + 500
+    client = await make_client(max_users=n, max_batch_items=n)
+    sent = [
+        report(model=f"m-{i % 7}", user=f"u-{i}", input_tokens=1 + i % 13, duration_ms=10.0 * i)
+        for i in range(n)
+    ]
+    resp = await client.post("/v1/usage", json=sent)
+    assert resp.status == 202, await resp.text()
+    for encoding in ("identity", "gzip"):
+        resp = await client.get("/metrics", headers={"Accept-Encoding": encoding})
+        assert resp.status == 200
+        # no Content-Length: aiohttp writes the pieces as they are rendered
+        assert resp.headers.get("Transfer-Encoding") == "chunked"
+        assert "Content-Length" not in resp.headers
+        assert resp.headers.get("Content-Encoding", "identity") == encoding
+        m = parse_metrics(await resp.text())  # the client undoes gzip
+        assert len(select(m, "llm_requests_total")) == n
+        assert total(m, "llm_input_tokens_total") == sum(r["input_tokens"] for r in sent)
+        assert total(m, "llm_request_duration_seconds_count") == n
+        assert total(m, "llm_request_duration_seconds_sum") == pytest.approx(
+            sum(r["duration_ms"] for r in sent) / 1000
+        )
+        assert value(m, "llm_requests_total", model="m-3", operation="chat", user="u-3") == 1
+        assert total(m, "llm_usage_label_overflow_total") == 0

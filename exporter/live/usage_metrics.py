@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 from prometheus_client.utils import floatToGoString
 
@@ -41,6 +42,8 @@ def tag_label(key: str) -> str:
 
 
 _COST = len(COUNTER_FAMILIES) - 1
+#: series per rendered piece (~1 MB of text): bounds a scrape's transient memory
+CHUNK_SERIES = 10_000
 
 
 class Series:
@@ -179,31 +182,47 @@ class UsageMetrics:
         hist.sum += seconds
 
     def render(self, openmetrics: bool) -> str:
-        out: list[str] = []
+        return "".join(chain.from_iterable(self._parts(openmetrics)))
+
+    def render_chunks(self, openmetrics: bool) -> Iterator[bytes]:
+        """The same text as `render`, encoded in pieces of ~CHUNK_SERIES series per family,
+        so a large scrape never holds the whole body as lines, as a str and as bytes at once.
+        The label sets are a snapshot taken at the first piece; values are read as it goes."""
+        for part in self._parts(openmetrics):
+            yield "".join(part).encode()
+
+    def _parts(self, openmetrics: bool) -> Iterator[list[str]]:
         series = list(self._series.values())
+        step = CHUNK_SERIES
         for i, (name, help_text) in enumerate(COUNTER_FAMILIES):
             if openmetrics:
-                out.append(f"# TYPE {name} counter\n# HELP {name} {help_text}\n")
+                yield [f"# TYPE {name} counter\n# HELP {name} {help_text}\n"]
             else:
-                out.append(f"# HELP {name}_total {help_text}\n# TYPE {name}_total counter\n")
+                yield [f"# HELP {name}_total {help_text}\n# TYPE {name}_total counter\n"]
             prefix = f"{name}_total{{"
-            if i == _COST:
-                out.extend([f"{prefix}{s.labels}}} {float(s.values[i])!r}\n" for s in series])
-            else:
-                out.extend([f"{prefix}{s.labels}}} {s.values[i]}\n" for s in series])
+            for j in range(0, len(series), step):
+                part = series[j : j + step]
+                if i == _COST:
+                    yield [f"{prefix}{s.labels}}} {float(s.values[i])!r}\n" for s in part]
+                else:
+                    yield [f"{prefix}{s.labels}}} {s.values[i]}\n" for s in part]
         for (name, help_text), hists, bounds in zip(
             HISTOGRAM_FAMILIES, self._hists, self._bucket_bounds, strict=True
         ):
+            out: list[str] = []
             if openmetrics:
                 out.append(f"# TYPE {name} histogram\n# HELP {name} {help_text}\n")
             else:
                 out.append(f"# HELP {name} {help_text}\n# TYPE {name} histogram\n")
             les = [floatToGoString(b) for b in bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
-            for hist in hists.values():
+            for k, hist in enumerate(list(hists.values()), 1):
                 cumulative = 0
                 for le, n in zip(les, hist.buckets, strict=True):
                     cumulative += n
                     out.append(f'{name}_bucket{{{hist.labels},le="{le}"}} {cumulative}\n')
                 out.append(f"{name}_sum{{{hist.labels}}} {hist.sum!r}\n")
                 out.append(f"{name}_count{{{hist.labels}}} {hist.count}\n")
-        return "".join(out)
+                if k % step == 0:
+                    yield out
+                    out = []
+            yield out
