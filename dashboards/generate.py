@@ -1061,8 +1061,9 @@ def health() -> Board:
     b.add(
         "timeseries",
         "Unpriced reports/s",
-        "Reports with no price for their model, counted at cost 0 "
-        "(llm_usage_unpriced_reports_total). Add the model to the price file.",
+        "Reports stored without a cost (NULL; llm_usage_unpriced_reports_total, by reason: "
+        "unknown_model, unknown_unit, invalid_usage). Add the model to the price file, "
+        "then run `llm-usage-exporter reprice`.",
         [
             prom(
                 f"sum by (instance) (rate(llm_usage_unpriced_reports_total{{{ISEL}}}{RI}))",

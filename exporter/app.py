@@ -118,6 +118,7 @@ async def _check_every_route_listed(app: web.Application, policy: AccessPolicy) 
 def create_app(settings: Settings) -> web.Application:
     self_metrics = SelfMetrics()
     usage = _usage_metrics(settings, self_metrics)
+    self_metrics.init_overflow(usage.label_names)
     wal = WriteAheadLog(
         settings.wal_dir,
         segment_bytes=settings.wal_segment_bytes,

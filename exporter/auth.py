@@ -22,10 +22,10 @@ from exporter.config import Scope, TokenSpec
 from exporter.httputil import (
     Access,
     Handler,
-    LogOncePerMinute,
     Route,
     error_response,
 )
+from exporter.logevents import request_event
 from exporter.selfmetrics import SelfMetrics
 
 __all__ = ["AccessPolicy", "Authenticator", "Verdict", "auth_middleware"]
@@ -133,13 +133,13 @@ def _strictest(routes: Iterable[Route]) -> Access:
 def auth_middleware(policy: AccessPolicy, authn: Authenticator, self_metrics: SelfMetrics) -> Any:
     """Access by matched route, JSON errors, and no traceback ever leaking; one middleware
     rather than two, since every layer costs each request a coroutine."""
-    log_once_a_minute = LogOncePerMinute(log)
 
     def refuse(request: web.Request, verdict: str, scope: Access) -> web.Response:
         if scope == "ingest":
             self_metrics.rejected.labels(verdict).inc()
-        log_once_a_minute(verdict, "%s: %s %s from %s", verdict, request.method, request.path,
-                          request.remote)  # fmt: skip
+        request_event(
+            log, verdict, request.method, request.path, request.remote, f"needs {scope!r}"
+        )
         if verdict == "unauthorized":
             return error_response(
                 401,
@@ -154,8 +154,8 @@ def auth_middleware(policy: AccessPolicy, authn: Authenticator, self_metrics: Se
         access = policy.access(route)
         if access is None:
             if request.match_info.http_exception is None:  # a route without an entry: a bug
-                log_once_a_minute("unlisted", "refused %s %s: the route has no access entry",
-                                  request.method, request.path)  # fmt: skip
+                request_event(log, "unlisted", request.method, request.path, request.remote,
+                              "the route has no access entry", logging.ERROR)  # fmt: skip
                 return error_response(404, "Not Found")
             # else aiohttp's own 404/405 answer, raised by its handler below
         elif access != "public" and authn.enabled:
@@ -165,6 +165,9 @@ def auth_middleware(policy: AccessPolicy, authn: Authenticator, self_metrics: Se
         try:
             return await handler(request)
         except web.HTTPException as exc:
+            if exc.status >= 400:
+                request_event(log, "http_error", request.method, request.path, request.remote,
+                              f"{exc.status} {exc.reason}", logging.INFO)  # fmt: skip
             if exc.status >= 400 and exc.content_type != "application/json":
                 return error_response(exc.status, exc.reason, headers=_keep_headers(exc))
             raise

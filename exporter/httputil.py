@@ -1,9 +1,7 @@
-"""Small helpers shared by the HTTP handlers: JSON responses, route entries, quiet logs."""
+"""Small helpers shared by the HTTP handlers: JSON responses, route entries."""
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, NamedTuple
 
@@ -13,7 +11,6 @@ from aiohttp import web
 __all__ = [
     "Access",
     "Handler",
-    "LogOncePerMinute",
     "Route",
     "error_response",
     "json_response",
@@ -50,18 +47,3 @@ def error_response(
     status: int, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:
     return json_response({"error": message}, status=status, headers=headers)
-
-
-class LogOncePerMinute:
-    """Client mistakes are counted always and logged at most once a minute per kind, so a
-    misbehaving client cannot flood the log (and an operator still sees the first one)."""
-
-    def __init__(self, logger: logging.Logger) -> None:
-        self._log = logger
-        self._last: dict[str, float] = {}
-
-    def __call__(self, kind: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last.get(kind, -60.0) >= 60:
-            self._last[kind] = now
-            self._log.warning(message, *args)

@@ -1,21 +1,22 @@
-"""The exporter's own low-cardinality metrics, in a private prometheus_client registry."""
+"""The exporter's own low-cardinality metrics, in a private prometheus_client registry.
+
+Every labelled family whose label values are known up front (reject reasons, label names,
+log event classes) is exported at 0 from start, so `rate()` sees the first event.
+"""
 
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterable, Iterator, Sequence
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from exporter import __version__
+from exporter.logevents import COUNTS, EventCounts
 
-# `_created` samples double the series count for no dashboard we ship.
-disable_created_metrics()  # type: ignore[no-untyped-call]
+__all__ = ["REJECT_REASONS", "SelfMetrics"]
 
 REJECT_REASONS = (
     "invalid",
@@ -36,11 +37,46 @@ CONNECTION_CLOSE_REASONS = ("evicted_idle", "refused_cap", "body_timeout")
 OS_ERRNOS = ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
 
 
+class _NoCreatedRegistry(CollectorRegistry):
+    """Drops `_created` samples, which double the series count for no dashboard we ship,
+    without `disable_created_metrics()`: that flips a global of prometheus_client for every
+    other registry in an embedding process."""
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in super().collect():
+            created = f"{metric.name}_created"
+            if any(s.name == created for s in metric.samples):
+                metric.samples = [s for s in metric.samples if s.name != created]
+            yield metric
+
+
+class _LogEvents(Collector):
+    """Lines the log wrote and suppressed per event class (process-wide, as the log is)."""
+
+    def __init__(self, counts: EventCounts) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        logged, suppressed = self._counts.snapshot()
+        for name, help_text, values in (
+            ("llm_usage_log_events", "Log lines written, by event class.", logged),
+            (
+                "llm_usage_log_suppressed",
+                "Log lines suppressed by the per-class rate limit, by event class.",
+                suppressed,
+            ),
+        ):
+            family = CounterMetricFamily(name, help_text, labels=["event"])
+            for event, n in sorted(values.items()):
+                family.add_metric([event], n)
+            yield family
+
+
 class SelfMetrics:
     """One registry per app, so tests can run several apps in one process."""
 
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry(auto_describe=True)
+    def __init__(self, overflow_labels: Sequence[str] = ()) -> None:
+        r = self.registry = _NoCreatedRegistry(auto_describe=True)
         self.received = Counter(
             "llm_usage_reports_received", "Reports accepted (valid, not duplicate).", registry=r
         )
@@ -156,7 +192,8 @@ class SelfMetrics:
         )
         self.unpriced = Counter(
             "llm_usage_unpriced_reports",
-            "Reports whose model has no known price (cost counted as 0).",
+            "Distinct accepted reports stored without a cost (NULL), by reason.",
+            ["reason"],
             registry=r,
         )
         # llm_budget_* gauges: exporter.budgets.BudgetCollector computes them at each scrape
@@ -167,6 +204,13 @@ class SelfMetrics:
             registry=r,
         )
         build.labels(__version__, platform.python_version()).set(1)
+        r.register(_LogEvents(COUNTS))
+        self.init_overflow(overflow_labels)
+
+    def init_overflow(self, label_names: Iterable[str]) -> None:
+        """Export `llm_usage_label_overflow_total{label}` at 0 for each capped label."""
+        for name in label_names:
+            self.label_overflow.labels(name)
 
     def overflow(self, label: str) -> None:
         self.label_overflow.labels(label).inc()

@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 #: descriptors kept for everything that is not a client connection
 FD_RESERVE_MIN = 64
 WATCHDOG_INTERVAL_S = 1.0
-LOG_INTERVAL_S = 60.0
 SHUTDOWN_TIMEOUT_S = 10.0
 _REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\n"
@@ -266,12 +265,11 @@ async def _watch_bodies(
 
 
 class _OsErrorLog:
-    """Loop exception handler: OS errors counted and logged once a minute per errno."""
+    """Loop exception handler: OS errors counted, and logged through the per-class rate limit
+    (exporter.logevents) once a minute per errno."""
 
     def __init__(self, metrics: SelfMetrics) -> None:
         self.metrics = metrics
-        self.last: dict[str, float] = {}
-        self.suppressed: dict[str, int] = {}
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
@@ -280,14 +278,8 @@ class _OsErrorLog:
             return
         name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
         self.metrics.os_errors.labels(name).inc()
-        now = time.monotonic()
-        if now - self.last.get(name, -LOG_INTERVAL_S) < LOG_INTERVAL_S:
-            self.suppressed[name] = self.suppressed.get(name, 0) + 1
-            return
-        self.last[name] = now
-        more = self.suppressed.pop(name, 0)
-        log.error("%s: %s%s", context.get("message", "OS error"), exc,
-                  f" ({more} more in the last minute, not logged)" if more else "")  # fmt: skip
+        log.error("%s: %s", context.get("message", "OS error"), exc,
+                  extra={"event": "os_error", "event_key": ("os_error", name)})  # fmt: skip
 
 
 async def _serve(

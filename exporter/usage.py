@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import os
 from datetime import UTC, datetime
+from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from exporter.config import TAG_KEY_PATTERN
+from exporter.money import MAX_COST_USD as MAX_COST_USD
+from exporter.money import parse_cost
 from exporter.timeutil import as_utc
 
 MAX_TOKENS = 10**12  # far above any real call; stops overflow games
 MAX_STRING = 256
 MAX_ID = 128
-MAX_COST_USD = 1_000_000.0
 MAX_TAGS = 16
 MAX_TAG_KEY = 64
 MAX_TAG_VALUE = 256
@@ -142,6 +144,21 @@ Ident = Annotated[str, Field(max_length=MAX_ID)]
 #: RFC 3339 text (naive means UTC) or unix seconds / milliseconds; parsed by pydantic-core.
 Timestamp = Annotated[datetime, Field(strict=False)]
 Millis = Annotated[float, Field(ge=0, le=7 * 24 * 3600 * 1000)]
+#: exact USD: a decimal string, an int, or a JSON number (through its shortest repr); rounded
+#: half-even to 1e-10 and capped at MAX_COST_USD (exporter.money)
+Cost = Annotated[Decimal, BeforeValidator(parse_cost)]
+
+#: Units providers bill besides input/output tokens, each a part of the count named beside it
+#: (genai-prices semantics); pricing uses every one, and the audit row stores them.
+BILLED_UNITS: dict[str, str] = {
+    "cache_creation_1h_input_tokens": "cache_creation_input_tokens",
+    "input_audio_tokens": "input_tokens",
+    "cached_audio_input_tokens": "cached_input_tokens",
+    "output_audio_tokens": "output_tokens",
+    "input_image_tokens": "input_tokens",
+    "output_image_tokens": "output_tokens",
+    "web_search_requests": "",
+}
 TagKey = Annotated[str, Field(min_length=1, max_length=MAX_TAG_KEY, pattern=TAG_KEY_PATTERN)]
 TagValue = Annotated[str, Field(max_length=MAX_TAG_VALUE)]
 Tags = Annotated[dict[TagKey, TagValue], Field(max_length=MAX_TAGS)]
@@ -174,6 +191,17 @@ class UsageReport(BaseModel):
     cache_creation_input_tokens: TokenCount = 0
     reasoning_tokens: TokenCount = 0
     total_tokens: TokenCount | None = None
+    #: billed extras (BILLED_UNITS): cache writes kept 1 hour (the rest of
+    #: cache_creation_input_tokens are 5-minute writes), audio and image tokens, cache reads
+    #: of audio, web-search requests; and the provider's service tier (flex, priority, batch…)
+    cache_creation_1h_input_tokens: TokenCount = 0
+    input_audio_tokens: TokenCount = 0
+    cached_audio_input_tokens: TokenCount = 0
+    output_audio_tokens: TokenCount = 0
+    input_image_tokens: TokenCount = 0
+    output_image_tokens: TokenCount = 0
+    web_search_requests: TokenCount = 0
+    service_tier: Annotated[str, Field(max_length=32)] = ""
 
     status: Annotated[Status, Field(strict=False)] = Status.SUCCESS
     error_type: Name = ""
@@ -187,8 +215,13 @@ class UsageReport(BaseModel):
     completed_at: Timestamp | None = None
     duration_ms: Millis | None = None
     ttft_ms: Millis | None = None
-    #: capped far above any real call so a rollup's NUMERIC(20,10) cannot overflow
-    cost_usd: Annotated[float, Field(ge=0, le=MAX_COST_USD, allow_inf_nan=False)] | None = None
+    #: client-sent cost (exact, capped: exporter.money); otherwise priced at completed_at
+    cost_usd: Cost | None = None
+    #: why cost_usd is None after pricing (pricing.Unpriced), '' when priced or sent; set by
+    #: ingest, never taken from the client
+    unpriced_reason: Annotated[str, Field(max_length=32)] = ""
+    #: the cost came from the client (never re-priced); set by ingest, never by the client
+    cost_sent: bool = False
     source: Annotated[str, Field(max_length=32)] = "canonical"
     #: free-form attribution (project, feature, env…), stored with the audit row
     tags: Tags | None = None
@@ -212,6 +245,15 @@ class UsageReport(BaseModel):
                 f"reasoning_tokens ({self.reasoning_tokens}) exceed output_tokens "
                 f"({self.output_tokens})"
             )
+        if (
+            self.cache_creation_1h_input_tokens
+            or self.input_audio_tokens
+            or self.cached_audio_input_tokens
+            or self.output_audio_tokens
+            or self.input_image_tokens
+            or self.output_image_tokens
+        ):
+            self._check_billed_units()
         total = self.input_tokens + self.output_tokens
         if self.total_tokens is not None and self.total_tokens != total:
             raise ValueError(
@@ -230,6 +272,26 @@ class UsageReport(BaseModel):
             if delta >= 0:
                 fields["duration_ms"] = delta
         return self
+
+    def _check_billed_units(self) -> None:
+        """Each billed unit is a part of its parent count; modalities do not overlap."""
+        pairs = (
+            ("cache_creation_1h_input_tokens", self.cache_creation_1h_input_tokens,
+             "cache_creation_input_tokens", self.cache_creation_input_tokens),
+            ("input_audio_tokens + input_image_tokens",
+             self.input_audio_tokens + self.input_image_tokens,
+             "input_tokens", self.input_tokens),
+            ("output_audio_tokens + output_image_tokens",
+             self.output_audio_tokens + self.output_image_tokens,
+             "output_tokens", self.output_tokens),
+            ("cached_audio_input_tokens", self.cached_audio_input_tokens,
+             "cached_input_tokens", self.cached_input_tokens),
+            ("cached_audio_input_tokens", self.cached_audio_input_tokens,
+             "input_audio_tokens", self.input_audio_tokens),
+        )  # fmt: skip
+        for part, value, whole, limit in pairs:
+            if value > limit:
+                raise ValueError(f"{part} ({value}) exceed {whole} ({limit})")
 
     def estimate_incomplete_stream(
         self, bytes_per_input_token: float, tokens_per_output_chunk: float

@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 _PREFIX = "wal-"
 _SUFFIX = ".log"
 PROBE_BYTES = 64 * 1024
-LOG_INTERVAL_S = 60.0
 _T = TypeVar("_T")
 
 
@@ -116,8 +115,6 @@ class WriteAheadLog:
         self._broken: str | None = None
         self._broken_since = 0.0
         self._last_attempt = 0.0
-        self._last_logged: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
         #: write/fsync/open failures so far (the self-metric reads it)
         self.failures = 0
         #: called with a short kind ("write", "rotate", ...) on every failure
@@ -416,16 +413,10 @@ class WriteAheadLog:
             self._last_attempt = time.monotonic()  # the next try waits for probe_interval
         for hook in self.on_failure:
             hook(kind)
-        now = time.monotonic()
-        if now - self._last_logged.get(kind, -LOG_INTERVAL_S) >= LOG_INTERVAL_S:
-            self._last_logged[kind] = now
-            more = self._suppressed.pop(kind, 0)
-            outcome = "the affected appends are answered 503" if broken else (
-                "the active segment keeps taking writes; rotation is retried")  # fmt: skip
-            log.error("wal: %s; %s%s", reason, outcome,
-                      f" ({more} similar failure(s) not logged)" if more else "")  # fmt: skip
-        else:
-            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+        outcome = "the affected appends are answered 503" if broken else (
+            "the active segment keeps taking writes; rotation is retried")  # fmt: skip
+        log.error("wal: %s; %s", reason, outcome,  # once a minute per kind (logevents)
+                  extra={"event": "wal_failure", "event_key": ("wal", kind)})  # fmt: skip
 
     def _recovered(self) -> None:
         if self._broken is None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -29,8 +29,8 @@ _ids = itertools.count()
 
 
 def cost_of(text: str) -> Decimal:
-    """The documented rounding rule: 1e-10 USD, half up."""
-    return Decimal(text).quantize(Q, rounding=ROUND_HALF_UP)
+    """The documented rounding rule (docs/pricing.md): 1e-10 USD, half-even."""
+    return Decimal(text).quantize(Q, rounding=ROUND_HALF_EVEN)
 
 
 @dataclass(frozen=True)

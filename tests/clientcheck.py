@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from genai_prices import Usage, calc_price
@@ -106,7 +106,7 @@ def assert_stored(rows: list[dict[str, Any]], expected: Iterable[Expected]) -> N
     q = Decimal("1e-10")
 
     def money(v: Any) -> Decimal:
-        return Decimal(str(v if v is not None else 0)).quantize(q, rounding=ROUND_HALF_UP)
+        return Decimal(str(v if v is not None else 0)).quantize(q, rounding=ROUND_HALF_EVEN)
 
     exp = list(expected)
     assert len(rows) == len(exp)

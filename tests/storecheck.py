@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 import orjson
@@ -17,6 +17,7 @@ import pytest
 import storequeries as queries
 from storequeries import Totals
 
+from exporter.money import json_default
 from exporter.store import Store
 from exporter.usage import Operation, Status, UsageReport
 
@@ -46,13 +47,15 @@ def report(i: int, **overrides: Any) -> dict[str, Any]:
     }
     fields.update(overrides)
     r = UsageReport(**fields)
-    return dict(orjson.loads(orjson.dumps(r.__dict__)))
+    return dict(orjson.loads(orjson.dumps(r.__dict__, default=json_default)))
 
 
 def exact_cost(value: Any) -> Decimal:
     if value is None:
         return Decimal(0).quantize(Q)
-    return Decimal(repr(value)).quantize(Q, rounding=ROUND_HALF_UP)
+    # the documented rule (docs/pricing.md): exact decimal text, half-even at 1e-10
+    text = repr(value) if isinstance(value, float) else str(value)
+    return Decimal(text).quantize(Q, rounding=ROUND_HALF_EVEN)
 
 
 def distinct(reports: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -74,6 +77,7 @@ def _totals(rs: Sequence[Mapping[str, Any]]) -> Totals:
         reasoning_tokens=sum(r["reasoning_tokens"] for r in rs),
         cost_usd=sum((exact_cost(r["cost_usd"]) for r in rs), Decimal(0).quantize(Q)),
         duration_ms_sum=sum(r["duration_ms"] or 0.0 for r in rs),
+        unpriced=sum(r["cost_usd"] is None for r in rs),
     )
 
 

@@ -37,6 +37,7 @@ class Totals:
     reasoning_tokens: int = 0
     cost_usd: Decimal = _ZERO
     duration_ms_sum: float = 0.0
+    unpriced: int = 0  # reports stored with cost NULL
 
     def exact(self) -> tuple[Any, ...]:
         """Every field but the float duration sum, for exact comparisons."""
@@ -50,7 +51,7 @@ def _utc(dt: datetime) -> datetime:
 def _sum(rows: Iterable[Any], detail: bool) -> Totals:
     n = errors = 0
     tokens = dict.fromkeys(TOKENS, 0)
-    cost, duration = _ZERO, 0.0
+    cost, duration, unpriced = _ZERO, 0.0, 0
     for r in rows:
         m = r._mapping
         n += 1 if detail else m["requests"]
@@ -59,9 +60,10 @@ def _sum(rows: Iterable[Any], detail: bool) -> Totals:
             tokens[c] += m[c]
         if m["cost_usd"] is not None:
             cost += to_decimal(m["cost_usd"])
+        unpriced += (m["cost_usd"] is None) if detail else m["unpriced"]
         d = m["duration_ms"] if detail else m["duration_ms_sum"]
         duration += d or 0.0
-    return Totals(n, int(errors), *tokens.values(), cost, duration)  # type: ignore[arg-type]
+    return Totals(n, int(errors), *tokens.values(), cost, duration, unpriced)  # type: ignore[arg-type]
 
 
 async def detail_totals(

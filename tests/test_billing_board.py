@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,13 @@ def _at(day: date, hour: int, minute: int = 0, second: float = 0.0) -> str:
 
 def _report(n: int, **fields: Any) -> dict[str, Any]:
     """One report as it reaches the writer (UsageReport validated, JSON-ready)."""
-    return UsageReport(request_id=f"req-{n:05d}", **fields).model_dump(mode="json")
+    report = UsageReport(request_id=f"req-{n:05d}", **fields).model_dump(mode="json")
+    RAW_COST[report["request_id"]] = fields.get("cost_usd")  # as the client sent it
+    return report
+
+
+#: request_id → the cost as sent (validation rounds it to 1e-10 by the one rule)
+RAW_COST: dict[str, float | None] = {}
 
 
 def build_reports() -> list[dict[str, Any]]:
@@ -155,7 +161,7 @@ def build_reports() -> list[dict[str, Any]]:
                               "2024-02-01T03:30:00Z")):  # fmt: skip
         add(model="gpt-4o", provider="openai", user="alice", team="team-a", input_tokens=7,
             output_tokens=3, cost_usd=0.0000000001 * (n + 1), completed_at=when)  # fmt: skip
-    # Exact decimals: a float error (0.30000000000000004), half-up rounding (5e-11 → 1e-10),
+    # Exact decimals: a float error (0.30000000000000004), half-even rounding (5e-11 → 0),
     # below the quantum (1e-11 → 0), more than 10 decimals (…01234 → …0123).
     for cost in (0.1, 0.2, 0.1 + 0.2, 5e-11, 1e-11, 123.45678901234):
         add(model="gpt-4o", provider="openai", user="auditor", team="audit", input_tokens=1,
@@ -172,12 +178,13 @@ REPORTS = build_reports()
 BATCH = 40
 
 
-def exact_cost(value: float | None) -> Decimal:
-    """The cost one report adds to the rollups: the float's shortest decimal form rounded
-    half-up to NUMERIC(20,10); no cost adds 0."""
+def exact_cost(value: float | str | None) -> Decimal:
+    """The cost one report adds to the rollups: the sent float's shortest decimal form rounded
+    half-even to NUMERIC(20,10) (the one rule, docs/pricing.md); no cost adds 0."""
     if value is None:
         return Decimal(0)
-    return Decimal(repr(value)).quantize(QUANTUM, rounding=ROUND_HALF_UP)
+    text = repr(value) if isinstance(value, float) else value
+    return Decimal(text).quantize(QUANTUM, rounding=ROUND_HALF_EVEN)
 
 
 def shown(value: str) -> str:
@@ -217,7 +224,7 @@ class Stored:
             cached_input_tokens=r["cached_input_tokens"],
             cache_creation_input_tokens=r["cache_creation_input_tokens"],
             reasoning_tokens=r["reasoning_tokens"],
-            cost=exact_cost(r["cost_usd"]),
+            cost=exact_cost(RAW_COST[r["request_id"]]),
         )
 
 
@@ -397,8 +404,8 @@ def test_test_data_is_varied() -> None:
     assert any(r["cost_usd"] is None for r in REPORTS)
     assert len(STORED) - len(IN_RANGE) == 2
     # costs really have more decimals than NUMERIC(20,10) keeps
-    assert sum(exact_cost(r["cost_usd"]) != Decimal(repr(r["cost_usd"])) for r in REPORTS
-               if r["cost_usd"] is not None) > 50  # fmt: skip
+    raw = [RAW_COST[r["request_id"]] for r in REPORTS]
+    assert sum(exact_cost(c) != Decimal(repr(c)) for c in raw if c is not None) > 50
 
 
 async def test_schema_and_rollups_come_from_the_real_writer(billing: BillingDb) -> None:
@@ -479,7 +486,7 @@ async def test_monthly_spend_per_team_is_the_exact_sum_of_the_costs_sent(
     for r in REPORTS:
         month = r["completed_at"][:7]
         if month in month_of:
-            sent[month, r["team"] or "(none)"] += exact_cost(r["cost_usd"])
+            sent[month, r["team"] or "(none)"] += exact_cost(RAW_COST[r["request_id"]])
     assert len(sent) >= 9
 
     export = await billing.run("Monthly usage by team, user and model")
@@ -493,9 +500,9 @@ async def test_monthly_spend_per_team_is_the_exact_sum_of_the_costs_sent(
     assert {(r["time"], r["metric"]): r["spend_usd"] for r in chart} == {
         (month_of[m], team): float(cost) for (m, team), cost in sent.items()
     }
-    # 0.1 + 0.2 + 0.3(0000000000000004) + 0.0000000001 (5e-11 half up) + 0 (1e-11)
+    # 0.1 + 0.2 + 0.3(0000000000000004) + 0 (5e-11 half-even) + 0 (1e-11)
     # + 123.4567890123(4), worked out by hand
-    assert sent["2024-01", "audit"] == Decimal("124.0567890124")
+    assert sent["2024-01", "audit"] == Decimal("124.0567890123")
     total = await billing.run("Spend in range (USD)")
     assert total == [{"spend_usd": float(sum(sent.values(), Decimal(0)))}]
 

@@ -44,9 +44,10 @@ async def test_readyz_reports_a_nearly_full_wal(make_client: MakeClient) -> None
     cap = 64 * 1024
     client = await make_client(wal_max_bytes=cap, wal_segment_bytes=cap, flush_interval=3600)
     await wait_ready(client)
-    # small batches (~2 KB) so the 95% mark (3 KB below the cap) is crossed before the cap
-    for i in range(200):  # bounded: 64 KiB is reached well before
-        batch = [report(request_id=f"fill-{i}-{j}", user="u" * 200) for j in range(4)]
+    # small batches (~2 KB: a record carries every UsageReport field) so the 95% mark (3 KB
+    # below the cap) is crossed before the cap
+    for i in range(300):  # bounded: 64 KiB is reached well before
+        batch = [report(request_id=f"fill-{i}-{j}", user="u" * 200) for j in range(3)]
         assert (await client.post("/v1/usage", json=batch)).status == 202
         if (await client.get("/readyz")).status == 503:
             break

@@ -5,21 +5,27 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import re
 import shutil
 import subprocess
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from helpers import Key, make_settings, parse_metrics, report, select, total, value
+from helpers import Key, make_settings, parse_metrics, report, select, total, value, wait_ready
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import create_app
+from exporter.live import usage_metrics
+from exporter.logevents import EVENT_CLASSES
+from exporter.selfmetrics import REJECT_REASONS, SelfMetrics
+from exporter.store import tables
 
 MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 
@@ -357,3 +363,191 @@ async def test_extra_labels_and_many_series_pass_promtool(make_client: MakeClien
     assert total(samples, "llm_input_tokens_total", provider="anthropic") == sum(range(1, 1500, 3))
     om = parse_openmetrics((await get_text(client, OPENMETRICS))[0])
     assert stable(om) == stable(samples)
+
+
+# -- content negotiation ----------------------------------------------------------------------
+
+#: (Accept, Accept-Encoding) → (OpenMetrics?, gzip?), from RFC 9110 and the OpenMetrics spec
+NEGOTIATION = [
+    ("", "", False, False),
+    ("*/*", "gzip", False, True),
+    ("text/plain; version=0.0.4", "gzip;q=0", False, False),
+    ("text/plain", "gzip;q=0.001", False, True),
+    ("text/plain", "identity", False, False),
+    ("text/plain", "*", False, True),
+    ("text/plain", "*;q=0", False, False),
+    ("text/plain", "gzip;q=0, *", False, False),
+    ("text/plain", "identity;q=1, *;q=0.5", False, True),
+    ("text/plain", "deflate, br", False, False),
+    ("text/plain", "GZIP", False, True),
+    ("application/openmetrics-text; version=1.0.0", "", True, False),
+    ("application/openmetrics-text", "", True, False),
+    ("application/openmetrics-text; version=0.0.1", "", False, False),
+    (
+        "application/openmetrics-text; version=0.0.1,text/plain;version=0.0.4;q=0.5",
+        "",
+        False,
+        False,
+    ),
+    (
+        "application/openmetrics-text;version=1.0.0;q=0.5,"
+        "application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+        "gzip",
+        True,
+        True,
+    ),  # what Prometheus 2.5x sends
+    ("text/plain;q=0.9, application/openmetrics-text;version=1.0.0", "", True, False),
+    ("application/openmetrics-text;version=1.0.0;q=0.2, text/plain;q=0.9", "", False, False),
+    ("application/openmetrics-text;version=1.0.0;q=0, text/plain", "", False, False),
+    ("application/openmetrics-text;version=1.0.0;q=bogus", "", False, False),
+    ("application/json", "x-gzip", False, True),
+]
+
+
+@pytest.mark.parametrize(("accept", "encoding", "openmetrics", "gzipped"), NEGOTIATION)
+async def test_metrics_negotiates_format_and_gzip_with_q_values(
+    make_client: MakeClient, accept: str, encoding: str, openmetrics: bool, gzipped: bool
+) -> None:
+    client = await make_client(client_kwargs={"auto_decompress": False})
+    await send(client, REPORTS)
+    resp = await client.get("/metrics", headers={"Accept": accept, "Accept-Encoding": encoding})
+    assert resp.status == 200
+    assert resp.headers.get("Content-Encoding") == ("gzip" if gzipped else None)
+    assert "Accept-Encoding" in resp.headers["Vary"]
+    raw = await resp.read()
+    text = (gzip.decompress(raw) if gzipped else raw).decode()
+    if openmetrics:
+        assert resp.headers["Content-Type"].startswith(
+            "application/openmetrics-text; version=1.0.0"
+        )
+        assert text.endswith("# EOF\n")
+        check_values(parse_openmetrics(text))
+    else:
+        assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        assert "# EOF" not in text
+        check_values(parse_metrics(text))
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "",
+        "text/plain",
+        "*/*",
+        "application/openmetrics-text",
+        "application/openmetrics-text; version=1.0.0",
+        "application/openmetrics-text; version=0.0.1",
+        "application/openmetrics-text; version=0.0.1, text/plain",
+        "text/plain, application/openmetrics-text; version=1.0.0",
+    ],
+)
+async def test_without_q_values_the_format_is_prometheus_clients_choice(
+    make_client: MakeClient, accept: str
+) -> None:
+    from prometheus_client.exposition import choose_encoder, gzip_accepted
+
+    client = await make_client()
+    resp = await client.get("/metrics", headers={"Accept": accept, "Accept-Encoding": "gzip"})
+    _, theirs = choose_encoder(accept)
+    assert resp.headers["Content-Type"].split(";")[0] == theirs.split(";")[0]
+    assert (resp.headers.get("Content-Encoding") == "gzip") == gzip_accepted("gzip")
+
+
+# -- initialised series, exact costs, no `_created` -------------------------------------------
+
+_FAMILY_REF = re.compile(r"(?<![\w:])(llm_[a-z0-9_]+)(?![\w:])")
+_SUFFIXES = ("_total", "_bucket", "_sum", "_count")
+
+
+def families_used_by_dashboards_and_rules() -> set[str]:
+    root = Path(__file__).resolve().parent.parent
+    text = "".join(p.read_text() for p in (root / "dashboards").glob("*.json"))
+    text += "".join(p.read_text() for p in (root / "rules").glob("*.yml"))
+    return set(_FAMILY_REF.findall(text))
+
+
+async def test_a_fresh_service_exports_every_self_metric_the_dashboards_and_rules_use(
+    make_client: MakeClient,
+) -> None:
+    budgets = [{"name": "team-a", "team": "a", "window": "day", "limit_usd": 5.0}]
+    client = await make_client(budgets=budgets, extra_labels=["team"])
+    await wait_ready(client)
+    text, _ = await get_text(client)
+    samples = parse_metrics(text)
+    names = {k[0] for k in samples}
+    declared = {f.name for f in text_string_to_metric_families(text)}
+    used = families_used_by_dashboards_and_rules()
+    assert len(used) > 20, used
+    for name in sorted(used):
+        if name.startswith(("llm_usage_", "llm_budget_")):  # known label sets: at 0 from start
+            assert name in names, f"{name} has no sample on a fresh scrape"
+        else:  # usage families: labels come from reports; the family is declared
+            base = next((name.removesuffix(s) for s in _SUFFIXES if name.endswith(s)), name)
+            assert base in declared, name
+    for reason in REJECT_REASONS:
+        assert value(samples, "llm_usage_reports_rejected_total", reason=reason) == 0
+    for label in ("model", "operation", "user", "team"):
+        assert value(samples, "llm_usage_label_overflow_total", label=label) == 0
+    for event in EVENT_CLASSES:
+        assert ("llm_usage_log_events_total", (("event", event),)) in samples
+        assert ("llm_usage_log_suppressed_total", (("event", event),)) in samples
+    assert not [n for n in names if n.endswith("_created")]
+    promtool_check(text)
+
+
+def test_self_metrics_leave_prometheus_client_emitting_created_elsewhere() -> None:
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+    SelfMetrics()
+    registry = CollectorRegistry()
+    Counter("embedder_events", "An embedding process's own counter.", registry=registry).inc()
+    assert b"embedder_events_created" in generate_latest(registry)
+
+
+COSTS = [0.00021, 0.00021, 0.1, 0.2, 1e-05, 3.3e-07, 0.000137, 2.5e-10]
+
+
+async def test_costs_render_without_float_noise(make_client: MakeClient) -> None:
+    client = await make_client()
+    items = [report(request_id=f"c{i}", user="cost", cost_usd=c) for i, c in enumerate(COSTS)]
+    await send(client, items)
+    for accept in ("", OPENMETRICS):
+        text, _ = await get_text(client, accept)
+        (line,) = [ln for ln in text.splitlines() if ln.startswith("llm_cost_usd_total{")]
+        exact = sum(tables.to_decimal(c) for c in COSTS)  # the store's rule, per report
+        assert line.rsplit(" ", 1)[1] == repr(float(exact)), line
+    naive = sum(COSTS)  # what float accumulation printed before
+    assert repr(naive) != repr(float(sum(tables.to_decimal(c) for c in COSTS)))
+
+
+async def test_histogram_sums_render_without_float_noise(make_client: MakeClient) -> None:
+    client = await make_client()
+    millis = [100, 200, 100.5, 0.001, 300]
+    items = [report(request_id=f"h{i}", duration_ms=ms) for i, ms in enumerate(millis)]
+    await send(client, items)
+    text, _ = await get_text(client)
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("llm_request_duration_seconds_sum{")]
+    exact = sum(Decimal(repr(ms)) for ms in millis) / 1000
+    assert line.rsplit(" ", 1)[1] == repr(float(exact)), line
+
+
+def test_live_costs_count_in_the_stores_quantum() -> None:
+    assert usage_metrics.COST_SCALE == tables.COST_SCALE
+
+
+def test_live_cost_units_round_like_the_store() -> None:
+    """The fast float path and the Decimal fallback give the store's per-report rounding."""
+    import random
+
+    rng = random.Random(18)
+    tricky = [2.5e-10, 1.5e-10, 3.5e-10, 0.00041999999999999996, 123.45678901235, 1e6, 0.1, 0.0]
+    randoms = [
+        rng.uniform(0, 10) ** rng.choice((1, 3, 6)) / 10 ** rng.randint(0, 9) for _ in range(5000)
+    ]
+    halves = [(rng.randint(0, 10**8) + 0.5) / 1e10 for _ in range(500)]
+    for cost in tricky + randoms + halves:
+        if cost > 1e6:
+            continue
+        expected = tables.to_decimal(cost).scaleb(usage_metrics.COST_SCALE)
+        assert usage_metrics.cost_units(cost) == int(expected), cost
+        assert usage_metrics.cost_units(Decimal(repr(cost))) == int(expected), cost

@@ -13,6 +13,7 @@ import pytest
 from helpers import parse_metrics, total
 from prometheus_client import generate_latest
 
+from exporter.logevents import EventCounts, RateLimitFilter
 from exporter.selfmetrics import SelfMetrics
 from exporter.server import (
     DataDirLock,
@@ -52,6 +53,7 @@ async def test_os_errors_on_the_loop_are_counted_always_and_logged_once_a_minute
     handler = _OsErrorLog(metrics)
     loop = asyncio.get_running_loop()
     caplog.set_level(logging.ERROR, logger="exporter.server")
+    caplog.handler.addFilter(RateLimitFilter(counts=EventCounts()))  # as logs.configure does
     for _ in range(1000):
         handler(loop, {"message": "socket.accept() out of system resource",
                        "exception": OSError(errno.EMFILE, "Too many open files")})  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 import types
 import typing
 from datetime import datetime
+from decimal import Decimal
 from enum import Enum
 
 from exporter.store.rows import (
@@ -49,7 +50,8 @@ _KINDS_FOR = {
     str: {Kind.TEXT},
     int: {Kind.COUNT, Kind.INT},
     bool: {Kind.BOOL},
-    float: {Kind.FLOAT, Kind.MONEY},
+    float: {Kind.FLOAT},
+    Decimal: {Kind.MONEY},
     datetime: {Kind.TIME},
     dict: {Kind.JSON},
 }

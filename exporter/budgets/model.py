@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from typing import Any, Literal
 
 from exporter.budgets.window import HOUR, WindowKind, parse_window
 from exporter.config import BudgetSpec
+from exporter.money import stored_money
 from exporter.store.tables import COST_QUANTUM
 
 __all__ = ["Budget", "BudgetView", "cost_decimal"]
@@ -19,11 +20,11 @@ Status = Literal["ok", "warning", "exceeded"]
 
 
 def cost_decimal(value: Any) -> Decimal:
-    """A report's cost as the store keeps it: shortest float repr, 1e-10 USD, half up."""
+    """A report's cost as the store keeps it: the one rule of exporter.money (exact text,
+    half-even at 1e-10 USD)."""
     if value is None:
         return ZERO
-    text = repr(value) if isinstance(value, float) else str(value)
-    return Decimal(text).quantize(COST_QUANTUM, rounding=ROUND_HALF_UP)
+    return stored_money(value)
 
 
 def money(d: Decimal) -> str:

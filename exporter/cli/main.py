@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from exporter import __version__
-from exporter.cli import db, serve
+from exporter.cli import db, reprice, serve
 from exporter.cli.common import settings_from_args
 from exporter.errors import StartupError, one_line
 from exporter.logs import configure
@@ -27,7 +27,7 @@ __all__ = ["build_parser", "main"]
 log = logging.getLogger("exporter")
 
 #: One entry per command module; a new command is a new module and one line here.
-COMMANDS = (serve, db)
+COMMANDS = (serve, db, reprice)
 
 
 def _version(args: argparse.Namespace) -> int:
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValidationError, SettingsError, ValueError) as exc:
         print(f"llm-usage-exporter: invalid settings: {one_line(exc)}", file=sys.stderr)
         return 2
-    configure(settings.log_level, settings.log_format)
+    configure(settings.log_level, settings.log_format, [t.token for t in settings.tokens])
     try:
         code: int = args.run(args, settings)
     except StartupError as exc:

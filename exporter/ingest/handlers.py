@@ -7,9 +7,10 @@ from typing import Any
 
 from aiohttp import web
 
-from exporter.httputil import LogOncePerMinute, Route, error_response, json_response
+from exporter.httputil import Route, error_response, json_response
 from exporter.ingest.body import BodyError, ClientGone, ParsedBody, parse_items, read_body
 from exporter.ingest.pipeline import Backpressure, Ingestor, IngestResult
+from exporter.logevents import RateLimitedLog
 from exporter.selfmetrics import SelfMetrics
 
 
@@ -23,7 +24,7 @@ class IngestEndpoint:
         self._m = self_metrics
         self._max_body = max_body_bytes
         self._max_items = max_items
-        self._log_once_a_minute = LogOncePerMinute(logging.getLogger(type(self).__module__))
+        self._log_once_a_minute = RateLimitedLog(logging.getLogger(type(self).__module__))
 
     async def _read(self, request: web.Request) -> bytes:
         return await read_body(request, self._max_body)
@@ -41,14 +42,11 @@ class IngestEndpoint:
             raise
         if result.errors:
             first = result.errors[0]
-            self._log_once_a_minute(
+            self._log_once_a_minute.request(
                 "invalid",
-                "ingest: rejected %d invalid item(s) on %s from %s; first (index %s): %s",
-                len(result.errors),
-                request.path,
-                request.remote,
-                first["index"],
-                str(first["error"])[:300],
+                request,
+                f"{len(result.errors)} invalid item(s); first (index {first['index']}): "
+                f"{str(first['error'])[:300]}",
             )
         return result
 
@@ -61,15 +59,7 @@ class IngestHandlers(IngestEndpoint):
             self._m.client_disconnects.inc()
             return error_response(exc.status, str(exc), headers={"Connection": "close"})
         self._m.rejected.labels(exc.reason).inc()
-        self._log_once_a_minute(
-            exc.reason,
-            "ingest: %d (%s) for %s from %s: %s",
-            exc.status,
-            exc.reason,
-            request.path,
-            request.remote,
-            str(exc)[:200],
-        )
+        self._log_once_a_minute.request(exc.reason, request, f"{exc.status}: {str(exc)[:200]}")
         return error_response(
             exc.status, str(exc), headers={"Connection": "close"} if exc.close else None
         )

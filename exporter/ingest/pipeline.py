@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -25,7 +26,8 @@ from exporter.ingest.adapters import FALLBACK_COST, ShapeError, adapt
 from exporter.ingest.adapters.otel import DEFAULT_USER_ATTRIBUTES
 from exporter.ingest.dedupe import RecentIds
 from exporter.live.usage_metrics import UsageMetrics
-from exporter.pricing import Pricer
+from exporter.money import CostOverCap, json_default, parse_cost
+from exporter.pricing import Pricer, Unpriced
 from exporter.selfmetrics import SelfMetrics
 from exporter.usage import UsageReport
 from exporter.wal import Record, WalBroken, WalClosed, WalFull, WriteAheadLog
@@ -33,6 +35,7 @@ from exporter.wal import Record, WalBroken, WalClosed, WalFull, WriteAheadLog
 log = logging.getLogger(__name__)
 _BATCH = TypeAdapter(list[UsageReport])
 _MAX_ERRORS_PER_ITEM = 5
+_UNPRICED_LOGGED_MAX = 1000  # distinct models named in "no price" log lines
 
 
 class Backpressure(Exception):
@@ -77,6 +80,18 @@ def describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _fallback_cost(value: float | None) -> Decimal | None:
+    """A client's own price, exact; unusable (negative, NaN) → None; over the cap raises."""
+    if value is None:
+        return None
+    try:
+        return parse_cost(value)
+    except CostOverCap:
+        raise
+    except ValueError:
+        return None
+
+
 class Ingestor:
     """Owns the accept path; the HTTP handlers only decode bodies and encode answers."""
 
@@ -107,6 +122,8 @@ class Ingestor:
         self._max_age = max_report_age
         self._max_skew = max_future_skew
         self._unpriced_logged: set[str] = set()
+        for reason in Unpriced:  # every reason exposed from the start (0 until one happens)
+            self_metrics.unpriced.labels(reason.value)
         #: request_id → outcome of the WAL write carrying its first copy (True: durable)
         self._inflight: dict[str, asyncio.Future[bool]] = {}
         wal.on_failure.append(lambda kind: self_metrics.wal_failures.labels(kind).inc())
@@ -137,7 +154,11 @@ class Ingestor:
         if not report.completed:
             report.estimate_incomplete_stream(self._bytes_per_token, self._tokens_per_chunk)
         if report.cost_usd is None:
-            fields["cost_usd"] = self._price(report, fallback)
+            fields["cost_sent"] = False
+            self._price(report, fallback)
+        else:
+            fields["cost_sent"] = True  # set here only, never by the client
+            fields["unpriced_reason"] = ""
         return report
 
     def validate_batch(
@@ -161,16 +182,17 @@ class Ingestor:
                 fallbacks[len(adapted)] = fallback
             adapted.append(mapping)
         if not errors:
+            if self._pricer is not None:
+                self._pricer.refresh_if_due()
             try:
                 validated = _BATCH.validate_python(adapted)
-            except ValidationError:
-                pass
-            else:
                 valid = [
                     self._complete(r, now, fallbacks.get(i) if fallbacks else None)
                     for i, r in enumerate(validated)
                 ]
                 return self._in_window(list(enumerate(valid)), errors, now)
+            except (ValidationError, CostOverCap):
+                pass  # validated again item by item below, for the reasons
         indexed: list[tuple[int, UsageReport]] = []
         for i, raw in enumerate(items):
             if pre_errors and i in pre_errors:
@@ -179,6 +201,8 @@ class Ingestor:
                 indexed.append((i, self.validate(raw, now)))
             except ValidationError as exc:
                 errors.append({"index": i, "error": describe(exc)})
+            except CostOverCap as exc:
+                errors.append({"index": i, "error": f"cost_usd: {exc}"})
             except ShapeError:
                 pass  # already reported above
         return self._in_window(indexed, errors, now)
@@ -209,33 +233,45 @@ class Ingestor:
         errors.sort(key=lambda e: int(e["index"]))
         return reports, errors
 
-    def _price(self, r: UsageReport, fallback: float | None = None) -> float:
-        """Our price; else the client's own (`fallback`, e.g. LiteLLM's response_cost);
-        else 0, counted as unpriced."""
-        if self._pricer is None:
-            return 0.0
-        cost = self._pricer.cost(
-            r.provider,
-            r.model,
-            r.input_tokens,
-            r.output_tokens,
-            r.cached_input_tokens,
-            r.cache_creation_input_tokens,
-        )
-        if cost is None and fallback is not None:
-            return fallback
-        if cost is None:
-            self._m.unpriced.inc()
-            if r.model not in self._unpriced_logged and len(self._unpriced_logged) < 1000:
-                self._unpriced_logged.add(r.model)
+    def _price(self, r: UsageReport, fallback: float | None = None) -> None:
+        """Cost at the report's own time; else the client's own (`fallback`, e.g. LiteLLM's
+        response_cost, then kept like a sent cost); else None and a reason. CostOverCap
+        raises (the item is refused)."""
+        fields = r.__dict__
+        cost = Unpriced.UNKNOWN_MODEL if self._pricer is None else self._pricer.price(fields)
+        if isinstance(cost, Unpriced):
+            sent = _fallback_cost(fallback)
+            if sent is not None:
+                fields["cost_usd"] = sent
+                fields["cost_sent"] = True
+                fields["unpriced_reason"] = ""
+            else:
+                fields["unpriced_reason"] = cost.value
+            return
+        fields["cost_usd"] = cost
+        if r.unpriced_reason:
+            fields["unpriced_reason"] = ""
+
+    def _count_unpriced(self, accepted: Sequence[UsageReport]) -> None:
+        """Once per distinct accepted report (duplicates never reach here); one log line per
+        unpriced model."""
+        for r in accepted:
+            reason = r.unpriced_reason
+            if not reason:
+                continue
+            self._m.unpriced.labels(reason).inc()
+            logged = self._unpriced_logged
+            if r.model not in logged and len(logged) < _UNPRICED_LOGGED_MAX:
+                logged.add(r.model)
                 log.warning(
-                    "no price for model %r (provider %r): cost counted as 0; "
-                    "add it to the price file",
+                    "no price for model %r (provider %r, service tier %r): %s; stored with "
+                    "cost NULL; add it to the price file, then run `llm-usage-exporter reprice`",
                     r.model,
                     r.provider,
+                    r.service_tier,
+                    reason,
+                    extra={"event": "unpriced_model", "event_key": ("unpriced", r.model)},
                 )
-            return 0.0
-        return cost
 
     async def ingest(
         self, items: list[Any], pre_errors: dict[int, str] | None = None
@@ -310,7 +346,7 @@ class Ingestor:
         for r in accepted:
             self._recent.add(r.request_id)
             self._inflight[r.request_id] = outcome
-        payload = orjson.dumps([r.__dict__ for r in accepted])
+        payload = orjson.dumps([r.__dict__ for r in accepted], default=json_default)
         try:
             seq = await self._wal.append(payload, len(accepted))
         except (WalFull, WalClosed, WalBroken, OSError) as exc:
@@ -326,6 +362,7 @@ class Ingestor:
             self._usage.observe(r)
             estimated += r.estimated
         self._m.received.inc(len(accepted))
+        self._count_unpriced(accepted)
         if estimated:
             self._m.estimated.inc(estimated)
         for listener in self.on_durable:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
+from exporter.live.negotiation import negotiate
 from exporter.live.usage_metrics import UsageMetrics
 from exporter.selfmetrics import SelfMetrics
 
@@ -20,10 +21,6 @@ _GZIP_INLINE_MAX = 256 * 1024
 #: above this many label sets (~6 MB of text) a scrape is streamed in pieces and not cached, so
 #: its peak memory stays near the steady RSS (bench/series_memory.py)
 LARGE_SERIES = 10_000
-
-
-def wants_openmetrics(accept: str) -> bool:
-    return "application/openmetrics-text" in accept
 
 
 class Exposition:
@@ -78,16 +75,18 @@ class Exposition:
     ) -> tuple[bytes | AsyncIterator[bytes], dict[str, str]]:
         """(body, headers); past LARGE_SERIES label sets the body is an async iterator of
         pieces (aiohttp sends it chunked) and nothing is cached."""
-        openmetrics = wants_openmetrics(accept)
-        headers = {"Content-Type": OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE}
+        openmetrics, gzip_ok = negotiate(accept, accept_encoding)
+        headers = {
+            "Content-Type": OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE,
+            "Vary": "Accept, Accept-Encoding",
+        }
         if len(self._usage) > LARGE_SERIES:
             self._cache.clear()
-            large = self._stream(openmetrics, "gzip" in accept_encoding)
-            if "gzip" in accept_encoding:
+            if gzip_ok:
                 headers["Content-Encoding"] = "gzip"
-            return large, headers
+            return self._stream(openmetrics, gzip_ok), headers
         body = self.render(openmetrics)
-        if "gzip" in accept_encoding:
+        if gzip_ok:
             if len(body) > _GZIP_INLINE_MAX:  # zlib releases the GIL: keep the loop free
                 body = await asyncio.get_running_loop().run_in_executor(None, _gzip, body)
             else:

@@ -2,6 +2,10 @@
 
 `prometheus_client.generate_latest` spends ~14 µs per sample and blocks the event loop; here a
 series renders its label string once, at creation, and a scrape is a string join.
+
+Costs and histogram sums accumulate exactly, in integers (cost in the store's quantum of
+1e-10 USD, seconds in nanoseconds), and render as the shortest repr of the correctly rounded
+float: `0.00042`, never `0.00041999999999999996`.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import re
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from itertools import chain
 
 from prometheus_client.utils import floatToGoString
@@ -44,6 +49,32 @@ def tag_label(key: str) -> str:
 _COST = len(COUNTER_FAMILIES) - 1
 #: series per rendered piece (~1 MB of text): bounds a scrape's transient memory
 CHUNK_SERIES = 10_000
+#: live costs count in the quantum the store keeps (store.tables.COST_SCALE; a test checks)
+COST_SCALE = 10
+_COST_UNITS_PER_USD: int = 10**COST_SCALE
+_NS_PER_S = 10**9
+
+
+def cost_units(cost: float | Decimal) -> int:
+    """USD → integer units of 1e-10, rounded half-even from the value's shortest decimal (the
+    store's rule). Below 2**40 units a float product is within 3e-4 of the decimal's, so when
+    it is not near a half its rounding is the same and Decimal (~1 µs) is skipped."""
+    if isinstance(cost, float):
+        units = cost * _COST_UNITS_PER_USD
+        if units < _FAST_LIMIT:
+            nearest = round(units)
+            if abs(units - nearest) < 0.499:
+                return nearest
+        return round(Decimal(repr(cost)).scaleb(COST_SCALE))
+    return round(Decimal(cost).scaleb(COST_SCALE))
+
+
+_FAST_LIMIT = float(2**40)
+
+
+def exact_text(units: int, per_unit: int) -> str:
+    """`units / per_unit` as the shortest repr of the nearest float (int / int rounds once)."""
+    return repr(units / per_unit)
 
 
 class Series:
@@ -51,17 +82,17 @@ class Series:
 
     def __init__(self, labels: str) -> None:
         self.labels = labels
-        self.values: list[float] = [0, 0, 0, 0, 0, 0, 0, 0.0]
+        self.values: list[int] = [0, 0, 0, 0, 0, 0, 0, 0]  # cost in units of 1e-10 USD
 
 
 class Histogram:
-    __slots__ = ("buckets", "count", "labels", "sum")
+    __slots__ = ("buckets", "count", "labels", "sum_ns")
 
     def __init__(self, labels: str, n_buckets: int) -> None:
         self.labels = labels
         self.buckets = [0] * n_buckets  # per-bucket, made cumulative at render
         self.count = 0
-        self.sum = 0.0
+        self.sum_ns = 0
 
 
 @dataclass(frozen=True)
@@ -73,7 +104,7 @@ class LabelCaps:
     team: int = 500
     tag: int = 100  # values per promoted tag
     #: label sets in total (the product of the per-label caps is far larger); past it, new
-    #: label sets fold into the one all-`__other__` series. ~1 KB each (bench/RESULTS.md)
+    #: label sets fold into the one all-`__other__` series. ~0.75 KB each (bench/RESULTS.md)
     series: int = 100_000
 
 
@@ -154,17 +185,17 @@ class UsageMetrics:
         v[5] += r.cache_creation_input_tokens
         v[6] += r.reasoning_tokens
         if r.cost_usd:
-            v[_COST] += r.cost_usd
+            v[_COST] += cost_units(r.cost_usd)
         if r.duration_ms is not None or r.ttft_ms is not None:
             # histogram labels are the bounded model and operation of the counter series
             key = (raw[0], raw[1])
             if r.duration_ms is not None:
-                self._observe_hist(0, key, r.duration_ms / 1000)
+                self._observe_hist(0, key, r.duration_ms)
             if r.ttft_ms is not None:
-                self._observe_hist(1, key, r.ttft_ms / 1000)
+                self._observe_hist(1, key, r.ttft_ms)
         self.generation += 1
 
-    def _observe_hist(self, which: int, key: tuple[str, str], seconds: float) -> None:
+    def _observe_hist(self, which: int, key: tuple[str, str], millis: float) -> None:
         index = self._hist_index[which]
         hist = index.get(key)
         bounds = self._bucket_bounds[which]
@@ -177,9 +208,9 @@ class UsageMetrics:
                 hists[bounded] = hist
             if len(index) < self._raw_index_cap:
                 index[key] = hist
-        hist.buckets[bisect_left(bounds, seconds)] += 1
+        hist.buckets[bisect_left(bounds, millis / 1000)] += 1
         hist.count += 1
-        hist.sum += seconds
+        hist.sum_ns += round(millis * 1_000_000)  # ≤ 6.1e14 < 2**53: exact to the ns
 
     def render(self, openmetrics: bool) -> str:
         return "".join(chain.from_iterable(self._parts(openmetrics)))
@@ -203,7 +234,10 @@ class UsageMetrics:
             for j in range(0, len(series), step):
                 part = series[j : j + step]
                 if i == _COST:
-                    yield [f"{prefix}{s.labels}}} {float(s.values[i])!r}\n" for s in part]
+                    yield [
+                        f"{prefix}{s.labels}}} {exact_text(s.values[i], _COST_UNITS_PER_USD)}\n"
+                        for s in part
+                    ]
                 else:
                     yield [f"{prefix}{s.labels}}} {s.values[i]}\n" for s in part]
         for (name, help_text), hists, bounds in zip(
@@ -220,7 +254,7 @@ class UsageMetrics:
                 for le, n in zip(les, hist.buckets, strict=True):
                     cumulative += n
                     out.append(f'{name}_bucket{{{hist.labels},le="{le}"}} {cumulative}\n')
-                out.append(f"{name}_sum{{{hist.labels}}} {hist.sum!r}\n")
+                out.append(f"{name}_sum{{{hist.labels}}} {exact_text(hist.sum_ns, _NS_PER_S)}\n")
                 out.append(f"{name}_count{{{hist.labels}}} {hist.count}\n")
                 if k % step == 0:
                     yield out

@@ -21,6 +21,8 @@ from enum import Enum
 
 from sqlalchemy import exc as sa_exc
 
+from exporter.redact import PASSWORD_IN_URL
+
 __all__ = [
     "ErrorKind",
     "RowRefused",
@@ -116,12 +118,9 @@ def is_schema_missing(exc: BaseException) -> bool:
     return False
 
 
-_PASSWORD_IN_URL = re.compile(r"(?P<pre>[a-zA-Z][\w+.-]*://[^:/@\s]*:)[^@\s]*@")
-
-
 def redact_text(message: str) -> str:
     """Hide anything that looks like a password inside a URL in free text."""
-    return _PASSWORD_IN_URL.sub(r"\g<pre>***@", message)
+    return PASSWORD_IN_URL.sub(r"\g<pre>***@", message)
 
 
 def describe_error(exc: BaseException, limit: int = 500) -> str:

@@ -18,7 +18,7 @@ from collections import namedtuple
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import Decimal
 from enum import Enum
 from operator import add, attrgetter, itemgetter
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 from sqlalchemy import JSON, BigInteger, Boolean, Column, Double, Integer, Text
 
+from exporter.money import exact_decimal, to_money
 from exporter.store.errors import RowRefused
 from exporter.store.tables import (
     COST_QUANTUM,
@@ -169,21 +170,19 @@ def _time(name: str, value: Any) -> datetime | None:
 
 
 def _money(name: str, value: Any) -> Decimal | None:
-    """Exact cost: a float through its shortest repr (0.1 → 0.1, not 0.1000…0555).
-
-    Half away from zero, as Postgres rounds into NUMERIC(20,10): both backends agree.
-    """
+    """Exact cost by the one rule (exporter.money): WAL records carry it as decimal text,
+    already rounded by validation; anything else is rounded half-even at 1e-10 here."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
         raise RowRefused(name, f"not a number: {type(value).__name__}")
     try:
-        dec = Decimal(repr(value) if isinstance(value, float) else str(value))
-        if not dec.is_finite() or abs(dec) >= COST_LIMIT:
-            raise RowRefused(name, "outside NUMERIC(20,10)")
-        return dec.quantize(COST_QUANTUM, rounding=ROUND_HALF_UP)
-    except InvalidOperation:
+        dec = exact_decimal(value)
+    except ValueError:
         raise RowRefused(name, "not a decimal number") from None
+    if not dec.is_finite() or abs(dec) >= COST_LIMIT:
+        raise RowRefused(name, "outside NUMERIC(20,10)")
+    return to_money(dec)
 
 
 def _json(name: str, value: Any) -> Any:
@@ -350,6 +349,12 @@ ROLLUP_SPECS: Mapping[str, RollupSum] = {
             ("duration_ms",),
             lambda r: 0.0 if r.duration_ms is None else r.duration_ms,
             0.0,
+        ),
+        RollupSum(
+            "unpriced",
+            "count(*) FILTER (WHERE cost_usd IS NULL)",
+            ("cost_usd",),
+            lambda r: int(r.cost_usd is None),
         ),
     )
 }

@@ -31,10 +31,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from exporter.money import COST_QUANTUM as COST_QUANTUM
+from exporter.money import COST_SCALE, money_text, stored_money
 from exporter.timeutil import as_utc
-
-COST_SCALE = 10
-COST_QUANTUM = Decimal(1).scaleb(-COST_SCALE)  # 1e-10 USD
 
 metadata = MetaData(
     naming_convention={
@@ -77,29 +76,18 @@ class Money(TypeDecorator[Decimal]):
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         if value is None:
             return None
-        dec = to_decimal(value)
-        return decimal_text(dec) if dialect.name == "sqlite" else dec
+        dec = stored_money(value)
+        return money_text(dec) if dialect.name == "sqlite" else dec
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
         if value is None:
             return None
-        return to_decimal(value)
+        return stored_money(value)
 
 
-def to_decimal(value: Any) -> Decimal:
-    """Exact cost: floats go through their shortest repr (0.1 → 0.1, not 0.1000…0555)."""
-    if isinstance(value, Decimal):
-        dec = value
-    elif isinstance(value, float):
-        dec = Decimal(repr(value))
-    else:
-        dec = Decimal(str(value))
-    return dec.quantize(COST_QUANTUM)
-
-
-def decimal_text(value: Decimal) -> str:
-    """Fixed-point text (never exponent notation) for SQLite's exact cost columns."""
-    return format(value, "f")
+#: the one converter and the one text form (exporter.money), under the names readers use
+to_decimal = stored_money
+decimal_text = money_text
 
 
 # Identifiers compare byte-wise in Postgres: a cheaper unique index than a linguistic
@@ -114,6 +102,10 @@ def _key_text(name: str) -> Column[str]:
 def _count(name: str) -> Column[int]:
     return Column(name, BigInteger, nullable=False, server_default=text("0"))
 
+
+BILLED_COUNT_COLUMNS = ("cache_creation_1h_input_tokens", "input_audio_tokens",
+                        "cached_audio_input_tokens", "output_audio_tokens", "input_image_tokens",
+                        "output_image_tokens", "web_search_requests")  # fmt: skip
 
 usage_details = Table(
     "usage_details",
@@ -148,6 +140,13 @@ usage_details = Table(
     Column("duration_ms", Double, nullable=True),
     Column("ttft_ms", Double, nullable=True),
     _key_text("source"),
+    # billed extras (exporter.usage.BILLED_UNITS) and the tier, as priced (migration 0004_pricing)
+    *(_count(name) for name in BILLED_COUNT_COLUMNS),
+    _key_text("service_tier"),
+    # why cost_usd is NULL ('' when priced or sent): pricing.Unpriced
+    _key_text("unpriced_reason"),
+    # the client sent cost_usd: `reprice` leaves it alone
+    Column("cost_sent", Boolean, nullable=False, server_default=text("false")),
     # free-form attribution (project, feature, env…) as sent; NULL when the report had none
     Column("tags", JSON, nullable=True),
     Column("inserted_at", UTCDateTime(), nullable=False, server_default=func.current_timestamp()),
@@ -183,6 +182,7 @@ usage_rollups = Table(
     _count("reasoning_tokens"),
     Column("cost_usd", Money(), nullable=False, server_default=text("0")),
     Column("duration_ms_sum", Double, nullable=False, server_default=text("0")),
+    _count("unpriced"),  # reports stored with cost NULL (migration 0004_pricing)
     PrimaryKeyConstraint(*ROLLUP_KEY),
     Index(None, "granularity", "user", "bucket_start"),
     Index(None, "granularity", "team", "bucket_start"),

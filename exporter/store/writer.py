@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from exporter.money import json_default
 from exporter.store.db import backend_name
 from exporter.store.write_postgres import probe_postgres, write_postgres
 from exporter.store.write_sqlite import probe_sqlite, write_sqlite
@@ -42,12 +42,6 @@ class WriteResult:
         return self.received - self.inserted
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return str(value)
-    raise TypeError(f"cannot serialize {type(value).__name__}")
-
-
 class StoreWriter:
     """Writes batches of reports exactly once; safe to run in several replicas at once.
 
@@ -64,7 +58,7 @@ class StoreWriter:
 
     async def write(self, reports: Iterable[Mapping[str, Any]]) -> WriteResult:
         """Store report dicts (UsageReport fields, JSON-ready or Python values) at once."""
-        payload = orjson.dumps(list(reports), default=_json_default)
+        payload = orjson.dumps(list(reports), default=json_default)
         return await self.write_payloads([payload])
 
     async def write_payloads(self, payloads: Sequence[bytes]) -> WriteResult:

@@ -115,8 +115,31 @@ def _openai_tokens(
     # cache writes (prompt caching with explicit breakpoints) are counted inside input too
     out["cache_creation_input_tokens"] = details(usage, input_details, "cache_write_tokens")
     out["reasoning_tokens"] = details(usage, output_details, "reasoning_tokens")
+    # audio and image tokens (realtime, audio and image models) are parts of input/output too
+    for part, field, canon in (
+        (input_details, "audio_tokens", "input_audio_tokens"),
+        (input_details, "image_tokens", "input_image_tokens"),
+        (output_details, "audio_tokens", "output_audio_tokens"),
+        (output_details, "image_tokens", "output_image_tokens"),
+    ):
+        value = details(usage, part, field)
+        if value:
+            out[canon] = value
+    cached = usage.get(input_details)
+    if isinstance(cached, Mapping) and cached.get("cached_tokens_details") is not None:
+        value = details(cached, "cached_tokens_details", "audio_tokens")
+        if value:
+            out["cached_audio_input_tokens"] = value
     if usage.get("total_tokens") is not None:
         out["total_tokens"] = usage["total_tokens"]
+    return out
+
+
+def _service_tier(out: dict[str, Any], raw: Raw, usage: Mapping[str, Any]) -> dict[str, Any]:
+    """The tier the provider actually served (flex, priority and batch are priced apart)."""
+    tier = usage.get("service_tier", raw.get("service_tier"))
+    if tier is not None:
+        out["service_tier"] = tier
     return out
 
 
@@ -131,7 +154,8 @@ def from_openai_chat(raw: Raw) -> dict[str, Any]:
 
     No provider is assumed: OpenAI-compatible gateways (LiteLLM, OpenRouter, vLLM) serve Claude
     and Llama in this shape; the provider is inferred from the model id afterwards."""
-    return _openai_tokens(envelope(raw, "openai"), usage_object(raw), _CHAT_NAMES)
+    out = _openai_tokens(envelope(raw, "openai"), usage_object(raw), _CHAT_NAMES)
+    return _service_tier(out, raw, {})
 
 
 def from_openai_responses(raw: Raw) -> dict[str, Any]:
@@ -140,11 +164,15 @@ def from_openai_responses(raw: Raw) -> dict[str, Any]:
     out.setdefault("operation", "responses")
     if out.get("status") in ("incomplete", "in_progress", "queued"):
         out["status"] = "success"  # stopped at max_output_tokens or a filter: still billed
-    return _openai_tokens(out, usage_object(raw), _RESPONSES_NAMES)
+    return _service_tier(_openai_tokens(out, usage_object(raw), _RESPONSES_NAMES), raw, {})
 
 
 def from_anthropic(raw: Raw) -> dict[str, Any]:
-    """Messages API `usage`: input_tokens EXCLUDE cache reads and writes, so add them back."""
+    """Messages API `usage`: input_tokens EXCLUDE cache reads and writes, so add them back.
+
+    `cache_creation` splits the writes by TTL (1-hour writes are priced apart from 5-minute
+    ones), `server_tool_use.web_search_requests` counts billed searches, `service_tier` the tier.
+    """
     usage = usage_object(raw)
     _note_unknown("anthropic", usage)
     out = envelope(raw, "anthropic")
@@ -152,10 +180,15 @@ def from_anthropic(raw: Raw) -> dict[str, Any]:
     uncached = int_or_zero(usage.get("input_tokens"))
     created = int_or_zero(usage.get("cache_creation_input_tokens"))
     read = int_or_zero(usage.get("cache_read_input_tokens"))
-    if not created and isinstance(usage.get("cache_creation"), Mapping):
-        by_ttl = [int_or_zero(v) for v in usage["cache_creation"].values()]
-        if all(type(v) is int for v in by_ttl):
-            created = sum(by_ttl)
+    by_ttl = usage.get("cache_creation")
+    if isinstance(by_ttl, Mapping):
+        one_hour = int_or_zero(by_ttl.get("ephemeral_1h_input_tokens"))
+        if one_hour:
+            out["cache_creation_1h_input_tokens"] = one_hour
+        if not created:
+            parts = [int_or_zero(v) for v in by_ttl.values()]
+            if all(type(v) is int for v in parts):
+                created = sum(parts)
     if all(type(v) is int for v in (uncached, created, read)):
         out["input_tokens"] = uncached + created + read
     else:
@@ -163,7 +196,10 @@ def from_anthropic(raw: Raw) -> dict[str, Any]:
     out["cached_input_tokens"] = read
     out["cache_creation_input_tokens"] = created
     out["output_tokens"] = int_or_zero(usage.get("output_tokens"))
-    return out
+    searches = details(usage, "server_tool_use", "web_search_requests")
+    if searches:
+        out["web_search_requests"] = searches
+    return _service_tier(out, raw, usage)
 
 
 def looks_anthropic(item: Raw, usage: Mapping[str, Any]) -> bool:
