@@ -53,11 +53,15 @@ async def test_os_errors_on_the_loop_are_counted_always_and_logged_once_a_minute
     handler = _OsErrorLog(metrics)
     loop = asyncio.get_running_loop()
     caplog.set_level(logging.ERROR, logger="exporter.server")
-    caplog.handler.addFilter(RateLimitFilter(counts=EventCounts()))  # as logs.configure does
-    for _ in range(1000):
-        handler(loop, {"message": "socket.accept() out of system resource",
-                       "exception": OSError(errno.EMFILE, "Too many open files")})  # fmt: skip
-    handler(loop, {"message": "x", "exception": OSError(errno.ENFILE, "File table overflow")})
+    limiter = RateLimitFilter(counts=EventCounts())  # as logs.configure does
+    caplog.handler.addFilter(limiter)  # pytest reuses this handler: take the filter off after
+    try:
+        for _ in range(1000):
+            handler(loop, {"message": "socket.accept() out of system resource",
+                           "exception": OSError(errno.EMFILE, "Too many open files")})  # fmt: skip
+        handler(loop, {"message": "x", "exception": OSError(errno.ENFILE, "File table overflow")})
+    finally:
+        caplog.handler.removeFilter(limiter)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2, lines
     samples = parse_metrics(generate_latest(metrics.registry).decode())
