@@ -46,6 +46,7 @@ from pgcluster import PgCluster, start_cluster
 
 from exporter.config import Settings
 from exporter.flusher import Flusher
+from exporter.money import json_default
 from exporter.selfmetrics import SelfMetrics
 from exporter.store import Store
 from exporter.store.rows import DETAIL_COLUMNS, ROLLUP_COLUMNS, Batch, aggregate
@@ -87,7 +88,10 @@ def make_payloads(n: int, keys: int, per_record: int, seed: int = 7) -> list[byt
             trace_id=f"trace-{i // 4}" if i % 2 else "",
         )
         reports.append(r.__dict__)
-    return [orjson.dumps(reports[i : i + per_record]) for i in range(0, len(reports), per_record)]
+    return [
+        orjson.dumps(reports[i : i + per_record], default=json_default)
+        for i in range(0, len(reports), per_record)
+    ]
 
 
 # -- CPU accounting --------------------------------------------------------------------------

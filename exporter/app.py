@@ -62,6 +62,7 @@ def _usage_metrics(settings: Settings, self_metrics: SelfMetrics) -> UsageMetric
             provider=settings.max_providers,
             team=settings.max_teams,
             tag=settings.max_tag_values,
+            series=settings.max_series,
         ),
         promoted_tags=settings.promoted_tags,
         duration_buckets=settings.duration_buckets,

@@ -149,6 +149,8 @@ class Settings(BaseSettings):
     max_operations: int = Field(default=50, ge=1)
     max_providers: int = Field(default=100, ge=1)
     max_teams: int = Field(default=500, ge=1)
+    #: live label sets in total, past it new ones fold into `__other__` (~1 KB each)
+    max_series: int = Field(default=100_000, ge=1)
     dedupe_cache_size: int = Field(default=200_000, ge=0)
     duration_buckets: list[float] = Field(
         default_factory=lambda: [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import zlib
+from collections.abc import AsyncIterator
 
 from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
@@ -16,6 +18,9 @@ TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 _EOF = b"# EOF\n"
 _GZIP_INLINE_MAX = 256 * 1024
+#: above this many label sets (~6 MB of text) a scrape is streamed in pieces and not cached, so
+#: its peak memory stays near the steady RSS (bench/series_memory.py)
+LARGE_SERIES = 10_000
 
 
 class Exposition:
@@ -34,23 +39,53 @@ class Exposition:
         self._cache[openmetrics] = (self._usage.generation, body)
         return body
 
-    def render(self, openmetrics: bool) -> bytes:
-        usage = self._usage_part(openmetrics)
+    def _own(self, openmetrics: bool) -> bytes:
+        """The self-metrics registry, and the OpenMetrics EOF marker."""
         if openmetrics:
             own: bytes = generate_openmetrics(self._self.registry)  # type: ignore[no-untyped-call]
             if own.endswith(_EOF):
                 own = own[: -len(_EOF)]
-            return usage + own + _EOF
+            return own + _EOF
         text: bytes = generate_latest(self._self.registry)
-        return usage + text
+        return text
 
-    async def response(self, accept: str, accept_encoding: str) -> tuple[bytes, dict[str, str]]:
+    def render(self, openmetrics: bool) -> bytes:
+        return self._usage_part(openmetrics) + self._own(openmetrics)
+
+    async def _stream(self, openmetrics: bool, gzipped: bool) -> AsyncIterator[bytes]:
+        """A big body piece by piece as aiohttp writes it (chunked): only one piece is alive at
+        a time, and the loop serves ingest between pieces; gzip compresses each in a thread."""
+        own = self._own(openmetrics)
+        pieces = self._usage.render_chunks(openmetrics)
+        if not gzipped:
+            for piece in pieces:
+                yield piece
+            yield own
+            return
+        z = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip framing
+        loop = asyncio.get_running_loop()
+        for piece in pieces:
+            out = await loop.run_in_executor(None, z.compress, piece)
+            if out:
+                yield out
+        yield z.compress(own) + z.flush()
+
+    async def response(
+        self, accept: str, accept_encoding: str
+    ) -> tuple[bytes | AsyncIterator[bytes], dict[str, str]]:
+        """(body, headers); past LARGE_SERIES label sets the body is an async iterator of
+        pieces (aiohttp sends it chunked) and nothing is cached."""
         openmetrics, gzip_ok = negotiate(accept, accept_encoding)
-        body = self.render(openmetrics)
         headers = {
             "Content-Type": OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE,
             "Vary": "Accept, Accept-Encoding",
         }
+        if len(self._usage) > LARGE_SERIES:
+            self._cache.clear()
+            if gzip_ok:
+                headers["Content-Encoding"] = "gzip"
+            return self._stream(openmetrics, gzip_ok), headers
+        body = self.render(openmetrics)
         if gzip_ok:
             if len(body) > _GZIP_INLINE_MAX:  # zlib releases the GIL: keep the loop free
                 body = await asyncio.get_running_loop().run_in_executor(None, _gzip, body)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from itertools import chain
 
 from prometheus_client.utils import floatToGoString
 
-from exporter.live.labels import BoundedLabel, escape
+from exporter.live.labels import OVERFLOW, BoundedLabel, escape
 from exporter.usage import Status, UsageReport
 
 #: (metric base name, help); the order is the order of `Series.values`.
@@ -46,6 +47,8 @@ def tag_label(key: str) -> str:
 
 
 _COST = len(COUNTER_FAMILIES) - 1
+#: series per rendered piece (~1 MB of text): bounds a scrape's transient memory
+CHUNK_SERIES = 10_000
 #: live costs count in the quantum the store keeps (store.tables.COST_SCALE; a test checks)
 COST_SCALE = 10
 _COST_UNITS_PER_USD: int = 10**COST_SCALE
@@ -100,6 +103,9 @@ class LabelCaps:
     provider: int = 100
     team: int = 500
     tag: int = 100  # values per promoted tag
+    #: label sets in total (the product of the per-label caps is far larger); past it, new
+    #: label sets fold into the one all-`__other__` series. ~0.75 KB each (bench/RESULTS.md)
+    series: int = 100_000
 
 
 def _label_string(names: Sequence[str], values: Iterable[str]) -> str:
@@ -128,6 +134,9 @@ class UsageMetrics:
             for name in self.label_names
         )  # fmt: skip
         self._tags = tuple(promoted_tags)
+        self._max_series = caps.series
+        self._on_overflow = on_overflow
+        self._overflow_key = (OVERFLOW,) * len(self.label_names)
         self._series: dict[tuple[str, ...], Series] = {}
         self._raw_index: dict[tuple[str, ...], Series] = {}
         self._raw_index_cap = 8 * caps.user + 10_000
@@ -143,12 +152,20 @@ class UsageMetrics:
             return series
         bounded = tuple(b(v) for b, v in zip(self._bounders, raw, strict=True))
         series = self._series.get(bounded)
+        if series is None and len(self._series) >= self._max_series:
+            self._on_overflow("series")
+            bounded = self._overflow_key
+            series = self._series.get(bounded)
         if series is None:
             series = Series(_label_string(self.label_names, bounded))
             self._series[bounded] = series
         if len(self._raw_index) < self._raw_index_cap:
             self._raw_index[raw] = series
         return series
+
+    def __len__(self) -> int:
+        """Live counter label sets."""
+        return len(self._series)
 
     def observe(self, r: UsageReport) -> None:
         raw: tuple[str, ...] = (r.model, r.operation.value, r.user)
@@ -196,36 +213,50 @@ class UsageMetrics:
         hist.sum_ns += round(millis * 1_000_000)  # ≤ 6.1e14 < 2**53: exact to the ns
 
     def render(self, openmetrics: bool) -> str:
-        out: list[str] = []
+        return "".join(chain.from_iterable(self._parts(openmetrics)))
+
+    def render_chunks(self, openmetrics: bool) -> Iterator[bytes]:
+        """The same text as `render`, encoded in pieces of ~CHUNK_SERIES series per family,
+        so a large scrape never holds the whole body as lines, as a str and as bytes at once.
+        The label sets are a snapshot taken at the first piece; values are read as it goes."""
+        for part in self._parts(openmetrics):
+            yield "".join(part).encode()
+
+    def _parts(self, openmetrics: bool) -> Iterator[list[str]]:
         series = list(self._series.values())
+        step = CHUNK_SERIES
         for i, (name, help_text) in enumerate(COUNTER_FAMILIES):
             if openmetrics:
-                out.append(f"# TYPE {name} counter\n# HELP {name} {help_text}\n")
+                yield [f"# TYPE {name} counter\n# HELP {name} {help_text}\n"]
             else:
-                out.append(f"# HELP {name}_total {help_text}\n# TYPE {name}_total counter\n")
+                yield [f"# HELP {name}_total {help_text}\n# TYPE {name}_total counter\n"]
             prefix = f"{name}_total{{"
-            if i == _COST:
-                out.extend(
-                    [
+            for j in range(0, len(series), step):
+                part = series[j : j + step]
+                if i == _COST:
+                    yield [
                         f"{prefix}{s.labels}}} {exact_text(s.values[i], _COST_UNITS_PER_USD)}\n"
-                        for s in series
+                        for s in part
                     ]
-                )
-            else:
-                out.extend([f"{prefix}{s.labels}}} {s.values[i]}\n" for s in series])
+                else:
+                    yield [f"{prefix}{s.labels}}} {s.values[i]}\n" for s in part]
         for (name, help_text), hists, bounds in zip(
             HISTOGRAM_FAMILIES, self._hists, self._bucket_bounds, strict=True
         ):
+            out: list[str] = []
             if openmetrics:
                 out.append(f"# TYPE {name} histogram\n# HELP {name} {help_text}\n")
             else:
                 out.append(f"# HELP {name} {help_text}\n# TYPE {name} histogram\n")
             les = [floatToGoString(b) for b in bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
-            for hist in hists.values():
+            for k, hist in enumerate(list(hists.values()), 1):
                 cumulative = 0
                 for le, n in zip(les, hist.buckets, strict=True):
                     cumulative += n
                     out.append(f'{name}_bucket{{{hist.labels},le="{le}"}} {cumulative}\n')
                 out.append(f"{name}_sum{{{hist.labels}}} {exact_text(hist.sum_ns, _NS_PER_S)}\n")
                 out.append(f"{name}_count{{{hist.labels}}} {hist.count}\n")
-        return "".join(out)
+                if k % step == 0:
+                    yield out
+                    out = []
+            yield out

@@ -1,7 +1,8 @@
 """The exactly-once batch write on SQLite (the embedded default), from Python.
 
 Same protocol as the Postgres statement: rows prepared (and de-duplicated, first wins) in a
-thread, inserted in request_id order with `ON CONFLICT (request_id) DO NOTHING RETURNING`,
+thread, the statements run on aiosqlite's connection thread (none of the per-report work on
+the event loop), inserted in request_id order with `ON CONFLICT (request_id) DO NOTHING RETURNING`,
 only the rows really inserted aggregated, the deltas upserted additively in key order, all in
 one transaction. Multi-row VALUES are chunked under SQLite's bound-variable limit; costs are
 added with the exact `dec_add` SQL function (SQLite's own arithmetic on NUMERIC is a float).
@@ -10,9 +11,10 @@ added with the exact `dec_add` SQL function (SQLite's own arithmetic on NUMERIC 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -29,6 +31,8 @@ from exporter.store.rows import (
 from exporter.store.tables import ROLLUP_KEY, ROLLUP_SUMS, decimal_text, usage_rollups
 
 __all__ = ["SQLITE_MAX_VARIABLES", "prepare", "probe_sqlite", "sqlite_timestamp", "write_sqlite"]
+
+_T = TypeVar("_T")
 
 SQLITE_MAX_VARIABLES = 32766  # SQLite's default limit since 3.32
 
@@ -119,39 +123,59 @@ def prepare(payloads: Sequence[bytes]) -> tuple[int, list[Any]]:
     return batch.received, batch.sorted_rows()
 
 
-async def _insert(conn: AsyncConnection, rows: list[Any]) -> tuple[set[str], list[Any]]:
-    width = len(DETAIL_COLUMNS)
-    inserted: set[str] = set()
-    for chunk in _chunks(rows, width):
-        sql = (
-            f"INSERT INTO usage_details ({_cols(DETAIL_COLUMNS)}) VALUES "  # noqa: S608
-            f"{_placeholders(len(chunk), width)} "
-            "ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
-        )
-        result = await conn.exec_driver_sql(sql, tuple(_params(chunk, _DETAIL_BIND)))
-        inserted.update(r[0] for r in result.fetchall())
-    new = rows if len(inserted) == len(rows) else [r for r in rows if r.request_id in inserted]
-    rollups = await asyncio.to_thread(aggregate, new)
-    width = len(ROLLUP_COLUMNS)
-    for chunk in _chunks(rollups, width):
-        sql = (
-            f"INSERT INTO usage_rollups ({_cols(ROLLUP_COLUMNS)}) VALUES "  # noqa: S608
-            f"{_placeholders(len(chunk), width)} "
-            f"ON CONFLICT ({_cols(ROLLUP_KEY)}) DO UPDATE SET {_ADDITIVE}"
-        )
-        await conn.exec_driver_sql(sql, tuple(_params(chunk, _ROLLUP_BIND)))
-    return inserted, rollups
+def _write_rows(db: sqlite3.Connection, rows: list[Any]) -> tuple[int, int]:
+    """(inserted, rollup rows): the statements of one batch, on the driver's own thread.
+
+    Runs inside the transaction SQLAlchemy began on this connection; binding, the RETURNING
+    fetch and the aggregation all happen here, none of it on the event loop.
+    """
+    cur = db.cursor()
+    try:
+        width = len(DETAIL_COLUMNS)
+        inserted: set[str] = set()
+        for chunk in _chunks(rows, width):
+            sql = (
+                f"INSERT INTO usage_details ({_cols(DETAIL_COLUMNS)}) VALUES "  # noqa: S608
+                f"{_placeholders(len(chunk), width)} "
+                "ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
+            )
+            cur.execute(sql, _params(chunk, _DETAIL_BIND))
+            inserted.update(r[0] for r in cur.fetchall())
+        new = rows if len(inserted) == len(rows) else [r for r in rows if r.request_id in inserted]
+        rollups = aggregate(new)
+        width = len(ROLLUP_COLUMNS)
+        for chunk in _chunks(rollups, width):
+            sql = (
+                f"INSERT INTO usage_rollups ({_cols(ROLLUP_COLUMNS)}) VALUES "  # noqa: S608
+                f"{_placeholders(len(chunk), width)} "
+                f"ON CONFLICT ({_cols(ROLLUP_KEY)}) DO UPDATE SET {_ADDITIVE}"
+            )
+            cur.execute(sql, _params(chunk, _ROLLUP_BIND))
+        return len(inserted), len(rollups)
+    finally:
+        cur.close()
+
+
+async def on_driver_thread(
+    conn: AsyncConnection, fn: Callable[[sqlite3.Connection, list[Any]], _T], rows: list[Any]
+) -> _T:
+    """`fn(sqlite3 connection, rows)` on aiosqlite's connection thread (where every statement of
+    this connection runs anyway), so the event loop only waits for one future. aiosqlite
+    (0.22) has no public call for this; `_execute` is how its own methods queue work."""
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection  # aiosqlite.Connection
+    return cast(_T, await driver._execute(fn, driver._conn, rows))
 
 
 async def write_sqlite(engine: AsyncEngine, payloads: Sequence[bytes]) -> tuple[int, int, int]:
     """(received, inserted, rollup rows) of one transaction over WAL record payloads."""
-    # Per-report Python work runs in a thread, so the event loop keeps serving ingest.
+    # Per-report Python work runs in threads, so the event loop keeps serving ingest.
     received, rows = await asyncio.to_thread(prepare, payloads)
     if not rows:
         return received, 0, 0
     async with engine.begin() as conn:
-        inserted, rollups = await _insert(conn, rows)
-    return received, len(inserted), len(rollups)
+        inserted, rollups = await on_driver_thread(conn, _write_rows, rows)
+    return received, inserted, rollups
 
 
 async def probe_sqlite(engine: AsyncEngine) -> None:
