@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from exporter.api.figures import TokenSums
 from exporter.api.params import ParamError, encode_cursor, parse_requests, wants_csv
 from exporter.api.stats import csv_text
 from exporter.httputil import Route, error_response, json_response
@@ -33,7 +34,7 @@ def json_row(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class RequestRow(BaseModel):
+class RequestRow(TokenSums):
     """One stored request (the audit row)."""
 
     model_config = ConfigDict(extra="allow")
@@ -47,12 +48,6 @@ class RequestRow(BaseModel):
     trace_id: str
     parent_id: str
     node: str
-    input_tokens: int
-    output_tokens: int
-    cached_input_tokens: int
-    cache_creation_input_tokens: int
-    reasoning_tokens: int
-    total_tokens: int
     cost_usd: str | None = Field(description="exact decimal USD; null when unpriced")
     status: str
     error_type: str

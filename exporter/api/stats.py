@@ -19,6 +19,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from exporter.api.figures import TokenSums
 from exporter.api.params import ParamError, parse_stats, wants_csv
 from exporter.httputil import Route, error_response, json_response
 from exporter.store.readsql import ReadError
@@ -122,7 +123,7 @@ def csv_columns(doc: dict[str, Any]) -> list[str]:
     return [*doc["group_by"], *STAT_FIELDS]
 
 
-class StatsRow(BaseModel):
+class StatsRow(TokenSums):
     """One group (or the totals): the group_by values by name (`model`, `tag:project`, `day`…)
     followed by these figures."""
 
@@ -132,12 +133,6 @@ class StatsRow(BaseModel):
     cancelled: int
     estimated: int
     success_rate: float | None = Field(description="(requests - errors) / requests")
-    input_tokens: int
-    output_tokens: int
-    cached_input_tokens: int
-    cache_creation_input_tokens: int
-    reasoning_tokens: int
-    total_tokens: int
     cost_usd: str = Field(description="exact decimal USD", pattern=r"^-?\d+\.\d+$")
     avg_duration_ms: float | None = Field(description="over the reports that carried one")
     p50_duration_ms: float | None

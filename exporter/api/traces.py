@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from exporter.api.figures import TokenSums
 from exporter.api.requests import json_row
 from exporter.httputil import Route, error_response, json_response
 from exporter.store.details import trace_rows
@@ -163,15 +164,9 @@ def by_node(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"node": k, **json_row(v), "cumulative": json_row(cumulative[k])} for k, v in ranked]
 
 
-class Figures(BaseModel):
+class Figures(TokenSums):
     model_config = ConfigDict(extra="forbid")
     requests: int
-    input_tokens: int
-    output_tokens: int
-    cached_input_tokens: int
-    cache_creation_input_tokens: int
-    reasoning_tokens: int
-    total_tokens: int
     cost_usd: str = Field(description="exact decimal USD")
     duration_ms: float = Field(description="summed durations (compute time)")
 

@@ -1,19 +1,17 @@
 """Durable storage: tables, migrations, the exactly-once flush write, queries, retention.
 
 `Store` bundles one engine with what the app needs from it; the pieces stay usable alone
-(`StoreWriter(engine)`, `queries.spend(engine, …)`, `retention.purge_details(engine, …)`).
+(`StoreWriter(engine)`, `retention.purge_details(engine, …)`; budget spend is
+exporter/budgets/spend.py, the read API's queries store/stats.py and store/details.py).
 Errors are classified in `errors`, refused reports set aside by `quarantine`.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-from decimal import Decimal
-
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from exporter.store import migrate, queries
+from exporter.store import migrate
 from exporter.store.db import backend_name, create_engine, ping, redact_url
 from exporter.store.retention_schedule import RetentionSchedule
 from exporter.store.writer import StoreWriter, WriteResult
@@ -51,17 +49,6 @@ class Store:
     async def ping(self, within: float = 2.0) -> bool:
         """True if the database answers within `within` seconds (for /readyz)."""
         return await ping(self.engine, within)
-
-    async def spend(
-        self,
-        since: datetime,
-        until: datetime,
-        user: str | None = None,
-        team: str | None = None,
-        api_key_id: str | None = None,
-        model: str | None = None,
-    ) -> Decimal:
-        return await queries.spend(self.engine, since, until, user, team, api_key_id, model)
 
     def retention_schedule(self, retention_days: int) -> RetentionSchedule:
         """Purges of details past `retention_days`, for the flusher to run beside it."""
