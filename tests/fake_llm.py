@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from fake_provider import anthropic_stream_events
 
 __all__ = ["Call", "FakeLLM"]
 
@@ -254,39 +255,7 @@ class FakeLLM:
         }
         if not body.get("stream"):
             return web.json_response(message)
-        start = {
-            **message,
-            "content": [],
-            "stop_reason": None,
-            "usage": {**usage, "output_tokens": 1},
-        }
-        events: list[tuple[str | None, dict[str, Any] | str]] = [
-            ("message_start", {"type": "message_start", "message": start}),
-            (
-                "content_block_start",
-                {
-                    "type": "content_block_start",
-                    "index": 0,
-                    "content_block": {"type": "text", "text": ""},
-                },
-            ),
-            (
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": 0,
-                    "delta": {"type": "text_delta", "text": "ok"},
-                },
-            ),
-            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
-            (
-                "message_delta",
-                {
-                    "type": "message_delta",
-                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                    "usage": {"output_tokens": call.output_tokens},
-                },
-            ),
-            ("message_stop", {"type": "message_stop"}),
-        ]
+        events: list[tuple[str | None, dict[str, Any] | str]] = list(
+            anthropic_stream_events(message, usage, call.output_tokens)
+        )
         return web.Response(body=_sse(events), content_type="text/event-stream")

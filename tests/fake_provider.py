@@ -18,6 +18,28 @@ import orjson
 from aiohttp import web
 
 
+def anthropic_stream_events(
+    message: dict[str, Any], usage: dict[str, Any], output_tokens: int
+) -> list[tuple[str, dict[str, Any]]]:
+    """The SSE events of an Anthropic Messages stream for `message` (its text in one delta),
+    as the API sends them: input usage on message_start, cumulative output on message_delta."""
+    text = message["content"][0]["text"]
+    start = {**message, "content": [], "stop_reason": None,
+             "usage": {**usage, "output_tokens": 1}}  # fmt: skip
+    return [
+        ("message_start", {"type": "message_start", "message": start}),
+        ("content_block_start", {"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": text}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta",
+                           "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                           "usage": {"output_tokens": output_tokens}}),
+        ("message_stop", {"type": "message_stop"}),
+    ]  # fmt: skip
+
+
 @dataclass
 class FakeLLM:
     """Usage numbers per model; `fail_models` answer 500 with an API error body."""
@@ -234,47 +256,7 @@ class FakeLLM:
             return web.json_response(message)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        start_usage = {**usage, "output_tokens": 1}
-        events = [
-            (
-                "message_start",
-                {
-                    "type": "message_start",
-                    "message": {
-                        **message,
-                        "content": [],
-                        "stop_reason": None,
-                        "usage": start_usage,
-                    },
-                },
-            ),
-            (
-                "content_block_start",
-                {
-                    "type": "content_block_start",
-                    "index": 0,
-                    "content_block": {"type": "text", "text": ""},
-                },
-            ),
-            (
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": 0,
-                    "delta": {"type": "text_delta", "text": "Paris."},
-                },
-            ),
-            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
-            (
-                "message_delta",
-                {
-                    "type": "message_delta",
-                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                    "usage": {"output_tokens": self.completion},
-                },
-            ),
-            ("message_stop", {"type": "message_stop"}),
-        ]
+        events = anthropic_stream_events(message, usage, self.completion)
         for name, data in events:
             await resp.write(f"event: {name}\ndata: ".encode() + orjson.dumps(data) + b"\n\n")
         await resp.write_eof()
