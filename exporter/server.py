@@ -11,6 +11,10 @@
   body is not fully received `http_body_timeout` after its head.
 - OS errors reported on the loop (EMFILE on accept, ...) are counted and logged once a
   minute per errno, never per event.
+- After start-up the garbage collector's objects so far (imports, price tables, the app) are
+  frozen and its young-generation threshold raised (`tune_gc`): with 32 requests in flight a
+  default gen-0 pass walked thousands of live objects every 700 allocations (~20 µs per single
+  report) and a full pass over ~135k objects stalled the loop ~90 ms every few seconds.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import gc
 import logging
 import os
 import resource
@@ -45,6 +50,7 @@ __all__ = [
     "connection_cap",
     "raise_nofile_limit",
     "run",
+    "tune_gc",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,6 +58,8 @@ log = logging.getLogger(__name__)
 #: descriptors kept for everything that is not a client connection
 FD_RESERVE_MIN = 64
 WATCHDOG_INTERVAL_S = 1.0
+#: allocations between two young-generation GC passes (CPython's default is 700)
+GC_GEN0_THRESHOLD = 20_000
 SHUTDOWN_TIMEOUT_S = 10.0
 _REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\n"
@@ -125,6 +133,17 @@ def connection_cap(fd_limit: int, configured: int | None) -> int:
                     "using %d", configured, fd_limit, cap)  # fmt: skip
         return cap
     return configured if configured is not None else cap
+
+
+def tune_gc() -> None:
+    """Freeze what start-up built (never garbage, so never walked again) and let ~20k
+    allocations pass between young passes: request objects die by refcount long before, so a
+    pass finds only the requests in flight. Older generations keep CPython's ratios, so cyclic
+    garbage is still collected."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 class _Refuse(asyncio.Protocol):
@@ -300,6 +319,7 @@ async def _serve(
     )
     try:
         await runner.setup()  # the app's start steps: WAL open, background jobs
+        tune_gc()
         try:
             count = ConnectionCount(connection_cap(fd_limit, settings.http_max_connections))
             log.info("open-file limit %d: at most %d connections", fd_limit, count.cap)

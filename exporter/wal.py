@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 from exporter.walformat import Record, encode_record, read_records, scan_records
+from exporter.walsync import FileThread
 
 __all__ = [
     "Record",
@@ -119,6 +120,8 @@ class WriteAheadLog:
         self.failures = 0
         #: called with a short kind ("write", "rotate", ...) on every failure
         self.on_failure: list[Callable[[str], None]] = []
+        #: the thread that runs the blocking file calls when they fsync (exporter.walsync)
+        self.files = FileThread()
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -225,6 +228,7 @@ class WriteAheadLog:
         self._wakeup.set()
         if self._writer is not None:
             await self._writer
+        self.files.stop()
         for seg in self._segments:
             if seg._fd is not None:
                 with contextlib.suppress(OSError):
@@ -260,9 +264,10 @@ class WriteAheadLog:
                 p.future.set_exception(exc)
 
     async def _io(self, fn: Callable[..., _T], *args: object) -> _T:
-        """File work: in a thread when it fsyncs; a page-cache write is not worth the hop."""
+        """File work: in the WAL's file thread when it fsyncs (one hop per group commit); a
+        page-cache write is not worth the hop."""
         if self.fsync:
-            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+            return await self.files.run(fn, *args)
         return fn(*args)
 
     async def _write_loop(self) -> None:
