@@ -18,6 +18,7 @@ import argparse
 import gc
 import http.client
 import json
+import os
 import random
 import sys
 import tempfile
@@ -37,6 +38,7 @@ from common import (
     percentile,
     proc_cpu_seconds,
     replace_section,
+    system_busy,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -49,6 +51,7 @@ from exporter.usage import UsageReport
 
 USERS, TEAMS, KEYS, MODELS = 2000, 200, 300, 40
 REFRESH = "5"
+BLOCKS = 10  # check and /healthz blocks, interleaved
 ZONES = ["UTC", "Asia/Tokyo", "America/New_York", "Europe/Berlin", "Asia/Kolkata"]
 
 
@@ -96,8 +99,9 @@ def _request(conn: http.client.HTTPConnection, method: str, path: str,
 
 
 def bench_http(
-    requests: int, reports: int, workdir: Path, database_url: str | None = None
-) -> dict[str, Any]:
+    requests: int, reports: int, workdir: Path, database_url: str | None = None, *,
+    quiet_below: float = 0.6, quiet_wait: float = 120.0,
+) -> dict[str, Any]:  # fmt: skip
     toml = workdir / "budgets.toml"
     lines = []
     for b in budget_config():
@@ -121,22 +125,32 @@ def bench_http(
             time.sleep(0.1)
         for _ in range(200):  # warm up
             _request(conn, "GET", "/v1/budgets/check?" + _query(rng))
-        lat: list[float] = []
-        matched = 0
-        cpu0 = proc_cpu_seconds(server.proc.pid)
-        for _ in range(requests):
-            q = _query(rng)
-            t0 = time.perf_counter()
-            data = _request(conn, "GET", "/v1/budgets/check?" + q)
-            lat.append(time.perf_counter() - t0)
-            matched += len(json.loads(data)["budgets"])
-        cpu = (proc_cpu_seconds(server.proc.pid) - cpu0) / requests  # refreshes included
-        base: list[float] = []  # the baseline: the same client and server, a trivial route
-        for _ in range(requests):
-            t0 = time.perf_counter()
             _request(conn, "GET", "/healthz")
-            base.append(time.perf_counter() - t0)
+        quiet = wait_quiet(quiet_below, quiet_wait)
+        lat: list[float] = []
+        base: list[float] = []  # the baseline: the same client and server, a trivial route
+        cpu_check = cpu_base = 0.0
+        matched = 0
+        load = os.getloadavg()[0]
+        block = max(1, requests // BLOCKS)
+        for _ in range(BLOCKS):  # interleaved blocks: both routes see the same moments
+            cpu0 = proc_cpu_seconds(server.proc.pid)
+            for _ in range(block):
+                q = _query(rng)
+                t0 = time.perf_counter()
+                data = _request(conn, "GET", "/v1/budgets/check?" + q)
+                lat.append(time.perf_counter() - t0)
+                matched += len(orjson.loads(data)["budgets"])
+            cpu1 = proc_cpu_seconds(server.proc.pid)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                _request(conn, "GET", "/healthz")
+                base.append(time.perf_counter() - t0)
+            cpu_check += cpu1 - cpu0
+            cpu_base += proc_cpu_seconds(server.proc.pid) - cpu1
+        load = max(load, os.getloadavg()[0])
         conn.close()
+    n = block * BLOCKS
     lat.sort()
     base.sort()
     return {
@@ -148,9 +162,27 @@ def bench_http(
         "p90": percentile(lat, 90),
         "p99": percentile(lat, 99),
         "max": lat[-1],
-        "matched": matched / requests,
-        "cpu": cpu,
+        "matched": matched / n,
+        "cpu": cpu_check / n,  # the background refresh and flusher included
+        "base_cpu": cpu_base / n,
+        "load": load,
+        "quiet": quiet,
     }
+
+
+def wait_quiet(below: float, wait: float) -> float:
+    """Wait (at most `wait` s) until the machine's CPU busy share over 1 s is below `below`
+    (of all cores); returns the share last seen. The box is shared: tails measured while
+    other jobs run are their scheduling, not ours."""
+    share = 1.0
+    deadline = time.monotonic() + wait
+    while True:
+        b0, t0 = system_busy()
+        time.sleep(1.0)
+        b1, t1 = system_busy()
+        share = (b1 - b0) / max(1.0, t1 - t0)
+        if share < below or time.monotonic() >= deadline:
+            return share
 
 
 def _query(rng: random.Random) -> str:
@@ -179,6 +211,7 @@ def bench_inprocess(n: int = 20000) -> dict[str, float]:
     t0 = time.perf_counter()
     for start in range(0, n, 100):
         tracker.on_durable(start // 1000, reports[start : start + 100])
+        tracker.ledger  # noqa: B018 -- summed once per commit, as the loop does after each
     durable = (time.perf_counter() - t0) / n
     index: SpecIndex[Any] = SpecIndex(tracker.budgets)
     queries = [tuple(identities(rng).values()) for _ in range(5000)]
@@ -216,11 +249,19 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=5000)
     p.add_argument("--reports", type=int, default=20000)
     p.add_argument("--backends", default="sqlite,postgres", help="sqlite, postgres or both")
+    p.add_argument(
+        "--quiet-below",
+        type=float,
+        default=0.6,
+        help="measure once the machine's CPU busy share is below this (0-1)",
+    )
+    p.add_argument("--quiet-wait", type=float, default=120.0, help="…waiting at most this (s)")
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args()
     print("in-process …", file=sys.stderr)
     inproc = bench_inprocess()
     results: dict[str, dict[str, Any]] = {}
+    quiet = {"quiet_below": args.quiet_below, "quiet_wait": args.quiet_wait}
     with tempfile.TemporaryDirectory(prefix="bench-budgets-") as tmp:
         for backend in args.backends.split(","):
             print(f"HTTP ({backend}) …", file=sys.stderr)
@@ -228,48 +269,55 @@ def main() -> int:
                 cluster = start_cluster()
                 try:
                     url = cluster.url(cluster.create_database("budgets"))
-                    results[backend] = bench_http(args.requests, args.reports, Path(tmp), url)
+                    results[backend] = bench_http(args.requests, args.reports, Path(tmp), url,
+                                                  **quiet)  # fmt: skip
                 finally:
                     cluster.destroy()
             else:
-                results[backend] = bench_http(args.requests, args.reports, Path(tmp))
+                results[backend] = bench_http(args.requests, args.reports, Path(tmp), **quiet)
     h = next(iter(results.values()))
     us = 1e6
     ref = reference_us()
+    met = all(r["p99"] < 1e-3 for r in results.values())
+    p99s = ", ".join(f"{b}: {r['p99'] * us:.0f} µs" for b, r in results.items())
     body = "\n\n".join([
-        f"{now_utc()}; {machine_note()}; `python bench/budgets.py --requests {args.requests} "
-        f"--reports {args.reports} --backends {args.backends}`. 1,000 budgets (700 per user, "
+        f"{now_utc()}; {machine_note()}; `python bench/budgets.py {' '.join(sys.argv[1:])}`"
+        f"{'' if len(sys.argv) > 1 else ' (defaults)'}. 1,000 budgets (700 per user, "
         f"150 per team in five time zones, 40 per model, 100 per API key with a rolling 30d "
         f"window, 8 global, 2 templates); a check matches {h['matched']:.1f} of them on "
-        f"average. Machine speed at the time: `sum(range(1000))` took {ref:.1f} µs (about "
-        f"8-10 µs on an idle core; the box is shared by other jobs, so scale the figures by "
-        f"that ratio).",
-        md_table(["what", "p50", "p90", "p99", "max", "server CPU per check"], [
-            *([f"`GET /v1/budgets/check` over loopback, {backend} (real service, one keep-alive "
-               "client)", f"{r['p50'] * us:.0f} µs", f"{r['p90'] * us:.0f} µs",
-               f"{r['p99'] * us:.0f} µs", f"{r['max'] * us:.0f} µs", f"{r['cpu'] * us:.0f} µs"]
+        f"average. One keep-alive client, {BLOCKS} interleaved blocks of checks and "
+        f"`/healthz` (the same client, server and moments); measured once the machine's CPU "
+        f"busy share was below {args.quiet_below:.0%} (waited ≤ {args.quiet_wait:g} s). Machine "
+        f"speed at the time: `sum(range(1000))` took {ref:.1f} µs (about 8-10 µs on an idle "
+        f"core).",
+        md_table(["what", "p50", "p90", "p99", "max", "server CPU per request",
+                  "machine busy at start / load avg"], [
+            *([f"`GET /v1/budgets/check` over loopback, {backend} (real service)",
+               f"{r['p50'] * us:.0f} µs", f"{r['p90'] * us:.0f} µs",
+               f"**{r['p99'] * us:.0f} µs**", f"{r['max'] * us:.0f} µs",
+               f"{r['cpu'] * us:.0f} µs", f"{r['quiet']:.0%} / {r['load']:.2f}"]
               for backend, r in results.items()),
             *([f"baseline: `GET /healthz`, {backend} (same client and server)",
                f"{r['base_p50'] * us:.0f} µs", f"{r['base_p90'] * us:.0f} µs",
-               f"{r['base_p99'] * us:.0f} µs", f"{r['base_max'] * us:.0f} µs", ""]
+               f"{r['base_p99'] * us:.0f} µs", f"{r['base_max'] * us:.0f} µs",
+               f"{r['base_cpu'] * us:.0f} µs", ""]
               for backend, r in results.items()),
             ["`BudgetTracker.check` + `orjson.dumps` (the handler's work, in process)",
              f"{inproc['check_p50'] * us:.1f} µs", f"{inproc['check_p90'] * us:.1f} µs",
-             f"{inproc['check_p99'] * us:.1f} µs", "", ""],
+             f"{inproc['check_p99'] * us:.1f} µs", "", "", ""],
         ]),
         md_table(["matching one report or check against 1,000 budgets", "µs"], [
             ["indexed (`SpecIndex.matching`)", f"{inproc['indexed'] * us:.1f}"],
             ["scan of every budget (baseline)", f"{inproc['scanned'] * us:.1f}"],
             ["ratio", f"{inproc['scanned'] / inproc['indexed']:.0f}x"],
-            ["`on_durable` per report (index + ledger, Decimal)", f"{inproc['durable'] * us:.1f}"],
+            ["`on_durable` + the per-commit sum, per report (index + ledger, Decimal)",
+             f"{inproc['durable'] * us:.1f}"],
         ]),
-        "What the figures say: the handler's own work for a check against 1,000 budgets is "
-        "the in-process row (index lookup, a dozen budget views, JSON); over loopback a check "
-        "costs that much more than the trivial `/healthz` on the same client and server. The "
-        "p90/p99 tails of both rows, `/healthz` included, are this shared 2-core box's "
-        "scheduling, not the budgets; the server CPU column includes the background refresh "
-        "(every 5 s here, 30 s by default: one grouped query per kind of budget). The < 1 ms "
-        "p99 target is therefore not demonstrated on this box; the p50s are within it.",
+        f"Target `GET /v1/budgets/check` p99 < 1 ms locally with 1,000 budgets: "
+        f"{'**met**' if met else '**NOT met**'} in this run "
+        f"({p99s}). The "
+        f"server CPU column includes the background work in the same moments (budget refresh "
+        f"every {REFRESH} s here, 30 s by default; the flusher every 2 s).",
     ])  # fmt: skip
     print(body)
     if args.write_results:

@@ -1,14 +1,15 @@
 """The WAL's own file thread: one long-lived thread for its blocking calls (write + fdatasync,
 segment create/close), instead of a `run_in_executor` hop per group commit.
 
-Why not the default executor: each submit builds a `concurrent.futures.Future`, wraps it in an
-asyncio one (two callbacks across threads), takes two executor locks and may start a thread;
-under `wrk -c32` single reports, py-spy on the server put `ThreadPoolExecutor.submit` at ~10 %
-of the event loop's GIL-held samples for one call per ~15 requests. Here a call is one
-`deque.append` + `Condition.notify` on the loop side and one `call_soon_threadsafe` back.
+Under `wrk -c32` single reports, py-spy --gil on the server put `ThreadPoolExecutor.submit` at
+~10 % of the event loop's GIL-held samples, for one call per ~15 requests: not the executor's
+bookkeeping but the wake-up (the woken worker preempted the loop thread, which still held the
+GIL the worker then waited for). Here a call is a `deque.append` + `Condition.notify` and one
+`call_soon_threadsafe` back, and the thread runs as SCHED_BATCH (`_no_wakeup_preemption`), so
+waking it no longer descheduled the loop (`notify` 2 % of those samples).
 
-The thread runs as SCHED_BATCH (see `_no_wakeup_preemption`). Calls run one at a time, in submission order (the WAL's writer already awaits each one); a
-call whose awaiting coroutine was cancelled still runs to the end, as with an executor.
+Calls run one at a time, in submission order (the WAL's writer awaits each one); a call whose
+awaiting coroutine was cancelled still runs to the end, as with an executor.
 """
 
 from __future__ import annotations
@@ -96,8 +97,6 @@ class FileThread:
                 result, exc = fn(*args), None
             except BaseException as e:  # handed to the awaiting coroutine
                 result, exc = None, e
-            try:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
                 loop.call_soon_threadsafe(_settle, fut, result, exc)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                pass
             del job, fut, result, exc

@@ -82,7 +82,11 @@ class BudgetTracker:
         self._caps = dict(gauge_caps or {})
         self._on_overflow = on_overflow
         self._state_path = state_path
-        self.ledger = Ledger()
+        self._ledger = Ledger()
+        #: reports made durable but not yet summed into the ledger (see `on_durable`)
+        self._queued: list[tuple[int, Sequence[_Report]]] = []
+        #: budgets matched so far, over every group of reports (the work guard test reads it)
+        self.matches = 0
         #: held by each spend query and by the flusher around each commit + drop, so a query
         #: never runs between a commit and the ledger learning of it
         self.db_lock = asyncio.Lock()
@@ -122,23 +126,49 @@ class BudgetTracker:
 
     # -- unflushed spend: ingest, WAL replay, flusher ----------------------------------------
     def on_durable(self, seq: int, reports: Sequence[_Report]) -> None:
-        """Reports of WAL segment `seq` are durable: count their spend as unflushed. The batch
-        is summed per identity and minute first (window edges fall on whole minutes in every
-        zone since 1972), so the matching runs once per group, not once per report."""
+        """Reports of WAL segment `seq` are durable: count their spend as unflushed. Only
+        queued here; the queue is summed (`_drain`) once per event-loop pass for every request
+        that became durable in it (one WAL group commit), and before anything reads spend, so
+        every read still sees every durable report."""
         if not self.budgets:
             return
-        groups: dict[tuple[str, str, str, str, datetime], Decimal] = {}
-        for r in reports:
-            if r.cost_usd and r.completed_at is not None:
-                key = (r.user, r.team, r.api_key_id, r.model,
-                       r.completed_at.replace(second=0, microsecond=0))  # fmt: skip
-                cost = cost_decimal(r.cost_usd)
-                groups[key] = groups[key] + cost if key in groups else cost
-        self._add_groups(self.ledger.segment(seq), groups)
+        if not self._queued:
+            with contextlib.suppress(RuntimeError):  # no loop: drained by the next read
+                asyncio.get_running_loop().call_soon(self._drain)
+        self._queued.append((seq, reports))
+
+    def _drain(self) -> None:
+        """Sum the queued reports per segment, identity and minute (window edges fall on
+        whole minutes in every zone since 1972), then match each group once: the cost is
+        O(groups × matching budgets), never reports × budgets."""
+        if not self._queued:
+            return
+        queued, self._queued = self._queued, []
+        by_seq: dict[int, dict[tuple[str, str, str, str, datetime], Decimal]] = {}
+        for seq, reports in queued:
+            groups = by_seq.get(seq)
+            if groups is None:
+                groups = by_seq[seq] = {}
+            for r in reports:
+                if r.cost_usd and r.completed_at is not None:
+                    key = (r.user, r.team, r.api_key_id, r.model,
+                           r.completed_at.replace(second=0, microsecond=0))  # fmt: skip
+                    cost = cost_decimal(r.cost_usd)
+                    groups[key] = groups[key] + cost if key in groups else cost
+        for seq, groups in by_seq.items():
+            self._add_groups(self._ledger.segment(seq), groups)
+
+    @property
+    def ledger(self) -> Ledger:
+        """The unflushed spend, with every durable report in it."""
+        self._drain()
+        return self._ledger
 
     def _add_groups(
         self, seg: Segment, groups: Mapping[tuple[str, str, str, str, datetime], Decimal]
     ) -> None:
+        if not groups:
+            return
         matched: dict[tuple[str, str, str, str], list[Budget]] = {}
         acc: dict[tuple[int, str, datetime], Decimal] = {}  # the batch's sums, then the ledger
         for (user, team, api_key_id, model, at), amount in groups.items():
@@ -146,12 +176,14 @@ class BudgetTracker:
             budgets = matched.get(ids)
             if budgets is None:
                 budgets = matched[ids] = self._index.matching(*ids)
+                self.matches += len(budgets)
             for b in budgets:
                 per = b.spec.per
                 key = (b.index, ids[_DIM[per]] if per else "", b.key_of(at))
                 acc[key] = acc[key] + amount if key in acc else amount
+        ledger = self._ledger
         for (i, value, at), amount in acc.items():
-            self.ledger.add(seg, (i, value), at, amount)
+            ledger.add(seg, (i, value), at, amount)
             b = self.budgets[i]
             if b.spec.per and value not in b.gauge_values:
                 self._note_value(b, value)
@@ -171,19 +203,21 @@ class BudgetTracker:
                 if cost:
                     k = (user, team, key, model, at.replace(second=0, microsecond=0))
                     groups[k] = groups[k] + cost if k in groups else cost
-            self._add_groups(self.ledger.segment(seq), groups)
+            self._add_groups(self._ledger.segment(seq), groups)
         if n:
             log.info("budgets: %d unflushed report(s) read back from the WAL", n)
         return n
 
     def on_dropped(self, seq: int) -> None:
         """The flusher committed segment `seq` and dropped it from the WAL."""
-        if self.ledger.mark_dropped(seq, self._epoch):
+        self._drain()  # the segment's spend is in the ledger before it is marked
+        if self._ledger.mark_dropped(seq, self._epoch):
             self._save()
 
     # -- stored spend ------------------------------------------------------------------------
     async def refresh(self) -> None:
         """Re-read stored spend: one grouped query per (window, fixed fields, template field)."""
+        self._drain()
         now = self._clock()
         refreshed = now.isoformat()
         error: Exception | None = None
@@ -233,7 +267,7 @@ class BudgetTracker:
     def _collect(self) -> None:
         """Forget dropped segments every budget's stored spend now holds."""
         done = []
-        for seg in self.ledger.dropped():
+        for seg in self._ledger.dropped():
             assert seg.dropped is not None
             for (i, _value), by_key in seg.entries.items():
                 b = self.budgets[i]
@@ -244,7 +278,7 @@ class BudgetTracker:
                     break
             else:
                 done.append(seg.seq)
-        self.ledger.collect(done)
+        self._ledger.collect(done)
 
     async def run(self, interval: float, stop: asyncio.Event) -> None:
         """Refresh until `stop` is set; stopped between rounds, never mid-query (a hung query
@@ -282,21 +316,20 @@ class BudgetTracker:
                 yield self.view(b, v, now)
 
     def check(self, user: str, team: str, api_key_id: str, model: str) -> dict[str, Any]:
-        """Is one more request within every budget that matches it?"""
+        """Is one more request within every budget that matches it? Each matching budget's
+        view is built and rendered once; the verdict is read from the rendered status."""
         now = self._clock()
         ids = (user, team, api_key_id, model)
-        views = [
-            self.view(b, ids[_DIM[b.spec.per]] if b.spec.per else "", now)
+        budgets = [
+            self.view(b, ids[_DIM[b.spec.per]] if b.spec.per else "", now).as_json()
             for b in self._index.matching(*ids)
         ]
-        refused = [v for v in views if v.status == "exceeded"]
+        refused = [j for j in budgets if j["status"] == "exceeded"]
         return {
             "allowed": not refused,
-            "exceeded": [v.label for v in refused],
-            "refused_by": [
-                {"budget": v.label, "resets_at": v.budget.end.isoformat()} for v in refused
-            ],
-            "budgets": [v.as_json() for v in views],
+            "exceeded": [j["budget"] for j in refused],
+            "refused_by": [{"budget": j["budget"], "resets_at": j["resets_at"]} for j in refused],
+            "budgets": budgets,
         }
 
     # -- gauges: template values up to the label cap of their dimension ------------------------

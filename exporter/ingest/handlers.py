@@ -7,7 +7,6 @@ from functools import lru_cache
 from typing import Any
 
 import orjson
-
 from aiohttp import web
 
 from exporter.httputil import Route, error_response, json_response
