@@ -39,6 +39,7 @@ GROUPS: dict[str, str] = {
     "exporter.live": "live",
     "exporter.wal": "wal",
     "exporter.walformat": "wal",
+    "exporter.walsync": "wal",
     "exporter.store": "store",
     "exporter.ingest": "ingest",
     "exporter.otlp": "ingest",  # an ingest endpoint (moving into ingest/)

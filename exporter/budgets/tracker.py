@@ -17,13 +17,12 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
-import orjson
-
 from exporter.budgets import snapshot
 from exporter.budgets.index import SpecIndex
 from exporter.budgets.ledger import Ledger, Segment
 from exporter.budgets.model import Budget, BudgetView, cost_decimal
 from exporter.budgets.spend import Filters
+from exporter.budgets.walread import WalReader, read_segments
 from exporter.budgets.window import HOUR
 from exporter.config import BudgetSpec, Settings
 from exporter.selfmetrics import SelfMetrics
@@ -39,19 +38,6 @@ QUERY_TIMEOUT_S = 30.0
 SpendReader = Callable[
     [datetime, datetime, Filters, Sequence[str]], Awaitable[dict[tuple[str, ...], Decimal]]
 ]
-
-
-class _Record(Protocol):
-    @property
-    def payload(self) -> bytes: ...
-
-
-class WalReader(Protocol):
-    """The WAL's public read side (`exporter.wal.WriteAheadLog`): budgets may not import it."""
-
-    def sealed_segments(self) -> Sequence[Any]: ...
-
-    def read(self, segment: Any) -> Sequence[_Record]: ...
 
 
 class _Report(Protocol):
@@ -194,7 +180,7 @@ class BudgetTracker:
         if not self.budgets:
             return 0
         segments = wal.sealed_segments()
-        rows = await asyncio.to_thread(_read_segments, wal, segments)
+        rows = await asyncio.to_thread(read_segments, wal, segments)
         n = 0
         for seq, reports in rows:
             groups: dict[tuple[str, str, str, str, datetime], Decimal] = {}
@@ -382,28 +368,3 @@ def _split(
         value = key[n] if len(key) > n else ""
         out.setdefault(key[:n], {})[value] = amount
     return out
-
-
-_Row = tuple[str, str, str, str, datetime, Decimal]
-
-
-def _read_segments(wal: WalReader, segments: Sequence[Any]) -> list[tuple[int, list[_Row]]]:
-    out: list[tuple[int, list[_Row]]] = []
-    for seg in segments:
-        rows: list[_Row] = []
-        for record in wal.read(seg):
-            for d in orjson.loads(record.payload):
-                at = d.get("completed_at")
-                if at is None:
-                    continue
-                rows.append((d.get("user", ""), d.get("team", ""), d.get("api_key_id", ""),
-                             d.get("model", ""), _parse_time(at),
-                             cost_decimal(d.get("cost_usd"))))  # fmt: skip
-        out.append((seg.seq, rows))
-    return out
-
-
-def _parse_time(value: Any) -> datetime:
-    dt = datetime.fromisoformat(value) if isinstance(value, str) else value
-    assert isinstance(dt, datetime)
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
