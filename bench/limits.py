@@ -171,6 +171,26 @@ def http_part(args: argparse.Namespace, workdir: Path) -> list[WrkResult]:
             out.append(measure_http(wrk, s, "ours", per_body, conns, args, workdir))
         with our_server(workdir, hold_flush=True) as s:
             out.append(measure_http(wrk, s, "ours (flush held)", per_body, conns, args, workdir))
+        if args.before_src and per_body == 1:
+            out += before_rows(wrk, conns, args, workdir)
+    return out
+
+
+def before_rows(wrk: str, conns: int, args: argparse.Namespace, workdir: Path) -> list[WrkResult]:
+    """The same two single-report servers run from another source tree (`--before-src`, e.g.
+    `git worktree add /tmp/before <commit>`), in the same run: before/after on one box state."""
+    out = []
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(Path(args.before_src).resolve())
+    try:
+        for hold, name in ((False, "before: ours"), (True, "before: ours (flush held)")):
+            with our_server(workdir, hold_flush=hold) as s:
+                out.append(measure_http(wrk, s, name, 1, conns, args, workdir))
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
     return out
 
 
@@ -318,6 +338,17 @@ def render(args: argparse.Namespace, http: list[WrkResult], pg: list[FlushResult
             summary.append([f"{label}: p99 flusher on ÷ held off", f"held off: p99 "
                             f"{held.p99_ms:.1f} ms", f"on: p99 {ours.p99_ms:.1f} ms",
                             f"**{p99:.2f}×**", verdict(round(p99, 2), 2.0, True)])  # fmt: skip
+        for name in ("ours", "ours (flush held)"):
+            before = by.get((f"before: {name}", 1))
+            if before is not None:
+                after = by[name, 1]
+                summary.append([f"HTTP, 1 report per POST: {name}, this tree vs `--before-src`",
+                                f"before: {before.cpu_us_per_report:.1f} µs CPU/report, "
+                                f"{fmt_int(before.req_s)} req/s, p99 {before.p99_ms:.1f} ms",
+                                f"{after.cpu_us_per_report:.1f} µs CPU/report, "
+                                f"{fmt_int(after.req_s)} req/s, p99 {after.p99_ms:.1f} ms",
+                                f"**{after.cpu_us_per_report / before.cpu_us_per_report:.2f}×** "
+                                "CPU", "-"])  # fmt: skip
     if pg:
         cte, copy, ours_pg = pg
         for limit, target in ((cte, 0.5), (copy, None)):
@@ -350,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--reports", type=int, default=100_000, help="Postgres flush reports")
     p.add_argument("--keys", type=int, default=10_000, help="Postgres flush rollup keys")
     p.add_argument("--flush-batch", type=int, default=50_000, help="reports per transaction")
+    p.add_argument("--before-src", help="single reports: also run ours from this source tree")
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args(argv)
     args.load_at_start = os.getloadavg()[0]
