@@ -123,10 +123,12 @@ def bench_http(
             if "\nllm_usage_pending_reports 0.0" in text:
                 break
             time.sleep(0.1)
+        quiet = wait_quiet(quiet_below, quiet_wait)
+        conn.close()  # a fresh connection: the idle one may have hit the keep-alive timeout
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         for _ in range(200):  # warm up
             _request(conn, "GET", "/v1/budgets/check?" + _query(rng))
             _request(conn, "GET", "/healthz")
-        quiet = wait_quiet(quiet_below, quiet_wait)
         lat: list[float] = []
         base: list[float] = []  # the baseline: the same client and server, a trivial route
         cpu_check = cpu_base = 0.0
