@@ -14,14 +14,14 @@ import json
 import random
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 from apiexpect import check_stats_doc, done_at, make_reports
 from conftest import MakeClient
-from helpers import cli_command, clean_env, no_5xx, wait_ready
-from pgcluster import PgCluster
+from helpers import no_5xx, run_cli, wait_ready
 from sqlalchemy import text
 
 from exporter.appkeys import FLUSHER, STORE
@@ -115,7 +115,7 @@ async def stored_hour_rows(engine: Any) -> dict[tuple[Any, ...], int]:
         rows = (
             await conn.execute(
                 text(
-                    f"SELECT bucket_start, {cols}, dims, requests FROM usage_rollups "  # noqa: S608
+                    f"SELECT bucket_start, {cols}, dims, requests FROM usage_rollups "
                     "WHERE granularity = 'hour'"
                 )
             )
@@ -123,9 +123,9 @@ async def stored_hour_rows(engine: Any) -> dict[tuple[Any, ...], int]:
     out = {}
     for row in rows:
         when = row[0] if isinstance(row[0], datetime) else datetime.fromisoformat(row[0])
-        out[(when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC), *row[1:-1])] = (
-            row[-1]
-        )
+        out[(when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC), *row[1:-1])] = row[
+            -1
+        ]
     return out
 
 
@@ -287,12 +287,11 @@ async def _seed_for_cli(url: str) -> None:
 def test_cli_report_groups_by_a_promoted_tag_from_the_database(database_url: str) -> None:
     asyncio.run(_seed_for_cli(database_url))
     lo, hi = RANGES[1]
-    done = __import__("subprocess").run(
-        [*cli_command(), "report", "--database-url", database_url, "--from", lo, "--to", hi,
-         "--group-by", "tag:env,model", "--filter", "tag:project=apollo", "--format", "json"],
-        capture_output=True, text=True, timeout=60, check=False,
-        env=clean_env({"LLM_USAGE_PROMOTED_TAGS": json.dumps(PROMOTED),
-                       "LLM_USAGE_RETENTION_DAYS": "36500"}),
+    done = run_cli(
+        "report", "--database-url", database_url, "--from", lo, "--to", hi,
+        "--group-by", "tag:env,model", "--filter", "tag:project=apollo", "--format", "json",
+        env={"LLM_USAGE_PROMOTED_TAGS": json.dumps(PROMOTED), "LLM_USAGE_RETENTION_DAYS": "36500"},
+        timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
@@ -304,3 +303,62 @@ def test_cli_report_groups_by_a_promoted_tag_from_the_database(database_url: str
         ["tag:env", "model"],
         filters={"tag:project": ["apollo"]},
     )
+
+
+async def _reprice_case(url: str, price_file: Path) -> None:
+    from exporter.pricing import Pricer
+    from exporter.reprice import reprice
+
+    reports = tagged_reports(150, seed=5, prefix="rp")
+    for r in reports:
+        r.update(model="late-model", provider="", cost_usd=None)  # unpriced when stored
+    store = Store.from_url(url, promoted_tags=PROMOTED)
+    try:
+        await store.upgrade()
+        assert (await store.writer.write(reports)).inserted == len(reports)
+        result = await reprice(
+            store.engine,
+            Pricer(price_file),
+            at("2025-01-01T00:00:00Z"),
+            at("2027-01-01T00:00:00Z"),
+            promoted_tags=PROMOTED,
+        )
+        assert result.changed == len(reports)
+        async with store.engine.connect() as conn:
+            details = (
+                await conn.execute(
+                    text("SELECT completed_at, node, tags, cost_usd FROM usage_details")
+                )
+            ).all()
+            rollups = (
+                await conn.execute(
+                    text(
+                        "SELECT bucket_start, node, dims, cost_usd, unpriced FROM usage_rollups "
+                        "WHERE granularity = 'hour'"
+                    )
+                )
+            ).all()
+    finally:
+        await store.close()
+    want: dict[tuple[str, str, str], Decimal] = {}
+    for when, node, tags, cost in details:
+        hour = str(when)[:13]
+        tags = json.loads(tags) if isinstance(tags, str) else tags
+        key = (hour, node, canonical_dims(tags))
+        want[key] = want.get(key, Decimal(0)) + Decimal(str(cost))
+    got: dict[tuple[str, str, str], Decimal] = {}
+    for when, node, dims, cost, unpriced in rollups:
+        assert unpriced == 0
+        key = (str(when)[:13], node, dims)
+        got[key] = got.get(key, Decimal(0)) + Decimal(str(cost))
+    assert got == want  # each rollup row moved by its own reports' difference, once
+    assert sum(want.values()) > 0
+
+
+def test_reprice_moves_each_rollup_row_of_a_node_and_tag_set_once(
+    pg_url: str, tmp_path: Path
+) -> None:
+    prices = tmp_path / "prices.yaml"
+    prices.write_text('models:\n  - model: late-model\n    input_mtok: "3"\n    output_mtok: "9"\n')
+    asyncio.run(_reprice_case(pg_url, prices))
+    asyncio.run(_reprice_case(f"sqlite+aiosqlite:///{tmp_path}/reprice.db", prices))

@@ -73,7 +73,9 @@ class StoreWriter:
         if self.fault is not None:
             self.fault(payloads)
         if self.backend == "postgresql":
-            received, inserted, rollups = await write_postgres(self._engine, payloads, self.dims_keys)
+            received, inserted, rollups = await write_postgres(
+                self._engine, payloads, self.dims_keys
+            )
         else:
             received, inserted, rollups = await write_sqlite(self._engine, payloads, self.dims_keys)
         return WriteResult(received, inserted, rollups)
