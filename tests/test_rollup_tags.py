@@ -167,7 +167,8 @@ async def test_group_by_and_filter_on_promoted_tags_equal_the_reports(service: A
             doc = await stats(service, **{"from": lo, "to": hi, "group_by": ",".join(dims)})
             check_stats_doc(doc, reports, at(lo), at(hi), dims)
     lo, hi = RANGES[2]
-    for key, values in (("tag:project", ["apollo"]), ("tag:env", ["prod", HOSTILE[0]])):
+    cases = (("tag:project", ["apollo"]), ("tag:env", ["prod", HOSTILE[0]]), ("tag:env", [""]))
+    for key, values in cases:
         params = [("from", lo), ("to", hi), ("group_by", "model")] + [(key, v) for v in values]
         resp = await service.get("/v1/stats", params=params)
         doc = await resp.json()

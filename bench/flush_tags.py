@@ -1,0 +1,97 @@
+"""What promoted tags cost the Postgres flush: the same reports, with and without `dims`.
+
+The data of bench/flush.py (`--reports` reports over `--keys` keys in one hour), each report
+carrying tags (`env`, `project` and a non-promoted `feature`), flushed through `StoreWriter`
+in transactions of `--batch` reports into a fresh database per run, on one throwaway cluster:
+promoted_tags none, (env, project), and five keys. Runs alternate, `--rounds` times each; the
+table gives the median wall time and the ratio to no promoted tags.
+
+    python bench/flush_tags.py                 # prints markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+from common import fmt_int, md_table
+from flush import make_payloads
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from pgcluster import start_cluster
+
+from exporter.store import Store
+
+CONFIGS: dict[str, tuple[str, ...]] = {
+    "no promoted tags": (),
+    "promoted: env, project": ("env", "project"),
+    "promoted: 5 keys": ("env", "project", "feature", "region", "tier"),
+}
+
+
+def tagged(payloads: Sequence[bytes]) -> list[bytes]:
+    out = []
+    for p in payloads:
+        reports = orjson.loads(p)
+        for i, r in enumerate(reports):
+            r["tags"] = {"env": ("prod", "dev", "staging")[i % 3], "project": f"p{i % 17}",
+                         "feature": f"f{i % 5}"}  # fmt: skip
+        out.append(orjson.dumps(reports))
+    return out
+
+
+async def one_run(url: str, promoted: tuple[str, ...], payloads: list[bytes], batch: int) -> float:
+    store = Store.from_url(url, promoted_tags=promoted)
+    try:
+        await store.upgrade()
+        per = max(1, batch // max(1, len(orjson.loads(payloads[0]))))
+        start = time.perf_counter()
+        for i in range(0, len(payloads), per):
+            await store.writer.write_payloads(payloads[i : i + per])
+        return time.perf_counter() - start
+    finally:
+        await store.close()
+
+
+async def bench(args: argparse.Namespace) -> str:
+    payloads = tagged(make_payloads(args.reports, args.keys, args.record))
+    cluster = start_cluster(fsync=args.fsync)
+    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    try:
+        for rnd in range(args.rounds):
+            for name, promoted in CONFIGS.items():
+                db = cluster.create_database()
+                times[name].append(await one_run(cluster.url(db), promoted, payloads, args.batch))
+                cluster.drop_database(db)
+                print(f"round {rnd}: {name}: {times[name][-1]:.2f}s", file=sys.stderr)
+    finally:
+        cluster.destroy()
+    base = statistics.median(times["no promoted tags"])
+    rows = [
+        [name, fmt_int(args.reports), f"{statistics.median(t):.2f}",
+         fmt_int(args.reports / statistics.median(t)), f"{statistics.median(t) / base:.2f}×"]
+        for name, t in times.items()
+    ]  # fmt: skip
+    return md_table(["promoted_tags", "reports", "median s", "reports/s", "vs none"], rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--reports", type=int, default=100_000)
+    p.add_argument("--keys", type=int, default=10_000)
+    p.add_argument("--record", type=int, default=100, help="reports per WAL record")
+    p.add_argument("--batch", type=int, default=50_000, help="reports per transaction")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=False)
+    print(asyncio.run(bench(p.parse_args(argv))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
