@@ -1,12 +1,13 @@
 """What promoted tags cost the Postgres flush: the same reports, with and without `dims`.
 
 The data of bench/flush.py (`--reports` reports over `--keys` keys in one hour), each report
-carrying tags (`env`, `project` and a non-promoted `feature`), flushed through `StoreWriter`
+carrying tags (`env`, `project`, `feature`, `region`; see `tagged`), flushed through `StoreWriter`
 in transactions of `--batch` reports into a fresh database per run, on one throwaway cluster:
 promoted_tags none, (env, project), and five keys. Runs alternate, `--rounds` times each; the
 table gives the median wall time and the ratio to no promoted tags.
 
-    python bench/flush_tags.py                 # prints markdown
+    python bench/flush_tags.py             # the cost of computing dims (tags follow the key)
+    python bench/flush_tags.py --spread    # ...plus the cost of the rollup rows tags add
 """
 
 from __future__ import annotations
@@ -35,13 +36,17 @@ CONFIGS: dict[str, tuple[str, ...]] = {
 }
 
 
-def tagged(payloads: Sequence[bytes]) -> list[bytes]:
+def tagged(payloads: Sequence[bytes], spread: bool) -> list[bytes]:
+    """The reports with tags: by default a function of the rollup key (model, user), so
+    promoting them adds no rollup rows and the difference is the cost of computing `dims`;
+    `spread`: independent of the key (each promoted key multiplies the rollup rows)."""
     out = []
     for p in payloads:
         reports = orjson.loads(p)
         for i, r in enumerate(reports):
-            r["tags"] = {"env": ("prod", "dev", "staging")[i % 3], "project": f"p{i % 17}",
-                         "feature": f"f{i % 5}"}  # fmt: skip
+            n = i if spread else int(r["user"].rsplit("-", 1)[1]) + int(r["model"].rsplit("-")[1])
+            r["tags"] = {"env": ("prod", "dev", "staging")[n % 3], "project": f"p{n % 17}",
+                         "feature": f"f{n % 5}", "region": f"eu-{n % 2}"}  # fmt: skip
         out.append(orjson.dumps(reports))
     return out
 
@@ -60,12 +65,13 @@ async def one_run(url: str, promoted: tuple[str, ...], payloads: list[bytes], ba
 
 
 async def bench(args: argparse.Namespace) -> str:
-    payloads = tagged(make_payloads(args.reports, args.keys, args.record))
+    payloads = tagged(make_payloads(args.reports, args.keys, args.record), args.spread)
     cluster = start_cluster(fsync=args.fsync)
     times: dict[str, list[float]] = {name: [] for name in CONFIGS}
     try:
         for rnd in range(args.rounds):
-            for name, promoted in CONFIGS.items():
+            order = list(CONFIGS.items())
+            for name, promoted in order[rnd % len(order) :] + order[: rnd % len(order)]:
                 db = cluster.create_database()
                 times[name].append(await one_run(cluster.url(db), promoted, payloads, args.batch))
                 cluster.drop_database(db)
@@ -89,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=50_000, help="reports per transaction")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--spread", action="store_true", help="tags independent of the rollup key")
     print(asyncio.run(bench(p.parse_args(argv))))
     return 0
 

@@ -84,6 +84,14 @@ def with_tag_columns(reports: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
     return [{**r, **{f"tag:{k}": tag_value(r, k) for k in PROMOTED}} for r in reports]
 
 
+def _no_nul(v: Any) -> Any:
+    if isinstance(v, str):
+        return v.replace("\x00", "\ufffd")
+    if isinstance(v, dict):
+        return {_no_nul(k): _no_nul(x) for k, x in v.items()}
+    return [_no_nul(x) for x in v] if isinstance(v, list) else v
+
+
 def canonical_dims(tags: Any) -> str:
     """The stored `dims` by the documented rule, built with the stdlib json module."""
     if not isinstance(tags, dict):
@@ -91,7 +99,9 @@ def canonical_dims(tags: Any) -> str:
     kept = {}
     for k in PROMOTED:
         v = tags.get(k)
-        if isinstance(v, str) and v:
+        if v is not None and not isinstance(v, str):  # only a direct writer call sends these
+            v = json.dumps(_no_nul(v), separators=(",", ":"), ensure_ascii=False)
+        if v:
             kept[k] = v.replace("\x00", "\ufffd")[:256]
     return json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
@@ -245,6 +255,8 @@ def _direct_reports() -> list[dict[str, Any]]:
         {"env": "nul\x00here"},
         {"env": 7, "project": ["a"]},
         {"env": {"nested": "x"}, "project": None},
+        {"env": {"deep": "nul\x00"}, "project": 1.5, "other": "nul\x00", "k\x00": "v"},
+        {"env": True, "project": False, "feature": "x"},
         ["not", "an", "object"],
     ]
     for i, tags in enumerate(odd):

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from exporter.store.dims import dims_sql
+from exporter.store.dims import clean_json, dims_sql
 from exporter.store.rows import (
     DERIVED_KEY,
     DETAIL_COLUMNS,
@@ -143,11 +143,8 @@ def _clean_payload(payload: bytes) -> bytes:
         for key, value in report.items():
             if isinstance(value, str) and "\x00" in value:
                 report[key] = clean_text(value)
-        tags = report.get("tags")
-        if isinstance(tags, dict):  # `dims` reads them as text (jsonb/->> refuse \u0000)
-            report["tags"] = {
-                clean_text(k): clean_text(v) if isinstance(v, str) else v for k, v in tags.items()
-            }
+        if isinstance(report.get("tags"), dict | list):  # `dims` reads them as text
+            report["tags"] = clean_json(report["tags"])
     return orjson.dumps(reports)
 
 
