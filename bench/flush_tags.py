@@ -4,7 +4,8 @@ The data of bench/flush.py (`--reports` reports over `--keys` keys in one hour),
 carrying tags (`env`, `project`, `feature`, `region`; see `tagged`), flushed through `StoreWriter`
 in transactions of `--batch` reports into a fresh database per run, on one throwaway cluster:
 promoted_tags none, (env, project), and five keys. Runs alternate, `--rounds` times each; the
-table gives the median wall time and the ratio to no promoted tags.
+table gives the median wall time and Postgres CPU time (steadier on a shared box), and their
+ratios to no promoted tags.
 
     python bench/flush_tags.py             # the cost of computing dims (tags follow the key)
     python bench/flush_tags.py --spread    # ...plus the cost of the rollup rows tags add
@@ -22,10 +23,10 @@ from pathlib import Path
 
 import orjson
 from common import fmt_int, md_table
-from flush import make_payloads
+from flush import cluster_cpu, make_payloads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from pgcluster import start_cluster
+from pgcluster import PgCluster, start_cluster
 
 from exporter.store import Store
 
@@ -51,40 +52,57 @@ def tagged(payloads: Sequence[bytes], spread: bool) -> list[bytes]:
     return out
 
 
-async def one_run(url: str, promoted: tuple[str, ...], payloads: list[bytes], batch: int) -> float:
-    store = Store.from_url(url, promoted_tags=promoted)
+async def one_run(
+    cluster: PgCluster, promoted: tuple[str, ...], payloads: list[bytes], batch: int
+) -> tuple[float, float]:
+    """(wall seconds, Postgres CPU seconds) of flushing `payloads` into a fresh database."""
+    db = cluster.create_database()
+    store = Store.from_url(cluster.url(db), promoted_tags=promoted)
     try:
         await store.upgrade()
+        await store.ping()
         per = max(1, batch // max(1, len(orjson.loads(payloads[0]))))
-        start = time.perf_counter()
+        cpu, start = cluster_cpu(cluster), time.perf_counter()
         for i in range(0, len(payloads), per):
             await store.writer.write_payloads(payloads[i : i + per])
-        return time.perf_counter() - start
+        return time.perf_counter() - start, cluster_cpu(cluster) - cpu
     finally:
         await store.close()
+        cluster.drop_database(db)
 
 
 async def bench(args: argparse.Namespace) -> str:
     payloads = tagged(make_payloads(args.reports, args.keys, args.record), args.spread)
     cluster = start_cluster(fsync=args.fsync)
     times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    cpus: dict[str, list[float]] = {name: [] for name in CONFIGS}
     try:
         for rnd in range(args.rounds):
             order = list(CONFIGS.items())
             for name, promoted in order[rnd % len(order) :] + order[: rnd % len(order)]:
-                db = cluster.create_database()
-                times[name].append(await one_run(cluster.url(db), promoted, payloads, args.batch))
-                cluster.drop_database(db)
-                print(f"round {rnd}: {name}: {times[name][-1]:.2f}s", file=sys.stderr)
+                wall, cpu = await one_run(cluster, promoted, payloads, args.batch)
+                times[name].append(wall)
+                cpus[name].append(cpu)
+                print(f"round {rnd}: {name}: {wall:.2f}s, server CPU {cpu:.2f}s", file=sys.stderr)
     finally:
         cluster.destroy()
-    base = statistics.median(times["no promoted tags"])
+    med = statistics.median
+    base, base_cpu = med(times["no promoted tags"]), med(cpus["no promoted tags"])
     rows = [
-        [name, fmt_int(args.reports), f"{statistics.median(t):.2f}",
-         fmt_int(args.reports / statistics.median(t)), f"{statistics.median(t) / base:.2f}×"]
+        [name, fmt_int(args.reports), f"{med(t):.2f}", fmt_int(args.reports / med(t)),
+         f"{med(t) / base:.2f}×", f"{med(cpus[name]):.2f}", f"{med(cpus[name]) / base_cpu:.2f}×"]
         for name, t in times.items()
     ]  # fmt: skip
-    return md_table(["promoted_tags", "reports", "median s", "reports/s", "vs none"], rows)
+    head = [
+        "promoted_tags",
+        "reports",
+        "median s",
+        "reports/s",
+        "vs none",
+        "server CPU s",
+        "vs none",
+    ]
+    return md_table(head, rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
