@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from apiexpect import check_stats_doc, done_at, make_reports
 from conftest import MakeClient
-from helpers import no_5xx, run_cli, wait_ready
+from helpers import free_port, no_5xx, run_cli, start_service, wait_ready
 from sqlalchemy import text
 
 from exporter.appkeys import FLUSHER, STORE
@@ -297,17 +297,28 @@ async def _seed_for_cli(url: str) -> None:
         await store.close()
 
 
-def test_cli_report_groups_by_a_promoted_tag_from_the_database(database_url: str) -> None:
+def test_cli_report_groups_by_a_promoted_tag_from_the_database_and_the_service(
+    database_url: str, tmp_path: Path
+) -> None:
     asyncio.run(_seed_for_cli(database_url))
     lo, hi = RANGES[1]
-    done = run_cli(
-        "report", "--database-url", database_url, "--from", lo, "--to", hi,
-        "--group-by", "tag:env,model", "--filter", "tag:project=apollo", "--format", "json",
-        env={"LLM_USAGE_PROMOTED_TAGS": json.dumps(PROMOTED), "LLM_USAGE_RETENTION_DAYS": "36500"},
-        timeout=60,
-    )  # fmt: skip
+    env = {"LLM_USAGE_PROMOTED_TAGS": json.dumps(PROMOTED), "LLM_USAGE_RETENTION_DAYS": "36500"}
+    args = ["--from", lo, "--to", hi, "--group-by", "tag:env,model",
+            "--filter", "tag:project=apollo", "--format", "json"]  # fmt: skip
+    done = run_cli("report", "--database-url", database_url, *args, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
+    if database_url.startswith("sqlite"):  # the API path is the same on both backends
+        port = free_port()
+        serve = ["serve", "--data-dir", str(tmp_path / "data"), "--database-url", database_url,
+                 "--port", str(port)]  # fmt: skip
+        service = start_service(serve, tmp_path / "service.log", port=port, env=env)
+        try:
+            via_api = run_cli("report", "--url", service.url, *args, env=env, timeout=60)
+            assert via_api.returncode == 0, via_api.stderr
+            assert json.loads(via_api.stdout) == doc
+        finally:
+            assert service.stop() == 0, service.logs()
     check_stats_doc(
         doc,
         with_tag_columns(REPORTS),
