@@ -131,22 +131,36 @@ class BudgetView:
         return "ok"
 
     def as_json(self) -> dict[str, Any]:
+        """The view as the API shows it (a check renders a dozen of these: kept lean, the
+        parts that change only with the config or the window are prebuilt on the budget)."""
         b = self.budget
-        match = {**b.match_json, b.spec.per: self.value} if b.spec.per else b.match_json
-        spent = self.stored + self.unflushed
-        limit = b.spec.limit_usd
+        spec = b.spec
+        stored, unflushed = self.stored, self.unflushed
+        spent = stored + unflushed
+        limit = spec.limit_usd
         ratio = float(spent / limit)
-        warn = b.spec.warn_ratios
-        status = "exceeded" if spent >= limit else "warning" if warn and ratio >= warn[0] else "ok"
-        return {
-            **b.static_json,
-            "budget": self.label,
-            "match": match,
-            **b.window_json,
-            "spent_usd": format(spent, "f"),  # amounts are all in 1e-10 steps already
-            "stored_usd": format(self.stored, "f"),
-            "unflushed_usd": format(self.unflushed, "f"),
-            "usage_ratio": round(ratio, 6),
-            "status": status,
-            "refreshed_at": b.refreshed_json,
-        }
+        warn = spec.warn_ratios
+        out = b.static_json.copy()
+        per = spec.per
+        if per:
+            out["budget"] = f"{spec.name}:{self.value}"
+            out["match"] = {**b.match_json, per: self.value}
+        else:
+            out["budget"] = spec.name
+            out["match"] = b.match_json
+        out.update(b.window_json)
+        out["spent_usd"] = _text(spent)  # amounts are all in 1e-10 steps already
+        out["stored_usd"] = _text(stored)
+        out["unflushed_usd"] = _text(unflushed)
+        out["usage_ratio"] = round(ratio, 6)
+        out["status"] = (
+            "exceeded" if spent >= limit else "warning" if warn and ratio >= warn[0] else "ok"
+        )
+        out["refreshed_at"] = b.refreshed_json
+        return out
+
+
+def _text(d: Decimal) -> str:
+    """`format(d, "f")`; `str` is the same text and cheaper unless it picks an exponent."""
+    text = str(d)
+    return text if "E" not in text else format(d, "f")
