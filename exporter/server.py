@@ -14,10 +14,6 @@
 - After start-up the garbage collector's objects so far (imports, price tables, the app) are
   frozen (`tune_gc`): a full pass over those ~135k objects stalled the loop ~90 ms every few
   seconds under single-report load; frozen, a full pass walks only what came after.
-- The GIL switch interval is 0.5 ms instead of 5 (`SWITCH_INTERVAL_S`): the WAL's file
-  thread, back from fdatasync, waited up to 5 ms for the busy loop to hand over the GIL before
-  it could acknowledge a group commit (+25 % single-report throughput under `wrk -c32`, same
-  CPU per report); the flush threads likewise give the loop back its GIL sooner.
 """
 
 from __future__ import annotations
@@ -32,7 +28,6 @@ import os
 import resource
 import signal
 import socket
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,8 +58,6 @@ log = logging.getLogger(__name__)
 #: descriptors kept for everything that is not a client connection
 FD_RESERVE_MIN = 64
 WATCHDOG_INTERVAL_S = 1.0
-#: how long a thread may hold the GIL while another waits for it (CPython's default: 5 ms)
-SWITCH_INTERVAL_S = 0.0005
 SHUTDOWN_TIMEOUT_S = 10.0
 _REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\n"
@@ -322,7 +315,6 @@ async def _serve(
     try:
         await runner.setup()  # the app's start steps: WAL open, background jobs
         tune_gc()
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
         try:
             count = ConnectionCount(connection_cap(fd_limit, settings.http_max_connections))
             log.info("open-file limit %d: at most %d connections", fd_limit, count.cap)
