@@ -1,11 +1,22 @@
-"""The exactly-once batch write on SQLite (the embedded default), from Python.
+"""The exactly-once batch write on SQLite (the embedded default).
 
-Same protocol as the Postgres statement: rows prepared (and de-duplicated, first wins) in a
-thread, the statements run on aiosqlite's connection thread (none of the per-report work on
-the event loop), inserted in request_id order with `ON CONFLICT (request_id) DO NOTHING RETURNING`,
-only the rows really inserted aggregated, the deltas upserted additively in key order, all in
-one transaction. Multi-row VALUES are chunked under SQLite's bound-variable limit; costs are
-added with the exact `dec_add` SQL function (SQLite's own arithmetic on NUMERIC is a float).
+Same protocol as the Postgres statement, with SQLite doing the per-report work in C where it
+can. Rows are bound in a worker thread (`sqlite_bind.prepare_params`: one pass per report,
+de-duplicated, first wins, request_id order); then, in one transaction on aiosqlite's
+connection thread (none of it on the event loop):
+
+1. a no-op write takes the database's write lock, so nothing commits between the next two
+   statements, and the largest rowid is read: rows inserted from here on have larger rowids
+   (SQLite gives a new row max(rowid) + 1);
+2. the details go in with multi-row `INSERT … ON CONFLICT (request_id) DO NOTHING`, chunked
+   under SQLite's bound-variable limit;
+3. the hour and day deltas of exactly the rows inserted (`rowid > before`; their count is
+   checked against the inserts') are aggregated by one `GROUP BY` statement, built from
+   `ROLLUP_SPECS`' SQL; costs are summed exactly as integer parts and 1e-10 fractions
+   (SQLite's own arithmetic on decimal text is binary float) and joined in Python per key;
+4. the deltas are upserted additively in key order (costs with the exact `dec_add` function).
+
+So the Python work per report is the binding alone; aggregation is per rollup key.
 """
 
 from __future__ import annotations
@@ -13,76 +24,23 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
-import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from exporter.store.rows import (
-    DETAIL_COLUMNS,
-    KINDS,
-    ROLLUP_COLUMNS,
-    Batch,
-    Kind,
-    aggregate,
-    kind_of,
-)
-from exporter.store.tables import ROLLUP_KEY, ROLLUP_SUMS, decimal_text, usage_rollups
+from exporter.money import from_units, money_text
+from exporter.store.rollup_sums import ROLLUP_SPECS
+from exporter.store.rows import DERIVED_KEY, DETAIL_COLUMNS, DIMENSIONS, ROLLUP_COLUMNS
+from exporter.store.sqlite_bind import prepare_params
+from exporter.store.tables import ROLLUP_KEY, ROLLUP_SUMS
 
-__all__ = ["SQLITE_MAX_VARIABLES", "prepare", "probe_sqlite", "sqlite_timestamp", "write_sqlite"]
+__all__ = ["SQLITE_MAX_VARIABLES", "prepare", "probe_sqlite", "write_sqlite"]
 
 _T = TypeVar("_T")
 
 SQLITE_MAX_VARIABLES = 32766  # SQLite's default limit since 3.32
-
-
-def sqlite_timestamp(dt: datetime | None) -> str | None:
-    """SQLAlchemy's SQLite DATETIME text for a UTC datetime (so ORM reads parse it back)."""
-    if dt is None:
-        return None
-    return (
-        f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d} "
-        f"{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}.{dt.microsecond:06d}"
-    )
-
-
-def _json_text(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
-
-
-def _money_text(value: Any) -> str | None:
-    return None if value is None else decimal_text(value)
-
-
-_BINDERS: dict[Kind, Callable[[Any], Any]] = {
-    Kind.TIME: sqlite_timestamp,
-    Kind.MONEY: _money_text,
-    Kind.JSON: _json_text,
-}
-
-
-def _binders(
-    columns: Sequence[str], kinds: dict[str, Kind]
-) -> list[tuple[int, Callable[[Any], Any]]]:
-    """(index, converter) of the columns whose Python value SQLite cannot bind as it is."""
-    return [(i, _BINDERS[kinds[c]]) for i, c in enumerate(columns) if kinds.get(c) in _BINDERS]
-
-
-_DETAIL_BIND = _binders(DETAIL_COLUMNS, dict(KINDS))
-_ROLLUP_BIND = _binders(ROLLUP_COLUMNS, {c: kind_of(usage_rollups.c[c]) for c in ROLLUP_COLUMNS})
-
-
-def _params(
-    rows: Sequence[tuple[Any, ...]], binders: Sequence[tuple[int, Callable[[Any], Any]]]
-) -> list[Any]:
-    params: list[Any] = []
-    for r in rows:
-        values = list(r)
-        for i, bind in binders:
-            values[i] = bind(values[i])
-        params.extend(values)
-    return params
+_UNITS = 10**10  # cost units per USD (exporter.money.COST_SCALE)
 
 
 def _chunks(rows: Sequence[Any], width: int) -> Iterable[Sequence[Any]]:
@@ -104,6 +62,13 @@ def _placeholders(n_rows: int, width: int) -> str:
     return ", ".join([one] * n_rows)
 
 
+def _flat(rows: Sequence[Sequence[Any]]) -> list[Any]:
+    params: list[Any] = []
+    for r in rows:
+        params.extend(r)
+    return params
+
+
 _ADDITIVE = ", ".join(
     f"{_q(c)} = dec_add(usage_rollups.{_q(c)}, excluded.{_q(c)})"
     if c == "cost_usd"
@@ -111,47 +76,105 @@ _ADDITIVE = ", ".join(
     for c in ROLLUP_SUMS
 )
 
+# -- the rollup deltas of the rows just inserted, in SQL -----------------------------------------
+#: stored completed_at text is "YYYY-MM-DD HH:MM:SS.ffffff" UTC (sqlite_bind.sqlite_timestamp)
+_BUCKETS = {
+    "hour": "substr(completed_at, 1, 13) || ':00:00.000000'",
+    "day": "substr(completed_at, 1, 10) || ' 00:00:00.000000'",
+}
+#: SQLite spelling of the derived key parts (rows.DERIVED_KEY): no promoted tags yet
+_DERIVED_SQL = {"dims": "'{}'"}
+assert set(_DERIVED_SQL) == set(DERIVED_KEY), "a derived rollup key part needs SQLite SQL"
+_KEY_NAMES = [*DIMENSIONS, *(c for c in ROLLUP_KEY if c in DERIVED_KEY)]
+_KEY_SQL = [_DERIVED_SQL[c] if c in DERIVED_KEY else _q(c) for c in _KEY_NAMES]
+# the cost text has exactly 10 decimals: its sign, integer part and fraction as integers
+_SIGN = "(CASE WHEN substr(cost_usd, 1, 1) = '-' THEN -1 ELSE 1 END)"
+_WHOLE = "CAST(substr(ltrim(cost_usd, '-'), 1, length(ltrim(cost_usd, '-')) - 11) AS INTEGER)"
+_FRACTION = "CAST(substr(cost_usd, -10) AS INTEGER)"
+_SUMS_SQL = [
+    f"coalesce(sum({_SIGN} * {_WHOLE}), 0), coalesce(sum({_SIGN} * {_FRACTION}), 0)"
+    if c == "cost_usd"
+    else ROLLUP_SPECS[c].sql
+    for c in ROLLUP_SUMS
+]
+_COST_AT = ROLLUP_SUMS.index("cost_usd")
 
-def prepare(payloads: Sequence[bytes]) -> tuple[int, list[Any]]:
-    """(reports received, distinct DetailRows sorted by request_id) of WAL record payloads.
+
+def _deltas_sql() -> str:
+    selects = []
+    for granularity, bucket in _BUCKETS.items():
+        keys = [bucket, *_KEY_SQL]
+        selects.append(
+            f"SELECT '{granularity}', {', '.join(keys)}, {', '.join(_SUMS_SQL)} "  # noqa: S608
+            f"FROM usage_details WHERE rowid > ? GROUP BY {', '.join(keys)}"
+        )
+    return " UNION ALL ".join(selects)
+
+
+DELTAS_SQL = _deltas_sql()
+_IN_KEY_ORDER = [ROLLUP_KEY.index(c) for c in ("granularity", "bucket_start", *_KEY_NAMES)]
+
+
+def _rollup_row(selected: Sequence[Any]) -> tuple[Any, ...]:
+    """A selected delta (key in _KEY order, sums with the cost as two integers) as the rollup
+    row SQLite binds, in ROLLUP_COLUMNS order."""
+    n_key = len(ROLLUP_KEY)
+    key: list[Any] = [None] * n_key
+    for value, at in zip(selected[:n_key], _IN_KEY_ORDER, strict=True):
+        key[at] = value
+    sums = list(selected[n_key:])
+    whole, fraction = sums[_COST_AT], sums[_COST_AT + 1]
+    sums[_COST_AT : _COST_AT + 2] = [money_text(from_units(whole * _UNITS + fraction))]
+    return (*key, *sums)
+
+
+def prepare(payloads: Sequence[bytes]) -> tuple[int, list[tuple[Any, ...]]]:
+    """(reports received, distinct detail rows as SQLite binds them, by request_id).
 
     Raises RowRefused for data no backend can store.
     """
-    batch = Batch()
-    for payload in payloads:
-        batch.add_payload(payload)
-    return batch.received, batch.sorted_rows()
+    return prepare_params(payloads, datetime.now(UTC))
 
 
-def _write_rows(db: sqlite3.Connection, rows: list[Any]) -> tuple[int, int]:
+def _write_rows(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> tuple[int, int]:
     """(inserted, rollup rows): the statements of one batch, on the driver's own thread.
 
-    Runs inside the transaction SQLAlchemy began on this connection; binding, the RETURNING
-    fetch and the aggregation all happen here, none of it on the event loop.
+    Runs inside the transaction SQLAlchemy began on this connection. The statement count is
+    O(1) in the reports (chunks of up to 1,000 rows), never one per report.
     """
     cur = db.cursor()
     try:
+        cur.execute("UPDATE usage_rollups SET requests = requests WHERE 0")  # the write lock
+        cur.execute("SELECT coalesce(max(rowid), 0) FROM usage_details")
+        (before,) = cur.fetchone()
         width = len(DETAIL_COLUMNS)
-        inserted: set[str] = set()
+        inserted = 0
         for chunk in _chunks(rows, width):
-            sql = (
-                f"INSERT INTO usage_details ({_cols(DETAIL_COLUMNS)}) VALUES "  # noqa: S608
-                f"{_placeholders(len(chunk), width)} "
-                "ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
+            cur.execute(
+                f"INSERT INTO usage_details ({_cols(DETAIL_COLUMNS)}) "  # noqa: S608
+                f"VALUES {_placeholders(len(chunk), width)} "
+                "ON CONFLICT (request_id) DO NOTHING",
+                _flat(chunk),
             )
-            cur.execute(sql, _params(chunk, _DETAIL_BIND))
-            inserted.update(r[0] for r in cur.fetchall())
-        new = rows if len(inserted) == len(rows) else [r for r in rows if r.request_id in inserted]
-        rollups = aggregate(new)
+            inserted += cur.rowcount
+        if not inserted:
+            return 0, 0
+        cur.execute(DELTAS_SQL, (before, before))
+        rollups = sorted(_rollup_row(r) for r in cur.fetchall())
+        hour_requests = sum(
+            r[len(ROLLUP_KEY)] for r in rollups if r[0] == "hour"
+        )  # requests is the first sum
+        if hour_requests != inserted:  # rowids were not allocated past `before`: never silent
+            raise RuntimeError(f"SQLite flush: {inserted} rows inserted, {hour_requests} found")
         width = len(ROLLUP_COLUMNS)
         for chunk in _chunks(rollups, width):
-            sql = (
-                f"INSERT INTO usage_rollups ({_cols(ROLLUP_COLUMNS)}) VALUES "  # noqa: S608
-                f"{_placeholders(len(chunk), width)} "
-                f"ON CONFLICT ({_cols(ROLLUP_KEY)}) DO UPDATE SET {_ADDITIVE}"
+            cur.execute(
+                f"INSERT INTO usage_rollups ({_cols(ROLLUP_COLUMNS)}) "  # noqa: S608
+                f"VALUES {_placeholders(len(chunk), width)} "
+                f"ON CONFLICT ({_cols(ROLLUP_KEY)}) DO UPDATE SET {_ADDITIVE}",
+                _flat(chunk),
             )
-            cur.execute(sql, _params(chunk, _ROLLUP_BIND))
-        return len(inserted), len(rollups)
+        return inserted, len(rollups)
     finally:
         cur.close()
 
