@@ -17,9 +17,9 @@ from storecheck import BASE, report
 from exporter.store import Store
 from exporter.store.db import _sqlite_on_connect
 from exporter.store.errors import RowRefused
-from exporter.store.rows import normalize
+from exporter.store.rows import DETAIL_COLUMNS, normalize
 from exporter.store.sqlite_bind import _fast, bind_row, prepare_params
-from exporter.store.write_sqlite import SQLITE_MAX_VARIABLES, _write_rows, prepare
+from exporter.store.write_sqlite import SQLITE_MAX_VARIABLES, _split, _write_rows, prepare
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 
@@ -122,9 +122,9 @@ def test_a_flush_runs_statements_per_chunk_never_per_report(tmp_path: Path) -> N
         inserted_small, n_small = _statements_of_one_flush(db, small)
         inserted_big, n_big = _statements_of_one_flush(db, big + small)  # a replay in it
         assert (inserted_small, inserted_big) == (300, 6000)
-        rows_per_statement = SQLITE_MAX_VARIABLES // len(small[0])
-        # the same fixed statements, plus one more per chunk of detail rows
-        assert n_big - n_small == math.ceil(6300 / min(1000, rows_per_statement)) - 1
+        # the same fixed statements, plus one more per chunk of detail rows (narrow or full)
+        full_chunk = min(1000, SQLITE_MAX_VARIABLES // len(DETAIL_COLUMNS))
+        assert n_big - n_small <= math.ceil(6300 / full_chunk) + 1
         assert n_small <= 8, n_small
         (requests,) = db.execute(
             "SELECT sum(requests) FROM usage_rollups WHERE granularity = 'hour'"
@@ -140,3 +140,23 @@ def test_binding_keeps_utc_text_and_exact_costs() -> None:
     row = _by_the_rules([r])[0]
     assert tuple(rows[0]) == row
     assert "2026-03-01 21:05:07.000042" in row
+
+
+def test_rows_left_at_database_defaults_read_back_as_bound(tmp_path: Path) -> None:
+    """Rows inserted without the columns the database fills hold what binding them would."""
+    db = _migrated(tmp_path)
+    try:
+        # (not the largest storable count: two of them overflow a rollup sum)
+        reports = [r for r in _variants() if r["input_tokens"] < 2**62]
+        _, rows = prepare_params([orjson.dumps(reports)], NOW)
+        narrow, full = _split(rows)
+        assert narrow and full  # both statements are exercised
+        db.execute("BEGIN")
+        _write_rows(db, rows)
+        db.execute("COMMIT")
+        cols = ", ".join(f'"{c}"' for c in DETAIL_COLUMNS)
+        stored = db.execute(f"SELECT {cols} FROM usage_details ORDER BY request_id").fetchall()
+        as_bound = [tuple(int(v) if isinstance(v, bool) else v for v in r) for r in rows]
+        assert stored == as_bound
+    finally:
+        db.close()

@@ -10,10 +10,11 @@ connection thread (none of it on the event loop):
    (SQLite gives a new row max(rowid) + 1);
 2. the details go in with multi-row `INSERT … ON CONFLICT (request_id) DO NOTHING`, chunked
    under SQLite's bound-variable limit;
-3. the hour and day deltas of exactly the rows inserted (`rowid > before`; their count is
-   checked against the inserts') are aggregated by one `GROUP BY` statement, built from
-   `ROLLUP_SPECS`' SQL; costs are summed exactly as integer parts and 1e-10 fractions
-   (SQLite's own arithmetic on decimal text is binary float) and joined in Python per key;
+3. the hour deltas of exactly the rows inserted (`rowid > before`; their count is checked
+   against the inserts') are aggregated by one `GROUP BY` statement built from
+   `ROLLUP_SPECS`' SQL, costs summed exactly as integer parts and 1e-10 fractions (SQLite's
+   own arithmetic on decimal text is binary float); the day deltas are summed from the hours,
+   per key, in Python;
 4. the deltas are upserted additively in key order (costs with the exact `dec_add` function).
 
 So the Python work per report is the binding alone; aggregation is per rollup key.
@@ -23,8 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from operator import add, itemgetter
 from typing import Any, TypeVar, cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -33,7 +35,7 @@ from exporter.money import from_units, money_text
 from exporter.store.rollup_sums import ROLLUP_SPECS
 from exporter.store.rows import DERIVED_KEY, DETAIL_COLUMNS, DIMENSIONS, ROLLUP_COLUMNS
 from exporter.store.sqlite_bind import prepare_params
-from exporter.store.tables import ROLLUP_KEY, ROLLUP_SUMS
+from exporter.store.tables import ROLLUP_KEY, ROLLUP_SUMS, usage_details
 
 __all__ = ["SQLITE_MAX_VARIABLES", "prepare", "probe_sqlite", "write_sqlite"]
 
@@ -69,6 +71,49 @@ def _flat(rows: Sequence[Sequence[Any]]) -> list[Any]:
     return params
 
 
+# -- narrow inserts: what the database fills itself is not bound ------------------------------
+def _filled_by_database(name: str) -> tuple[bool, Any]:
+    """(whether SQLite stores the same value when the column is left out, that value)."""
+    column = usage_details.c[name]
+    default = column.server_default
+    arg = getattr(default, "arg", None)
+    text = None if default is None else str(getattr(arg, "text", arg)).strip().lower()
+    value: Any = {"''": "", "0": 0, "false": False, "true": True}.get(text or "", _NOTHING)
+    if default is None and column.nullable:
+        value = None
+    return value is not _NOTHING, value
+
+
+_NOTHING = object()
+#: Columns most reports leave at their default (billed extras, stream estimates, the tier,
+#: attribution below the node, tags): a row whose values there are all the defaults is inserted
+#: without them (about half the parameters to bind, the GIL held for half as long).
+RARELY_SET = ("parent_id", "cache_creation_input_tokens", "stream", "completed", "estimated",
+              "output_chunk_count", "request_content_bytes", "tags", "service_tier",
+              "unpriced_reason", "cost_sent", "cache_creation_1h_input_tokens",
+              "input_audio_tokens", "cached_audio_input_tokens", "output_audio_tokens",
+              "input_image_tokens", "output_image_tokens", "web_search_requests")  # fmt: skip
+_FILLED: Mapping[str, Any] = {c: v for c in RARELY_SET for ok, v in [_filled_by_database(c)] if ok}
+assert set(_FILLED) == set(RARELY_SET), "a RARELY_SET column without a database default"
+_AT = {c: i for i, c in enumerate(DETAIL_COLUMNS)}
+_rare = itemgetter(*(_AT[c] for c in RARELY_SET))
+_RARE_DEFAULTS = tuple(_FILLED[c] for c in RARELY_SET)
+NARROW_COLUMNS = tuple(c for c in DETAIL_COLUMNS if c not in _FILLED)
+_narrow = itemgetter(*(_AT[c] for c in NARROW_COLUMNS))
+
+
+def _split(rows: Sequence[tuple[Any, ...]]) -> tuple[list[tuple[Any, ...]], list[Any]]:
+    """(rows bound in NARROW_COLUMNS, rows bound in full)."""
+    narrow: list[tuple[Any, ...]] = []
+    full: list[Any] = []
+    for r in rows:
+        if _rare(r) == _RARE_DEFAULTS:  # tuple ==: bools and ints only meet in bool columns
+            narrow.append(_narrow(r))
+        else:
+            full.append(r)
+    return narrow, full
+
+
 _ADDITIVE = ", ".join(
     f"{_q(c)} = dec_add(usage_rollups.{_q(c)}, excluded.{_q(c)})"
     if c == "cost_usd"
@@ -78,54 +123,61 @@ _ADDITIVE = ", ".join(
 
 # -- the rollup deltas of the rows just inserted, in SQL -----------------------------------------
 #: stored completed_at text is "YYYY-MM-DD HH:MM:SS.ffffff" UTC (sqlite_bind.sqlite_timestamp)
-_BUCKETS = {
-    "hour": "substr(completed_at, 1, 13) || ':00:00.000000'",
-    "day": "substr(completed_at, 1, 10) || ' 00:00:00.000000'",
-}
+_HOUR = "substr(completed_at, 1, 13) || ':00:00.000000'"
 #: SQLite spelling of the derived key parts (rows.DERIVED_KEY): no promoted tags yet
 _DERIVED_SQL = {"dims": "'{}'"}
 assert set(_DERIVED_SQL) == set(DERIVED_KEY), "a derived rollup key part needs SQLite SQL"
-_KEY_NAMES = [*DIMENSIONS, *(c for c in ROLLUP_KEY if c in DERIVED_KEY)]
-_KEY_SQL = [_DERIVED_SQL[c] if c in DERIVED_KEY else _q(c) for c in _KEY_NAMES]
-# the cost text has exactly 10 decimals: its sign, integer part and fraction as integers
-_SIGN = "(CASE WHEN substr(cost_usd, 1, 1) = '-' THEN -1 ELSE 1 END)"
-_WHOLE = "CAST(substr(ltrim(cost_usd, '-'), 1, length(ltrim(cost_usd, '-')) - 11) AS INTEGER)"
-_FRACTION = "CAST(substr(cost_usd, -10) AS INTEGER)"
+_KEY_NAMES = ("bucket_start", *DIMENSIONS, *(c for c in ROLLUP_KEY if c in DERIVED_KEY))
+_KEY_SQL = [_HOUR, *(_DERIVED_SQL[c] if c in DERIVED_KEY else _q(c) for c in _KEY_NAMES[1:])]
+# the cost text has exactly 10 decimals: its (signed) integer part and its signed fraction
+_WHOLE = "CAST(cost_usd AS INTEGER)"
+_FRACTION = (
+    "CAST(substr(cost_usd, -10) AS INTEGER) * (CASE WHEN substr(cost_usd, 1, 1) = '-' "
+    "THEN -1 ELSE 1 END)"
+)
 _SUMS_SQL = [
-    f"coalesce(sum({_SIGN} * {_WHOLE}), 0), coalesce(sum({_SIGN} * {_FRACTION}), 0)"
+    f"coalesce(sum({_WHOLE}), 0), coalesce(sum({_FRACTION}), 0)"
     if c == "cost_usd"
     else ROLLUP_SPECS[c].sql
     for c in ROLLUP_SUMS
 ]
+#: the hour deltas of the rows past a rowid (days are summed from them per key, in Python)
+HOURS_SQL = (
+    f"SELECT {', '.join(_KEY_SQL)}, {', '.join(_SUMS_SQL)} "  # noqa: S608
+    "FROM usage_details WHERE rowid > ? GROUP BY "
+    + ", ".join(str(i) for i in range(1, len(_KEY_SQL) + 1))
+)
+_N_KEY = len(_KEY_SQL)
 _COST_AT = ROLLUP_SUMS.index("cost_usd")
+_IN_KEY_ORDER = [ROLLUP_KEY.index(c) for c in ("granularity", *_KEY_NAMES)]
 
 
-def _deltas_sql() -> str:
-    selects = []
-    for granularity, bucket in _BUCKETS.items():
-        keys = [bucket, *_KEY_SQL]
-        selects.append(
-            f"SELECT '{granularity}', {', '.join(keys)}, {', '.join(_SUMS_SQL)} "  # noqa: S608
-            f"FROM usage_details WHERE rowid > ? GROUP BY {', '.join(keys)}"
-        )
-    return " UNION ALL ".join(selects)
-
-
-DELTAS_SQL = _deltas_sql()
-_IN_KEY_ORDER = [ROLLUP_KEY.index(c) for c in ("granularity", "bucket_start", *_KEY_NAMES)]
-
-
-def _rollup_row(selected: Sequence[Any]) -> tuple[Any, ...]:
-    """A selected delta (key in _KEY order, sums with the cost as two integers) as the rollup
-    row SQLite binds, in ROLLUP_COLUMNS order."""
-    n_key = len(ROLLUP_KEY)
-    key: list[Any] = [None] * n_key
-    for value, at in zip(selected[:n_key], _IN_KEY_ORDER, strict=True):
+def _rollup_row(granularity: str, selected: Sequence[Any]) -> tuple[Any, ...]:
+    """A delta (key in _KEY_NAMES order, sums with the cost as two integers) as the rollup row
+    SQLite binds, in ROLLUP_COLUMNS order."""
+    key: list[Any] = [None] * len(ROLLUP_KEY)
+    for value, at in zip((granularity, *selected[:_N_KEY]), _IN_KEY_ORDER, strict=True):
         key[at] = value
-    sums = list(selected[n_key:])
+    sums = list(selected[_N_KEY:])
     whole, fraction = sums[_COST_AT], sums[_COST_AT + 1]
     sums[_COST_AT : _COST_AT + 2] = [money_text(from_units(whole * _UNITS + fraction))]
     return (*key, *sums)
+
+
+def _deltas(hours: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
+    """Hour and day rollup rows of the selected hour deltas, sorted by the rollup key."""
+    days: dict[tuple[Any, ...], list[Any]] = {}
+    for h in hours:
+        key = (h[0][:10] + " 00:00:00.000000", *h[1:_N_KEY])
+        day = days.get(key)
+        if day is None:
+            days[key] = list(h[_N_KEY:])
+        else:
+            day[:] = map(add, day, h[_N_KEY:])
+    out = [_rollup_row("hour", h) for h in hours]
+    out += [_rollup_row("day", (*k, *sums)) for k, sums in days.items()]
+    out.sort()  # the rollup key leads each row, and keys are unique
+    return out
 
 
 def prepare(payloads: Sequence[bytes]) -> tuple[int, list[tuple[Any, ...]]]:
@@ -147,20 +199,22 @@ def _write_rows(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> tuple[in
         cur.execute("UPDATE usage_rollups SET requests = requests WHERE 0")  # the write lock
         cur.execute("SELECT coalesce(max(rowid), 0) FROM usage_details")
         (before,) = cur.fetchone()
-        width = len(DETAIL_COLUMNS)
         inserted = 0
-        for chunk in _chunks(rows, width):
-            cur.execute(
-                f"INSERT INTO usage_details ({_cols(DETAIL_COLUMNS)}) "  # noqa: S608
-                f"VALUES {_placeholders(len(chunk), width)} "
-                "ON CONFLICT (request_id) DO NOTHING",
-                _flat(chunk),
-            )
-            inserted += cur.rowcount
+        narrow, full = _split(rows)
+        for columns, bound in ((NARROW_COLUMNS, narrow), (DETAIL_COLUMNS, full)):
+            width = len(columns)
+            for chunk in _chunks(bound, width):
+                cur.execute(
+                    f"INSERT INTO usage_details ({_cols(columns)}) "  # noqa: S608
+                    f"VALUES {_placeholders(len(chunk), width)} "
+                    "ON CONFLICT (request_id) DO NOTHING",
+                    _flat(chunk),
+                )
+                inserted += cur.rowcount
         if not inserted:
             return 0, 0
-        cur.execute(DELTAS_SQL, (before, before))
-        rollups = sorted(_rollup_row(r) for r in cur.fetchall())
+        cur.execute(HOURS_SQL, (before,))
+        rollups = _deltas(cur.fetchall())
         hour_requests = sum(
             r[len(ROLLUP_KEY)] for r in rollups if r[0] == "hour"
         )  # requests is the first sum
