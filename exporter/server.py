@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import gc
 import logging
 import os
 import resource
@@ -301,6 +302,10 @@ async def _serve(
     )
     try:
         await runner.setup()  # the app's start steps: WAL open, background jobs
+        # What start-up built (imports, price tables, schemas: ~140k objects) lives as long as
+        # the process: out of the cyclic GC's full passes, which then cost ~5x less (garbage
+        # without cycles is still freed; bench/RESULTS.md "Limits: what the figures say")
+        gc.freeze()
         try:
             count = ConnectionCount(connection_cap(fd_limit, settings.http_max_connections))
             log.info("open-file limit %d: at most %d connections", fd_limit, count.cap)

@@ -4,6 +4,7 @@ give, and a flush runs a number of statements that does not grow with its report
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import sqlite3
 from datetime import UTC, datetime, timedelta, timezone
@@ -160,3 +161,11 @@ def test_rows_left_at_database_defaults_read_back_as_bound(tmp_path: Path) -> No
         assert stored == as_bound
     finally:
         db.close()
+
+
+def test_prepared_rows_leave_the_cyclic_gc() -> None:
+    """A flush holds ~100k rows at once: as lists, every full GC pass would walk them all."""
+    reports = [report(i) for i in range(500)]
+    _, rows = prepare_params([orjson.dumps(reports)], NOW)
+    gc.collect()
+    assert not [r for r in rows if gc.is_tracked(r)]

@@ -152,7 +152,7 @@ def _plan_of(types: tuple[type, ...]) -> Any:
     return plan
 
 
-def _fast(report: Any) -> list[Any] | None:
+def _fast(report: Any) -> tuple[Any, ...] | None:
     """The bound values of a report in ingest's own shape, or None (then normalize decides)."""
     try:
         values = _values(report)
@@ -186,7 +186,9 @@ def _fast(report: Any) -> list[Any] | None:
             return None
     for i in plan.jsons:
         out[i] = orjson.dumps(out[i]).decode()
-    return out
+    # a tuple, not the list: the cyclic GC stops tracking a tuple of plain values at its first
+    # collection, while a flush's 100k lists would be traversed by every full collection
+    return tuple(out)
 
 
 def _reports(payload: bytes) -> tuple[list[Any], bool]:
