@@ -23,15 +23,18 @@ So the Python work per report is the binding alone; aggregation is per rollup ke
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from operator import add, itemgetter
 from typing import Any, TypeVar, cast
 
+import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from exporter.money import from_units, money_text
+from exporter.store.dims import dims_text
 from exporter.store.rollup_sums import ROLLUP_SPECS
 from exporter.store.rows import DERIVED_KEY, DETAIL_COLUMNS, DIMENSIONS, ROLLUP_COLUMNS
 from exporter.store.sqlite_bind import prepare_params
@@ -124,11 +127,12 @@ _ADDITIVE = ", ".join(
 # -- the rollup deltas of the rows just inserted, in SQL -----------------------------------------
 #: stored completed_at text is "YYYY-MM-DD HH:MM:SS.ffffff" UTC (sqlite_bind.sqlite_timestamp)
 _HOUR = "substr(completed_at, 1, 13) || ':00:00.000000'"
-#: SQLite spelling of the derived key parts (rows.DERIVED_KEY): no promoted tags yet
-_DERIVED_SQL = {"dims": "'{}'"}
+#: SQLite spelling of the derived key parts (rows.DERIVED_KEY): `dims` is constant without
+#: promoted tags, else `llm_dims(tags)`, a function `_write_rows` registers that calls
+#: store.dims.dims_text (the one Python definition) on the stored tags
+_DERIVED_SQL = {"dims": ("'{}'", "llm_dims(tags)")}
 assert set(_DERIVED_SQL) == set(DERIVED_KEY), "a derived rollup key part needs SQLite SQL"
 _KEY_NAMES = ("bucket_start", *DIMENSIONS, *(c for c in ROLLUP_KEY if c in DERIVED_KEY))
-_KEY_SQL = [_HOUR, *(_DERIVED_SQL[c] if c in DERIVED_KEY else _q(c) for c in _KEY_NAMES[1:])]
 # the cost text has exactly 10 decimals: its (signed) integer part and its signed fraction
 _WHOLE = "CAST(cost_usd AS INTEGER)"
 _FRACTION = (
@@ -141,13 +145,23 @@ _SUMS_SQL = [
     else ROLLUP_SPECS[c].sql
     for c in ROLLUP_SUMS
 ]
-#: the hour deltas of the rows past a rowid (days are summed from them per key, in Python)
-HOURS_SQL = (
-    f"SELECT {', '.join(_KEY_SQL)}, {', '.join(_SUMS_SQL)} "  # noqa: S608
-    "FROM usage_details WHERE rowid > ? GROUP BY "
-    + ", ".join(str(i) for i in range(1, len(_KEY_SQL) + 1))
-)
-_N_KEY = len(_KEY_SQL)
+
+
+def hours_sql(promoted: bool) -> str:
+    """The hour deltas of the rows past a rowid (days are summed from them per key, in Python);
+    `promoted`: whether `dims` comes from promoted tags."""
+    keys = [_HOUR] + [
+        _DERIVED_SQL[c][promoted] if c in DERIVED_KEY else _q(c) for c in _KEY_NAMES[1:]
+    ]
+    return (
+        f"SELECT {', '.join(keys)}, {', '.join(_SUMS_SQL)} "  # noqa: S608
+        "FROM usage_details WHERE rowid > ? GROUP BY "
+        + ", ".join(str(i) for i in range(1, len(keys) + 1))
+    )
+
+
+_HOURS_SQL = (hours_sql(False), hours_sql(True))
+_N_KEY = len(_KEY_NAMES)
 _COST_AT = ROLLUP_SUMS.index("cost_usd")
 _IN_KEY_ORDER = [ROLLUP_KEY.index(c) for c in ("granularity", *_KEY_NAMES)]
 
@@ -188,7 +202,16 @@ def prepare(payloads: Sequence[bytes]) -> tuple[int, list[tuple[Any, ...]]]:
     return prepare_params(payloads, datetime.now(UTC))
 
 
-def _write_rows(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> tuple[int, int]:
+def _dims_function(keys: tuple[str, ...]) -> Callable[[str | None], str]:
+    def llm_dims(tags: str | None) -> str:
+        return dims_text(None if tags is None else orjson.loads(tags), keys)
+
+    return llm_dims
+
+
+def _write_rows(
+    db: sqlite3.Connection, rows: list[tuple[Any, ...]], dims_keys: tuple[str, ...] = ()
+) -> tuple[int, int]:
     """(inserted, rollup rows): the statements of one batch, on the driver's own thread.
 
     Runs inside the transaction SQLAlchemy began on this connection. The statement count is
@@ -213,7 +236,9 @@ def _write_rows(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> tuple[in
                 inserted += cur.rowcount
         if not inserted:
             return 0, 0
-        cur.execute(HOURS_SQL, (before,))
+        if dims_keys:  # per row only with promoted tags; dims_text is the one definition
+            db.create_function("llm_dims", 1, _dims_function(dims_keys), deterministic=True)
+        cur.execute(_HOURS_SQL[bool(dims_keys)], (before,))
         rollups = _deltas(cur.fetchall())
         hour_requests = sum(
             r[len(ROLLUP_KEY)] for r in rollups if r[0] == "hour"
@@ -244,14 +269,18 @@ async def on_driver_thread(
     return cast(_T, await driver._execute(fn, driver._conn, rows))
 
 
-async def write_sqlite(engine: AsyncEngine, payloads: Sequence[bytes]) -> tuple[int, int, int]:
-    """(received, inserted, rollup rows) of one transaction over WAL record payloads."""
+async def write_sqlite(
+    engine: AsyncEngine, payloads: Sequence[bytes], dims_keys: tuple[str, ...] = ()
+) -> tuple[int, int, int]:
+    """(received, inserted, rollup rows) of one transaction over WAL record payloads;
+    `dims_keys`: the promoted tags (exporter.store.dims.dims_keys)."""
     # Per-report Python work runs in threads, so the event loop keeps serving ingest.
     received, rows = await asyncio.to_thread(prepare, payloads)
     if not rows:
         return received, 0, 0
     async with engine.begin() as conn:
-        inserted, rollups = await on_driver_thread(conn, _write_rows, rows)
+        write = functools.partial(_write_rows, dims_keys=dims_keys)
+        inserted, rollups = await on_driver_thread(conn, write, rows)
     return received, inserted, rollups
 
 
