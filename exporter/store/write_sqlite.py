@@ -7,7 +7,8 @@ connection thread (none of it on the event loop):
 
 1. a no-op write takes the database's write lock, so nothing commits between the next two
    statements, and the largest rowid is read: rows inserted from here on have larger rowids
-   (SQLite gives a new row max(rowid) + 1);
+   (SQLite gives a new row max(rowid) + 1; only past rowid 2**63 - 1 would it pick others,
+   and then the count check below fails the flush instead of miscounting);
 2. the details go in with multi-row `INSERT … ON CONFLICT (request_id) DO NOTHING`, chunked
    under SQLite's bound-variable limit;
 3. the hour deltas of exactly the rows inserted (`rowid > before`; their count is checked
@@ -164,6 +165,7 @@ _HOURS_SQL = (hours_sql(False), hours_sql(True))
 _N_KEY = len(_KEY_NAMES)
 _COST_AT = ROLLUP_SUMS.index("cost_usd")
 _IN_KEY_ORDER = [ROLLUP_KEY.index(c) for c in ("granularity", *_KEY_NAMES)]
+_REQUESTS, _GRANULARITY = ROLLUP_COLUMNS.index("requests"), ROLLUP_COLUMNS.index("granularity")
 
 
 def _rollup_row(granularity: str, selected: Sequence[Any]) -> tuple[Any, ...]:
@@ -240,9 +242,7 @@ def _write_rows(
             db.create_function("llm_dims", 1, _dims_function(dims_keys), deterministic=True)
         cur.execute(_HOURS_SQL[bool(dims_keys)], (before,))
         rollups = _deltas(cur.fetchall())
-        hour_requests = sum(
-            r[len(ROLLUP_KEY)] for r in rollups if r[0] == "hour"
-        )  # requests is the first sum
+        hour_requests = sum(r[_REQUESTS] for r in rollups if r[_GRANULARITY] == "hour")
         if hour_requests != inserted:  # rowids were not allocated past `before`: never silent
             raise RuntimeError(f"SQLite flush: {inserted} rows inserted, {hour_requests} found")
         width = len(ROLLUP_COLUMNS)
