@@ -51,6 +51,8 @@ GROUPS: dict[str, str] = {
     "exporter.startup": "wiring",
     "exporter.reprice": "wiring",  # pricing x store: re-pricing stored rows (the CLI runs it)
     "exporter.server": "wiring",
+    "exporter.workers": "wiring",  # serve --workers: the supervisor (cli passes create_app)
+    "exporter.leftovers": "wiring",  # WAL of a run with another --workers: flushed at start
     "exporter.app": "app",
     "exporter.cli": "cli",
     "exporter.__main__": "cli",
