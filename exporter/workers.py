@@ -58,6 +58,7 @@ STABLE_S = 10.0
 #: after SIGTERM, workers get this long to drain (final flush ≤ 30 s + connections ≤ 10 s)
 STOP_GRACE_S = 60.0
 _PR_SET_PDEATHSIG = 1
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
 
 MakeApp = Callable[[Settings], web.Application]
 
@@ -163,9 +164,10 @@ class Supervisor:
     def _child(self, w: _Worker, ready_w: int) -> NoReturn:
         code = 1
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            for sig in _SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             signal.set_wakeup_fd(-1)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             for sock in self.keep:
                 sock.close()
             for fd in self._wake_fds:
@@ -211,10 +213,16 @@ class Supervisor:
     # -- in the supervisor -------------------------------------------------------------------
     def _start(self, w: _Worker) -> None:
         ready_r, ready_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(ready_r)
-            self._child(w, ready_w)
+        # blocked across the fork: a SIGTERM for the new worker waits until it has its own
+        # handlers (the supervisor's, inherited, would swallow it)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os.close(ready_r)
+                self._child(w, ready_w)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         os.close(ready_w)
         w.pid, w.ready_fd, w.ready_at = pid, ready_r, None
         w.started_at, w.restart_at = time.monotonic(), None

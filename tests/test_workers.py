@@ -46,9 +46,14 @@ class Workers:
         full_env = {"LLM_USAGE_FLUSH_INTERVAL": "0.3", "LLM_USAGE_FLUSH_MAX_BACKOFF": "1",
                     **(env or {})}  # fmt: skip
         with self.log.open("wb") as out:
-            self.proc = subprocess.Popen([*cli_command(), *args], stdout=out,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=clean_env(full_env), start_new_session=True)  # fmt: skip
+            self.proc = subprocess.Popen(
+                [*cli_command(), *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=clean_env(full_env),
+                start_new_session=True,
+            )
 
     @property
     def url(self) -> str:
@@ -92,7 +97,9 @@ class Workers:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill_all()
-            raise AssertionError(f"supervisor did not drain in {timeout}s:\n{self.logs()}") from None
+            raise AssertionError(
+                f"supervisor did not drain in {timeout}s:\n{self.logs()}"
+            ) from None
 
     def kill_all(self) -> None:
         """SIGKILL the supervisor and every worker at once: each WAL stays as it is."""
@@ -206,8 +213,8 @@ def test_wal_left_by_a_run_with_another_worker_count_is_flushed_at_start(
     url = f"sqlite+aiosqlite:///{tmp_path / 'usage.db'}"
     hold = {"LLM_USAGE_FLUSH_INTERVAL": "3600"}  # nothing leaves the WAL before the kill
     sent: list[dict[str, Any]] = []
-    for run, (n, expect_adopted) in enumerate([(3, []), (2, ["worker-2"]),
-                                               (1, ["worker-0", "worker-1"]), (2, ["data"])]):  # fmt: skip
+    plan = [(3, []), (2, ["worker-2"]), (1, ["worker-0", "worker-1"]), (2, ["data"])]
+    for run, (n, expect_adopted) in enumerate(plan):
         service = Workers(tmp_path, data, url, n, env=hold if run < 3 else None)
         service.wait_ready()
         for name in expect_adopted:
@@ -248,9 +255,10 @@ def test_a_worker_that_cannot_start_stops_the_supervisor_with_exit_1(tmp_path: P
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run([*cli_command(), "serve", "--workers", "2", "--port", str(port),
-                               "--data-dir", str(tmp_path / "data2"), "--database-url", url],
-                              capture_output=True, text=True, env=clean_env(), timeout=30)  # fmt: skip
+        args = ["serve", "--workers", "2", "--port", str(port),
+                "--data-dir", str(tmp_path / "data2"), "--database-url", url]  # fmt: skip
+        done = subprocess.run([*cli_command(), *args], capture_output=True, text=True,
+                              env=clean_env(), timeout=30)  # fmt: skip
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 1 and len(lines) == 1, done.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in lines[0]
@@ -282,3 +290,27 @@ def test_retries_on_both_workers_meet_in_one_sqlite_file_exactly_once(tmp_path: 
     assert failures == [0, 0], service.logs()
     assert min(flushed) > 0
     check_database(url, reports)
+
+
+def test_workers_of_a_killed_supervisor_drain_and_free_the_port(tmp_path: Path) -> None:
+    """SIGKILL to the supervisor alone: each worker gets SIGTERM from the kernel (parent-death
+    signal), flushes its WAL and exits; no orphan keeps the port or a data dir."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'usage.db'}"
+    service = Workers(tmp_path, tmp_path / "data", url, 2, env={"LLM_USAGE_FLUSH_INTERVAL": "3600"})
+    service.wait_ready()
+    sent = []
+    for i in range(2):
+        reports = make_reports(50, f"orphan-{i}")
+        assert service.post(service.own_url(i), reports)["accepted"] == 50
+        sent += reports
+    pids = [service.worker_pid(i) for i in range(2)]
+    service.proc.kill()
+    service.proc.wait(timeout=10)
+    wait_for(lambda: not _locked_dirs(tmp_path / "data"), 30, "the workers exited")
+    for pid in pids:  # gone, or a zombie waiting for whoever inherited it to reap it
+        status = Path(f"/proc/{pid}/status")
+        assert not status.exists() or "\nState:\tZ" in status.read_text()
+    assert all(not _wal_files(tmp_path / "data" / f"worker-{i}") for i in range(2))
+    with socket.socket() as again:  # the shared port is free again
+        again.bind(("127.0.0.1", service.port))
+    check_database(url, sent)
