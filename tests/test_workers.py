@@ -23,6 +23,7 @@ import orjson
 import pytest
 from faultkit import JSON, Sender, batches_of, body, check_database, make_reports, wait_for
 from helpers import clean_env, cli_command, free_port, http, parse_metrics, total
+from prometheus_server import require_binary, run_prometheus
 
 pytestmark = pytest.mark.slow
 
@@ -166,6 +167,12 @@ def test_two_workers_share_a_port_and_store_every_report_once_through_retries_an
         assert sum(a["accepted"] for a in answers) == len(spread)
         received = [_received(service, i) for i in range(2)]
         assert sum(received) == len(spread) and min(received) > 0, received
+        # what the dashboards do: a real Prometheus scrapes one target per worker and sums
+        targets = [service.own_url(i).removeprefix("http://") for i in range(2)]
+        with run_prometheus(tmp_path / "prom", targets) as prom:
+            expr = "sum without (instance) (llm_usage_reports_received_total)"
+            wait_for(lambda: [float(r["value"][1]) for r in prom.query(expr)] == [len(spread)],
+                     20, f"{expr} == {len(spread)}")  # fmt: skip
 
         # 2. a retry (same request_ids) reaching the other worker: counted live by both,
         #    stored once
@@ -314,3 +321,22 @@ def test_workers_of_a_killed_supervisor_drain_and_free_the_port(tmp_path: Path) 
     with socket.socket() as again:  # the shared port is free again
         again.bind(("127.0.0.1", service.port))
     check_database(url, sent)
+
+
+def test_documented_prometheus_config_for_workers_passes_promtool(tmp_path: Path) -> None:
+    """The scrape config of docs/operations.md#several-cores-on-one-host: valid, one target
+    per worker port, not the shared port."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    marker = "test_workers.py::test_documented_prometheus_config_for_workers_passes_promtool"
+    block = text.split(marker, 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(block)
+    done = subprocess.run([require_binary("promtool"), "check", "config", str(path)],
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    import yaml
+
+    (job,) = yaml.safe_load(block)["scrape_configs"]
+    targets = job["static_configs"][0]["targets"]
+    assert job["job_name"] == "llm-usage-exporter"
+    assert targets == ["exporter:9471", "exporter:9472"]  # port + 1 + i, the default
