@@ -151,26 +151,40 @@ def _wait_workers(server: Server, base: int, workers: int) -> None:
     raise RuntimeError(f"workers not up:\n{server.log_tail()}")
 
 
+def _median_run(runs: Sequence[Run]) -> Run:
+    """The run with the median throughput (its own latencies and CPU, not a blend)."""
+    ordered = sorted(runs, key=lambda r: r.reports_s)
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def render(args: argparse.Namespace, runs: Sequence[Run]) -> str:
-    rows = []
-    base = {r.body: r for r in runs if r.workers == 1}
+    groups: dict[tuple[str, int], list[Run]] = {}
     for r in runs:
-        ratio = r.reports_s / base[r.body].reports_s
+        groups.setdefault((r.body, r.workers), []).append(r)
+    base = {body: _median_run(g) for (body, n), g in groups.items() if n == 1}
+    rows = []
+    for (body, _n), group in groups.items():
+        r = _median_run(group)
+        every = " / ".join(f"{x.reports_s:,.0f}" for x in group)
         rows.append((
-            r.body, f"-c{r.conns}", f"`--workers {r.workers}`", f"{r.reports_s:,.0f}",
-            f"{ratio:.2f}×", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}", f"{r.cpu_us_per_report:.1f}",
-            f"{r.server_cores:.2f}", f"{r.machine_busy:.0%}", f"{r.load:.1f}", r.errors,
+            body, f"-c{r.conns}", f"`--workers {r.workers}`", f"{r.reports_s:,.0f}", every,
+            f"{r.reports_s / base[body].reports_s:.2f}×", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}",
+            f"{r.cpu_us_per_report:.1f}", f"{r.server_cores:.2f}", f"{r.machine_busy:.0%}",
+            f"{r.load:.1f}", r.errors,
         ))  # fmt: skip
     table = md_table(
-        ("body", "wrk", "server", "reports/s", "vs 1 worker", "p50 ms", "p99 ms",
-         "server CPU µs/report", "server cores used", "machine busy", "load avg", "errors"),
+        ("body", "wrk", "server", "reports/s (median)", "each run", "vs 1 worker", "p50 ms",
+         "p99 ms", "server CPU µs/report", "server cores used", "machine busy", "load avg",
+         "errors"),
         rows,
     )  # fmt: skip
     return f"""Run {now_utc()} on {machine_note()}; load average at start {args.load_at_start:.1f}
-(other benchmarks may share the box: the load average and "machine busy" columns say how
-much). Command: `python bench/multicore.py --duration {args.duration}` (wrk -t1,
-{args.duration} s measured after a {args.warmup} s warm-up, fresh data dir and SQLite file per
-run, WAL fsync, default flusher; "server CPU" counts the supervisor and every worker).
+(other benchmarks share the box: the load average and "machine busy" columns say how much).
+Command: `python bench/multicore.py --duration {args.duration} --repeat {args.repeat}` (wrk
+-t1, {args.duration} s measured after a {args.warmup} s warm-up, `--workers 1` and
+`--workers 2` alternated {args.repeat}×, the median run shown; fresh data dir and SQLite file
+per run, WAL {args.durability}, default flusher; "server CPU" counts the supervisor and every
+worker).
 
 {table}
 
@@ -186,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", default="1,2", help="comma list of worker counts")
     p.add_argument("--duration", type=int, default=10, help="measured s per run")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=3, help="runs per worker count, alternated")
     p.add_argument("--single-conns", type=int, default=32)
     p.add_argument("--batch-conns", type=int, default=8)
     p.add_argument("--batch", type=int, default=100, help="reports per batch body")
@@ -199,8 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[Run] = []
     try:
         for per_body, conns in (shapes[b] for b in args.bodies.split(",")):
-            for n in (int(x) for x in args.workers.split(",")):
-                runs.append(measure(wrk, n, per_body, conns, args, workdir))
+            for _ in range(args.repeat):  # alternated, so a drifting box hits both alike
+                for n in (int(x) for x in args.workers.split(",")):
+                    runs.append(measure(wrk, n, per_body, conns, args, workdir))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     text = render(args, runs)

@@ -340,3 +340,23 @@ def test_documented_prometheus_config_for_workers_passes_promtool(tmp_path: Path
     targets = job["static_configs"][0]["targets"]
     assert job["job_name"] == "llm-usage-exporter"
     assert targets == ["exporter:9471", "exporter:9472"]  # port + 1 + i, the default
+
+
+def test_worker_ports_follow_the_shared_port_and_never_overlap_it(tmp_path: Path) -> None:
+    from exporter.config import Settings
+    from exporter.errors import ConfigError
+    from exporter.workers import worker_ports, worker_settings
+
+    def settings(**kw: Any) -> Settings:
+        return Settings(data_dir=tmp_path / "d", **kw)
+
+    assert worker_ports(settings(workers=3, port=9470)) == [9471, 9472, 9473]
+    assert worker_ports(settings(workers=2, port=9470, worker_port=9600)) == [9600, 9601]
+    assert worker_ports(settings(workers=2, port=0)) == [0, 0]  # ephemeral, logged
+    with pytest.raises(ConfigError, match="also a worker's own port"):
+        worker_ports(settings(workers=3, port=9471, worker_port=9470))
+    with pytest.raises(ConfigError, match="65535"):
+        worker_ports(settings(workers=3, port=80, worker_port=65534))
+    one = worker_settings(settings(workers=2), 1)  # its own data dir, the shared SQLite file
+    assert one.data_dir == tmp_path / "d" / "worker-1" and one.workers == 1
+    assert one.effective_database_url == settings().effective_database_url
