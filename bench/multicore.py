@@ -69,6 +69,7 @@ class Run:
     server_cpu: float
     machine_busy: float
     load: float
+    split: str = ""  # each worker's share of the reports (SO_REUSEPORT hashes connections)
 
     @property
     def reports_s(self) -> float:
@@ -122,16 +123,34 @@ def measure(
         cpu0, busy0, load0 = tree_cpu_seconds(server.pid), system_busy(), os.getloadavg()[0]
         r = run_wrk(wrk, server, bodies, script, conns, args.duration, tag)
         cpu, busy1 = tree_cpu_seconds(server.pid) - cpu0, system_busy()
+        split = _split(base, workers)
     errors = sum(r[k] for k in ("connect", "read", "write", "status", "timeout"))
     run = Run(
         workers, "1 report/POST" if per_body == 1 else f"{per_body} reports/POST", per_body,
         conns, r["requests"], r["duration_us"] / 1e6, r["p50_us"] / 1e3, r["p99_us"] / 1e3,
         errors, cpu, (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]),
-        max(load0, os.getloadavg()[0]),
+        max(load0, os.getloadavg()[0]), split,
     )  # fmt: skip
     print(f"    {run.reports_s:,.0f} reports/s, p99 {run.p99_ms:.1f} ms, "
           f"{run.cpu_us_per_report:.1f} µs CPU/report, errors {errors}", flush=True)  # fmt: skip
     return run
+
+
+def _split(base: int, workers: int) -> str:
+    """Each worker's share of the reports it received (warm-up included), from its own
+    /metrics port."""
+    if workers == 1:
+        return "100%"
+    got = []
+    for i in range(workers):
+        url = f"http://127.0.0.1:{base + i}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        line = next(
+            x for x in text.splitlines() if x.startswith("llm_usage_reports_received_total")
+        )
+        got.append(float(line.split()[-1]))
+    return " / ".join(f"{g / max(1.0, sum(got)):.0%}" for g in got)
 
 
 def _wait_workers(server: Server, base: int, workers: int) -> None:
@@ -170,12 +189,12 @@ def render(args: argparse.Namespace, runs: Sequence[Run]) -> str:
             body, f"-c{r.conns}", f"`--workers {r.workers}`", f"{r.reports_s:,.0f}", every,
             f"{r.reports_s / base[body].reports_s:.2f}×", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}",
             f"{r.cpu_us_per_report:.1f}", f"{r.server_cores:.2f}", f"{r.machine_busy:.0%}",
-            f"{r.load:.1f}", r.errors,
+            f"{r.load:.1f}", r.split, r.errors,
         ))  # fmt: skip
     table = md_table(
         ("body", "wrk", "server", "reports/s (median)", "each run", "vs 1 worker", "p50 ms",
          "p99 ms", "server CPU µs/report", "server cores used", "machine busy", "load avg",
-         "errors"),
+         "split over workers", "errors"),
         rows,
     )  # fmt: skip
     return f"""Run {now_utc()} on {machine_note()}; load average at start {args.load_at_start:.1f}
