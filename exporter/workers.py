@@ -1,16 +1,11 @@
 """`serve --workers N`: one supervisor, N forked worker processes sharing one port.
 
-One process runs one event loop, so one process uses one core. Here each worker is a whole
-service (its own WAL, data-dir lock, flusher and live counters) on `<data_dir>/worker-<i>`,
-and all of them listen on `port` with SO_REUSEPORT: the kernel spreads connections over
-their sockets. Nothing is shared in memory, so nothing new can break:
-
-- exactly once: every worker flushes to the one database, whose unique key dedupes a retry
-  that reached two workers (as for replicas, docs/operations.md#several-cores-on-one-host);
-  SQLite serializes the workers' write transactions (busy timeout) with the same key;
-- /metrics: worker i also listens on `worker_port + i` (every route, same tokens); Prometheus
-  scrapes one target per worker and sums `without (instance)`, as for replicas. A scrape
-  through the shared port sees one worker, whichever the kernel picked.
+One process runs one event loop: one core. Each worker is a whole service (its own WAL,
+data-dir lock, flusher, live counters) on `<data_dir>/worker-<i>`, listening on `port` with
+SO_REUSEPORT (the kernel spreads connections) and on its own `worker_port + i` (/metrics:
+one Prometheus target per worker, summed `without (instance)`). Nothing is shared in memory:
+the workers are replicas on one host, exactly once rests on the database's unique key
+(docs/operations.md#several-cores-on-one-host).
 
 The supervisor holds `<data_dir>/lock` and the port (a bound, never-listening SO_REUSEPORT
 socket, so the port stays ours across worker restarts), flushes WAL left by a run with
@@ -37,7 +32,9 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from aiohttp import web
+from prometheus_client import Gauge
 
+from exporter.appkeys import SELF_METRICS
 from exporter.backoff import backoff_delay
 from exporter.config import Settings
 from exporter.errors import ConfigError, StartupError, one_line
@@ -59,6 +56,7 @@ STABLE_S = 10.0
 STOP_GRACE_S = 60.0
 _PR_SET_PDEATHSIG = 1
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+_RESTARTS_HELP = "Times the supervisor restarted this worker since it started (serve --workers)."
 
 MakeApp = Callable[[Settings], web.Application]
 
@@ -138,6 +136,7 @@ class _Worker:
     started_at: float = 0.0
     ready_at: float | None = None
     crashes: int = 0  # consecutive, for the restart backoff
+    restarts: int = 0  # since the supervisor started (llm_usage_worker_restarts)
     start_failures: int = 0  # consecutive exits before it was up
     restart_at: float | None = 0.0  # due now
 
@@ -186,6 +185,9 @@ class Supervisor:
             def make_app(s: Settings) -> web.Application:
                 app = self.make_app(s)
                 app.on_startup.append(up)  # after the WAL replay and start steps
+                restarts = Gauge("llm_usage_worker_restarts", _RESTARTS_HELP, ["worker"],
+                                 registry=app[SELF_METRICS].registry)  # fmt: skip
+                restarts.labels(str(w.index)).set(w.restarts)
                 return app
 
             def listen() -> list[socket.socket]:
@@ -248,6 +250,7 @@ class Supervisor:
         if self.stopping:
             log.info("worker %d (pid %s) stopped (%s)", w.index, pid, how)
             return
+        w.restarts += 1
         if w.ready_at is None:
             w.start_failures += 1
             if w.start_failures >= MAX_START_FAILURES:

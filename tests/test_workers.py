@@ -201,6 +201,10 @@ def test_two_workers_share_a_port_and_store_every_report_once_through_retries_an
         service.wait_ready()
         logs = service.logs()
         assert f"worker 0 (pid {victim}) exited with signal SIGKILL" in logs
+        for i, restarts in ((0, 1), (1, 0)):  # the failure is a self-metric too
+            assert (
+                service.metrics(i)[("llm_usage_worker_restarts", (("worker", str(i)),))] == restarts
+            )
         assert logs.count(f"pid {victim}) exited") == 1  # logged once
     finally:
         code = service.terminate()
