@@ -15,12 +15,14 @@ collation.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from exporter.store.dims import clean_json, dims_sql
 from exporter.store.rows import (
     DERIVED_KEY,
     DETAIL_COLUMNS,
@@ -35,7 +37,7 @@ from exporter.store.rows import (
 )
 from exporter.store.tables import ROLLUP_KEY, ROLLUP_SUMS
 
-__all__ = ["PG_WORK_MEM", "PG_WRITE_SQL", "probe_postgres", "write_postgres"]
+__all__ = ["PG_WORK_MEM", "PG_WRITE_SQL", "pg_write_sql", "probe_postgres", "write_postgres"]
 
 #: Session setting for the flush transaction: sorts and hash aggregates of a large batch stay
 #: in memory instead of spilling to disk.
@@ -74,10 +76,25 @@ _RETURNING = tuple(
     )
 )
 _KEY_C = ", ".join(f'{_q(c)} COLLATE "C"' for c in ROLLUP_KEY[2:])
-_DERIVED_SQL = "".join(f", {DERIVED_KEY[c][0]} AS {_q(c)}" for c in ROLLUP_KEY if c in DERIVED_KEY)
 _DERIVED_COLS = "".join(f", {_q(c)}" for c in ROLLUP_KEY if c in DERIVED_KEY)
 
-PG_WRITE_SQL = f"""
+
+def _derived_sql(keys: Sequence[str]) -> tuple[str, str]:
+    """(extra RETURNING of `ins`, extra select list of `hourly`) for the derived key part
+    `dims`: with promoted tag `keys` computed once per inserted row (exporter.store.dims) and
+    grouped by; without, a constant."""
+    if keys:
+        return f", {dims_sql(keys)} AS {_q('dims')}", _DERIVED_COLS
+    constants = (f", {DERIVED_KEY[c][0]} AS {_q(c)}" for c in ROLLUP_KEY if c in DERIVED_KEY)
+    return "", "".join(constants)
+
+
+@functools.lru_cache(maxsize=8)
+def pg_write_sql(keys: tuple[str, ...] = ()) -> str:
+    """The flush statement for promoted tag `keys` (exporter.store.dims.dims_keys)."""
+    returning, derived = _derived_sql(keys)
+    grouped = _DERIVED_COLS if keys else ""
+    return f"""
 WITH src AS (
     SELECT r.*, p.pn
     FROM unnest($1::json[]) WITH ORDINALITY AS p(doc, pn)
@@ -90,12 +107,12 @@ WITH src AS (
     WHERE r.request_id <> ''
     ORDER BY r.request_id COLLATE "C", r.pn, r.ordinality
     ON CONFLICT (request_id) DO NOTHING
-    RETURNING {_cols(_RETURNING)}
+    RETURNING {_cols(_RETURNING)}{returning}
 ), hourly AS (
     SELECT date_trunc('hour', completed_at, 'UTC') AS bucket_start, {_cols(DIMENSIONS)}
-        {_DERIVED_SQL}, {", ".join(f"{ROLLUP_SPECS[c].sql} AS {_q(c)}" for c in ROLLUP_SUMS)}
+        {derived}, {", ".join(f"{ROLLUP_SPECS[c].sql} AS {_q(c)}" for c in ROLLUP_SUMS)}
     FROM ins
-    GROUP BY 1, {_cols(DIMENSIONS)}
+    GROUP BY 1, {_cols(DIMENSIONS)}{grouped}
 ), deltas AS (
     SELECT 'hour' AS granularity, * FROM hourly
     UNION ALL
@@ -115,6 +132,10 @@ SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM ins), (SELECT count(*) 
 """  # noqa: S608
 
 
+#: The statement without promoted tags (dims '{}' for every report).
+PG_WRITE_SQL = pg_write_sql()
+
+
 def _clean_payload(payload: bytes) -> bytes:
     """Replace NUL characters (Postgres text cannot hold them) in a record's strings."""
     reports = orjson.loads(payload)
@@ -122,6 +143,8 @@ def _clean_payload(payload: bytes) -> bytes:
         for key, value in report.items():
             if isinstance(value, str) and "\x00" in value:
                 report[key] = clean_text(value)
+        if isinstance(report.get("tags"), dict | list):  # `dims` reads them as text
+            report["tags"] = clean_json(report["tags"])
     return orjson.dumps(reports)
 
 
@@ -138,19 +161,22 @@ async def _driver_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
             raise
 
 
-async def write_postgres(engine: AsyncEngine, payloads: Sequence[bytes]) -> tuple[int, int, int]:
-    """(received, inserted, rollup rows) of one transaction over WAL record payloads."""
+async def write_postgres(
+    engine: AsyncEngine, payloads: Sequence[bytes], dims_keys: tuple[str, ...] = ()
+) -> tuple[int, int, int]:
+    """(received, inserted, rollup rows) of one transaction over WAL record payloads;
+    `dims_keys`: the promoted tags (exporter.store.dims.dims_keys)."""
     docs = [(_clean_payload(p) if b"\\u0000" in p else p).decode() for p in payloads]
     if not docs:
         return 0, 0, 0
     async with _driver_connection(engine) as pg, pg.transaction():
         await pg.execute(f"SET LOCAL work_mem = '{PG_WORK_MEM}'")
-        received, inserted, rollups = await pg.fetchrow(PG_WRITE_SQL, docs)
+        received, inserted, rollups = await pg.fetchrow(pg_write_sql(dims_keys), docs)
     return int(received), int(inserted), int(rollups)
 
 
-async def probe_postgres(engine: AsyncEngine) -> None:
+async def probe_postgres(engine: AsyncEngine, dims_keys: tuple[str, ...] = ()) -> None:
     """Run the write statement over no records: fails as a flush would (schema missing or
     behind, permissions, database down) without writing anything."""
     async with _driver_connection(engine) as pg, pg.transaction():
-        await pg.fetchrow(PG_WRITE_SQL, [])
+        await pg.fetchrow(pg_write_sql(dims_keys), [])
