@@ -51,7 +51,13 @@ from exporter.selfmetrics import SelfMetrics
 from exporter.store import Store
 from exporter.store.rows import DETAIL_COLUMNS, ROLLUP_COLUMNS, Batch, aggregate
 from exporter.store.tables import ROLLUP_KEY, ROLLUP_SUMS
-from exporter.store.write_postgres import PG_WORK_MEM, PG_WRITE_SQL
+from exporter.store.write_postgres import (
+    PG_MERGE_SQL,
+    PG_STAGING,
+    PG_STAGING_SQL,
+    PG_WORK_MEM,
+    copy_records,
+)
 from exporter.usage import UsageReport
 from exporter.wal import WriteAheadLog
 
@@ -339,17 +345,21 @@ async def explain(url: str, payloads: Sequence[bytes], batch: int) -> list[tuple
     store = Store.from_url(url)
     await store.upgrade()
     await store.close()
-    docs, n = [], 0
+    taken, n = [], 0
     for p in payloads:
-        docs.append(p.decode())
+        taken.append(p)
         n += len(orjson.loads(p))
         if n >= batch:
             break
+    _, records = copy_records(taken)
     conn = await asyncpg.connect(_pg_dsn(url))
     try:
         async with conn.transaction():
-            await conn.execute(f"SET LOCAL work_mem = '{PG_WORK_MEM}'")
-            plan = await conn.fetch("EXPLAIN (ANALYZE, FORMAT JSON) " + PG_WRITE_SQL, docs)
+            await conn.execute(f"SET LOCAL work_mem = '{PG_WORK_MEM}'; {PG_STAGING_SQL}")
+            began = time.perf_counter()
+            await conn.copy_records_to_table(PG_STAGING, records=records, columns=DETAIL_COLUMNS)
+            copy_ms = (time.perf_counter() - began) * 1000
+            plan = await conn.fetch("EXPLAIN (ANALYZE, FORMAT JSON) " + PG_MERGE_SQL)
     finally:
         await conn.close()
     root = orjson.loads(plan[0][0])[0]
@@ -369,16 +379,17 @@ async def explain(url: str, payloads: Sequence[bytes], batch: int) -> list[tuple
         kind = node["Node Type"]
         if kind == "ModifyTable":
             add(f"insert into {node['Relation Name']} (heap, indexes, conflicts)", exclusive(node))
-        elif kind == "Function Scan":
-            add("parse the WAL records (unnest json[], json_populate_recordset)", inclusive(node))
+        elif kind == "Seq Scan":
+            add(f"scan {node['Relation Name']}", exclusive(node))
         elif kind == "Sort":
             add("sort by request_id / rollup key (the lock order)", exclusive(node))
         for c in node.get("Plans", []):
             walk(c)
 
     walk(root["Plan"])
+    add("binary COPY into the staging table (wall time, client encoding included)", copy_ms)
     add("everything else (CTE scans, aggregation, projections)",
-        float(root["Execution Time"]) - sum(stages.values()))  # fmt: skip
+        float(root["Execution Time"]) + copy_ms - sum(stages.values()))  # fmt: skip
     return [(k, v / n * 1000) for k, v in sorted(stages.items(), key=lambda kv: -kv[1])]
 
 

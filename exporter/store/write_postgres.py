@@ -1,19 +1,23 @@
-"""The exactly-once batch write on Postgres: ONE statement over the WAL records as they are.
+"""The exactly-once batch write on Postgres: binary COPY into a staging table, then ONE statement.
 
-`unnest($1::json[])` of the WAL record payloads feeds `json_populate_recordset`, so parsing,
-ordering, aggregation and both upserts happen inside the server. The exporter's event loop,
-which also serves ingest, does no per-report work, and a whole flush is one round trip with
-one bind parameter (asyncpg's 32767-parameter limit never applies). bench/RESULTS.md has the
-measurements against typed-array unnest and multi-row VALUES.
+Rows are prepared in a worker thread by the same rules as SQLite (`rows.Batch`: defaults,
+checks, de-duplication with the first occurrence winning, request_id order), so no per-report
+Python runs on the event loop; asyncpg's `copy_records_to_table` sends them in the binary COPY
+format (its Cython codecs) to `usage_staging`, a session-lived temporary table emptied at every
+commit (no WAL, no indexes, no constraints). One statement then inserts them into
+`usage_details` with `ON CONFLICT (request_id) DO NOTHING RETURNING`, aggregates only the
+rows really inserted into hour and day deltas and upserts those additively. bench/RESULTS.md
+(`## Flush`, `## Limits`) has the measurements against the earlier JSON statement
+(`unnest($1::json[])` + `json_populate_recordset`: the server parsed every report).
 
-The statement is assembled from the column lists and rules in `rows.py`, never from data. Row
-order is the lock order: request_id for the details, the rollup key for the rollups,
-byte-wise ("C") so it is cheap and the same on every replica whatever the database's default
-collation.
+The SQL is assembled from the column lists in `rows.py`, never from data. Row order is the
+lock order: request_id for the details, the rollup key for the rollups, byte-wise ("C") so it
+is cheap and the same on every replica whatever the database's default collation.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
@@ -25,21 +29,30 @@ from exporter.store.rows import (
     DERIVED_KEY,
     DETAIL_COLUMNS,
     DIMENSIONS,
-    EMPTY_TEXT_DEFAULTS,
     KINDS,
     ROLLUP_COLUMNS,
     ROLLUP_SPECS,
+    Batch,
     Kind,
-    bool_default,
-    clean_text,
 )
 from exporter.store.tables import ROLLUP_KEY, ROLLUP_SUMS
 
-__all__ = ["PG_WORK_MEM", "PG_WRITE_SQL", "probe_postgres", "write_postgres"]
+__all__ = [
+    "PG_MERGE_SQL",
+    "PG_STAGING",
+    "PG_STAGING_SQL",
+    "PG_WORK_MEM",
+    "copy_records",
+    "probe_postgres",
+    "write_postgres",
+]
 
 #: Session setting for the flush transaction: sorts and hash aggregates of a large batch stay
 #: in memory instead of spilling to disk.
 PG_WORK_MEM = "64MB"
+#: The staging table: temporary (one per session, invisible to other replicas), no WAL, no
+#: constraints; ON COMMIT DELETE ROWS empties it at the end of every flush, failed or not.
+PG_STAGING = "usage_staging"
 
 
 def _q(name: str) -> str:
@@ -50,23 +63,10 @@ def _cols(names: Iterable[str]) -> str:
     return ", ".join(_q(n) for n in names)
 
 
-def _value_sql(name: str) -> str:
-    """The column's value from the JSON record `r`, with the same defaults as rows.normalize."""
-    col = f"r.{_q(name)}"
-    kind = KINDS[name]
-    if kind is Kind.TEXT:
-        default = EMPTY_TEXT_DEFAULTS.get(name, "")
-        return f"coalesce(nullif({col}, ''), '{default}')" if default else f"coalesce({col}, '')"
-    if name == "total_tokens":
-        return f"coalesce({col}, coalesce(r.input_tokens, 0) + coalesce(r.output_tokens, 0))"
-    if kind is Kind.COUNT:
-        return f"coalesce({col}, 0)"
-    if kind is Kind.BOOL:
-        return f"coalesce({col}, {str(bool_default(name)).lower()})"
-    if name == "completed_at":
-        return f"coalesce({col}, now())"
-    return col
-
+PG_STAGING_SQL = (
+    f"CREATE TEMP TABLE IF NOT EXISTS {PG_STAGING} ON COMMIT DELETE ROWS AS "  # noqa: S608
+    f"SELECT {_cols(DETAIL_COLUMNS)} FROM usage_details WITH NO DATA"
+)
 
 _RETURNING = tuple(
     dict.fromkeys(
@@ -77,18 +77,11 @@ _KEY_C = ", ".join(f'{_q(c)} COLLATE "C"' for c in ROLLUP_KEY[2:])
 _DERIVED_SQL = "".join(f", {DERIVED_KEY[c][0]} AS {_q(c)}" for c in ROLLUP_KEY if c in DERIVED_KEY)
 _DERIVED_COLS = "".join(f", {_q(c)}" for c in ROLLUP_KEY if c in DERIVED_KEY)
 
-PG_WRITE_SQL = f"""
-WITH src AS (
-    SELECT r.*, p.pn
-    FROM unnest($1::json[]) WITH ORDINALITY AS p(doc, pn)
-    CROSS JOIN LATERAL json_populate_recordset(NULL::usage_details, p.doc)
-        WITH ORDINALITY AS r
-), ins AS (
+PG_MERGE_SQL = f"""
+WITH ins AS (
     INSERT INTO usage_details ({_cols(DETAIL_COLUMNS)})
-    SELECT {", ".join(_value_sql(c) for c in DETAIL_COLUMNS)}
-    FROM src AS r
-    WHERE r.request_id <> ''
-    ORDER BY r.request_id COLLATE "C", r.pn, r.ordinality
+    SELECT {_cols(DETAIL_COLUMNS)} FROM {PG_STAGING}
+    ORDER BY request_id COLLATE "C"
     ON CONFLICT (request_id) DO NOTHING
     RETURNING {_cols(_RETURNING)}
 ), hourly AS (
@@ -111,18 +104,32 @@ WITH src AS (
         {", ".join(f"{_q(c)} = usage_rollups.{_q(c)} + excluded.{_q(c)}" for c in ROLLUP_SUMS)}
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM ins), (SELECT count(*) FROM up)
+SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM up)
 """  # noqa: S608
 
+# asyncpg's json codec takes text: the JSON columns are encoded (compact, as the WAL holds them)
+_JSON_AT = tuple(i for i, c in enumerate(DETAIL_COLUMNS) if KINDS[c] is Kind.JSON)
 
-def _clean_payload(payload: bytes) -> bytes:
-    """Replace NUL characters (Postgres text cannot hold them) in a record's strings."""
-    reports = orjson.loads(payload)
-    for report in reports:
-        for key, value in report.items():
-            if isinstance(value, str) and "\x00" in value:
-                report[key] = clean_text(value)
-    return orjson.dumps(reports)
+
+def copy_records(payloads: Sequence[bytes]) -> tuple[int, list[tuple[Any, ...]]]:
+    """(reports received, COPY records: distinct detail rows in request_id order).
+
+    The rules are rows.normalize's (the SQLite path's), so both backends store the same
+    values; raises RowRefused for data no backend can store. CPU-bound: run it in a thread.
+    """
+    batch = Batch()
+    for payload in payloads:
+        batch.add_payload(payload)
+    rows: list[tuple[Any, ...]] = batch.sorted_rows()
+    if _JSON_AT:
+        for n, row in enumerate(rows):
+            if any(row[i] is not None for i in _JSON_AT):
+                values = list(row)
+                for i in _JSON_AT:
+                    if values[i] is not None:
+                        values[i] = orjson.dumps(values[i]).decode()
+                rows[n] = tuple(values)
+    return batch.received, rows
 
 
 @contextlib.asynccontextmanager
@@ -140,17 +147,19 @@ async def _driver_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
 
 async def write_postgres(engine: AsyncEngine, payloads: Sequence[bytes]) -> tuple[int, int, int]:
     """(received, inserted, rollup rows) of one transaction over WAL record payloads."""
-    docs = [(_clean_payload(p) if b"\\u0000" in p else p).decode() for p in payloads]
-    if not docs:
-        return 0, 0, 0
+    received, records = await asyncio.to_thread(copy_records, payloads)
+    if not records:
+        return received, 0, 0
     async with _driver_connection(engine) as pg, pg.transaction():
-        await pg.execute(f"SET LOCAL work_mem = '{PG_WORK_MEM}'")
-        received, inserted, rollups = await pg.fetchrow(PG_WRITE_SQL, docs)
-    return int(received), int(inserted), int(rollups)
+        await pg.execute(f"SET LOCAL work_mem = '{PG_WORK_MEM}'; {PG_STAGING_SQL}")
+        await pg.copy_records_to_table(PG_STAGING, records=records, columns=DETAIL_COLUMNS)
+        inserted, rollups = await pg.fetchrow(PG_MERGE_SQL)
+    return received, int(inserted), int(rollups)
 
 
 async def probe_postgres(engine: AsyncEngine) -> None:
-    """Run the write statement over no records: fails as a flush would (schema missing or
-    behind, permissions, database down) without writing anything."""
+    """Run the write over no records: fails as a flush would (schema missing or behind,
+    permissions including TEMPORARY, database down) without writing anything."""
     async with _driver_connection(engine) as pg, pg.transaction():
-        await pg.fetchrow(PG_WRITE_SQL, [])
+        await pg.execute(PG_STAGING_SQL)
+        await pg.fetchrow(PG_MERGE_SQL)
