@@ -54,6 +54,7 @@ from exporter.store.tables import ROLLUP_KEY, ROLLUP_SUMS
 from exporter.store.write_postgres import (
     PG_MERGE_SQL,
     PG_STAGING,
+    PG_STAGING_COLUMNS,
     PG_STAGING_SQL,
     PG_WORK_MEM,
     copy_records,
@@ -357,7 +358,9 @@ async def explain(url: str, payloads: Sequence[bytes], batch: int) -> list[tuple
         async with conn.transaction():
             await conn.execute(f"SET LOCAL work_mem = '{PG_WORK_MEM}'; {PG_STAGING_SQL}")
             began = time.perf_counter()
-            await conn.copy_records_to_table(PG_STAGING, records=records, columns=DETAIL_COLUMNS)
+            await conn.copy_records_to_table(
+                PG_STAGING, records=records, columns=PG_STAGING_COLUMNS
+            )
             copy_ms = (time.perf_counter() - began) * 1000
             plan = await conn.fetch("EXPLAIN (ANALYZE, FORMAT JSON) " + PG_MERGE_SQL)
     finally:

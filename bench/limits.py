@@ -227,6 +227,7 @@ class FlushResult:
     reports: int
     wall: float
     pg_cpu: float
+    client_cpu: float
 
     @property
     def rate(self) -> float:
@@ -247,7 +248,7 @@ async def pg_part(args: argparse.Namespace) -> list[FlushResult]:
         for name, kind in (("exactly-once CTE, thin schema", "cte"),
                            ("binary COPY, primary key only", "copy")):  # fmt: skip
             log(f"  {name} …")
-            srv0, t0 = cluster_cpu(cluster), time.perf_counter()
+            srv0, cpu0, t0 = cluster_cpu(cluster), time.process_time(), time.perf_counter()
             for chunk in batches(rows, args.flush_batch):
                 if kind == "cte":
                     async with conn.transaction():
@@ -257,7 +258,8 @@ async def pg_part(args: argparse.Namespace) -> list[FlushResult]:
                         "copy_details", records=chunk, columns=THIN_COLUMNS
                     )
             wall = time.perf_counter() - t0
-            out.append(FlushResult(name, len(rows), wall, cluster_cpu(cluster) - srv0))
+            out.append(FlushResult(name, len(rows), wall, cluster_cpu(cluster) - srv0,
+                                   time.process_time() - cpu0))  # fmt: skip
             log(f"    {out[-1].rate:,.0f} reports/s")
         n = await conn.fetchval("SELECT sum(requests) FROM thin_rollups")
         assert n == len(rows), (n, len(rows))
@@ -268,7 +270,7 @@ async def pg_part(args: argparse.Namespace) -> list[FlushResult]:
         )
         assert run.inserted == len(rows), (run.inserted, len(rows))
         out.append(FlushResult("ours (Flusher → StoreWriter, real schema)", run.reports,
-                               run.wall, run.server_cpu))  # fmt: skip
+                               run.wall, run.server_cpu, run.client_cpu))  # fmt: skip
     finally:
         cluster.destroy()
     return out
@@ -327,9 +329,11 @@ def render(args: argparse.Namespace, http: list[WrkResult], pg: list[FlushResult
                             f"**{ratio:.2f}×**", verdict(round(ratio, 2), target) if target
                             else "-"])  # fmt: skip
         lines.append(md_table(
-            ["flush", "reports", "wall s", "reports/s", "Postgres CPU s", "Postgres CPU µs/report"],
+            ["flush", "reports", "wall s", "reports/s", "Postgres CPU s", "Postgres CPU µs/report",
+             "client CPU µs/report"],
             [[r.name, fmt_int(r.reports), f"{r.wall:.2f}", fmt_int(r.rate), f"{r.pg_cpu:.2f}",
-              f"{r.pg_cpu / r.reports * 1e6:.1f}"] for r in pg],
+              f"{r.pg_cpu / r.reports * 1e6:.1f}", f"{r.client_cpu / r.reports * 1e6:.1f}"]
+             for r in pg],
         ))  # fmt: skip
         lines.append("")
     lines += ["Ratio table (limits and ours in the same run):", ""]

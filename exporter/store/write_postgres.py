@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from exporter.store.errors import RowRefused
 from exporter.store.rows import (
     DERIVED_KEY,
     DETAIL_COLUMNS,
@@ -32,20 +35,23 @@ from exporter.store.rows import (
     KINDS,
     ROLLUP_COLUMNS,
     ROLLUP_SPECS,
-    Batch,
     Kind,
+    normalize,
 )
 from exporter.store.tables import ROLLUP_KEY, ROLLUP_SUMS
 
 __all__ = [
     "PG_MERGE_SQL",
     "PG_STAGING",
+    "PG_STAGING_COLUMNS",
     "PG_STAGING_SQL",
     "PG_WORK_MEM",
     "copy_records",
     "probe_postgres",
     "write_postgres",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Session setting for the flush transaction: sorts and hash aggregates of a large batch stay
 #: in memory instead of spilling to disk.
@@ -63,9 +69,12 @@ def _cols(names: Iterable[str]) -> str:
     return ", ".join(_q(n) for n in names)
 
 
+#: the arrival number of a report in its batch: among duplicates the first one is stored
+ARRIVAL = "arrival"
+PG_STAGING_COLUMNS = (*DETAIL_COLUMNS, ARRIVAL)
 PG_STAGING_SQL = (
     f"CREATE TEMP TABLE IF NOT EXISTS {PG_STAGING} ON COMMIT DELETE ROWS AS "  # noqa: S608
-    f"SELECT {_cols(DETAIL_COLUMNS)} FROM usage_details WITH NO DATA"
+    f"SELECT {_cols(DETAIL_COLUMNS)}, 0::bigint AS {ARRIVAL} FROM usage_details WITH NO DATA"
 )
 
 _RETURNING = tuple(
@@ -81,7 +90,7 @@ PG_MERGE_SQL = f"""
 WITH ins AS (
     INSERT INTO usage_details ({_cols(DETAIL_COLUMNS)})
     SELECT {_cols(DETAIL_COLUMNS)} FROM {PG_STAGING}
-    ORDER BY request_id COLLATE "C"
+    ORDER BY request_id COLLATE "C", {ARRIVAL}
     ON CONFLICT (request_id) DO NOTHING
     RETURNING {_cols(_RETURNING)}
 ), hourly AS (
@@ -109,27 +118,95 @@ SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM up)
 
 # asyncpg's json codec takes text: the JSON columns are encoded (compact, as the WAL holds them)
 _JSON_AT = tuple(i for i, c in enumerate(DETAIL_COLUMNS) if KINDS[c] is Kind.JSON)
+#: Reports prepared per step of the COPY stream: the next step is prepared in a thread while
+#: asyncpg encodes and Postgres stores this one.
+COPY_STEP = 4096
 
 
-def copy_records(payloads: Sequence[bytes]) -> tuple[int, list[tuple[Any, ...]]]:
-    """(reports received, COPY records: distinct detail rows in request_id order).
+def copy_records(
+    payloads: Sequence[bytes], first: int = 0, now: datetime | None = None
+) -> tuple[int, list[tuple[Any, ...]]]:
+    """(reports received, COPY records: detail row + arrival number `first`, `first`+1, …).
 
     The rules are rows.normalize's (the SQLite path's), so both backends store the same
-    values; raises RowRefused for data no backend can store. CPU-bound: run it in a thread.
+    values; raises RowRefused for data no backend can store. Duplicates stay: the statement
+    keeps the first arrival. CPU-bound: run it in a thread.
     """
-    batch = Batch()
+    when = now or datetime.now(UTC)
+    received = 0
+    out: list[tuple[Any, ...]] = []
     for payload in payloads:
-        batch.add_payload(payload)
-    rows: list[tuple[Any, ...]] = batch.sorted_rows()
-    if _JSON_AT:
-        for n, row in enumerate(rows):
-            if any(row[i] is not None for i in _JSON_AT):
+        try:
+            reports = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise RowRefused("", "a WAL record that is not JSON") from None
+        if not isinstance(reports, list):
+            raise RowRefused("", "a WAL record that is not a JSON array")
+        received += len(reports)
+        for report in reports:
+            row = normalize(report, when)
+            if row is None:
+                log.warning("skipping a report without request_id")
+                continue
+            if _JSON_AT and any(row[i] is not None for i in _JSON_AT):
                 values = list(row)
                 for i in _JSON_AT:
                     if values[i] is not None:
                         values[i] = orjson.dumps(values[i]).decode()
-                rows[n] = tuple(values)
-    return batch.received, rows
+                row = values
+            out.append((*row, first + len(out)))
+    return received, out
+
+
+def _steps(payloads: Sequence[bytes]) -> list[Sequence[bytes]]:
+    """WAL records in groups of about COPY_STEP reports (records are never split)."""
+    steps: list[Sequence[bytes]] = []
+    start = size = 0
+    for i, payload in enumerate(payloads):
+        size += max(1, payload.count(b'"request_id"'))
+        if size >= COPY_STEP:
+            steps.append(payloads[start : i + 1])
+            start, size = i + 1, 0
+    if start < len(payloads):
+        steps.append(payloads[start:])
+    return steps
+
+
+class _Stream:
+    """The COPY records of a batch as an async iterator: step k+1 is prepared in a worker
+    thread while step k is consumed, so neither the event loop nor Postgres waits for all of
+    the Python preparation."""
+
+    def __init__(self, payloads: Sequence[bytes]) -> None:
+        self.received = 0
+        self.rows = 0
+        self._steps = _steps(payloads)
+        self._now = datetime.now(UTC)
+
+    async def __aiter__(self) -> AsyncIterator[tuple[Any, ...]]:
+        pending = None
+        for k in range(len(self._steps)):
+            if pending is None:
+                pending = asyncio.ensure_future(self._prepare(k))
+            received, records = await pending
+            pending = (
+                asyncio.ensure_future(self._prepare(k + 1)) if k + 1 < len(self._steps) else None
+            )
+            try:
+                self.received += received
+                self.rows += len(records)
+                for record in records:
+                    yield record
+            except BaseException:
+                if pending is not None:
+                    pending.cancel()
+                    with contextlib.suppress(BaseException):
+                        await pending
+                raise
+
+    async def _prepare(self, k: int) -> tuple[int, list[tuple[Any, ...]]]:
+        # arrival numbers only need to grow: step k's start above all of step k-1's
+        return await asyncio.to_thread(copy_records, self._steps[k], k << 32, self._now)
 
 
 @contextlib.asynccontextmanager
@@ -147,14 +224,14 @@ async def _driver_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
 
 async def write_postgres(engine: AsyncEngine, payloads: Sequence[bytes]) -> tuple[int, int, int]:
     """(received, inserted, rollup rows) of one transaction over WAL record payloads."""
-    received, records = await asyncio.to_thread(copy_records, payloads)
-    if not records:
-        return received, 0, 0
+    stream = _Stream(payloads)
     async with _driver_connection(engine) as pg, pg.transaction():
         await pg.execute(f"SET LOCAL work_mem = '{PG_WORK_MEM}'; {PG_STAGING_SQL}")
-        await pg.copy_records_to_table(PG_STAGING, records=records, columns=DETAIL_COLUMNS)
+        await pg.copy_records_to_table(PG_STAGING, records=stream, columns=PG_STAGING_COLUMNS)
+        if not stream.rows:
+            return stream.received, 0, 0
         inserted, rollups = await pg.fetchrow(PG_MERGE_SQL)
-    return received, int(inserted), int(rollups)
+    return stream.received, int(inserted), int(rollups)
 
 
 async def probe_postgres(engine: AsyncEngine) -> None:
