@@ -8,11 +8,14 @@ must still lose to it.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
+import orjson
 import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -111,3 +114,31 @@ async def test_a_refused_report_late_in_the_stream_leaves_nothing_behind(
     await pg.writer.write(good[:10])
     await pg.writer.write(good[5:20])
     await assert_stored_exactly(pg, good[:20])  # no staged row of the failed batch came back
+
+
+async def test_postgres_flush_prepares_no_report_on_the_event_loop(pg_url: str) -> None:
+    """Decoding and row preparation run in worker threads; the loop only runs asyncpg's COPY
+    encoding (compiled code, invisible to the profiler) and the statements."""
+    store = Store.from_url(pg_url)
+    await store.upgrade()
+    reports = [varied(i) for i in range(COPY_STEP + 1000)]
+    payloads = [orjson.dumps(reports[i : i + 100]) for i in range(0, len(reports), 100)]
+    payloads.append(payloads[0])  # a replayed record in the same batch
+    on_loop: set[str] = set()
+
+    def profile(frame: FrameType, event: str, _arg: Any) -> None:
+        if event == "call" and "/exporter/store/" in frame.f_code.co_filename:
+            on_loop.add(frame.f_code.co_name)
+
+    try:
+        sys.setprofile(profile)  # this thread only: the event loop's
+        try:
+            result = await store.writer.write_payloads(payloads)
+        finally:
+            sys.setprofile(None)
+        assert on_loop, "the profiler saw the write start on the loop"
+        assert not on_loop & {"copy_records", "normalize", "add_payload"}, sorted(on_loop)
+        assert (result.received, result.inserted) == (len(reports) + 100, len(reports))
+        await assert_stored_exactly(store, reports)
+    finally:
+        await store.close()

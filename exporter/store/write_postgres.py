@@ -121,6 +121,9 @@ _JSON_AT = tuple(i for i, c in enumerate(DETAIL_COLUMNS) if KINDS[c] is Kind.JSO
 #: Reports prepared per step of the COPY stream: the next step is prepared in a thread while
 #: asyncpg encodes and Postgres stores this one.
 COPY_STEP = 4096
+#: asyncpg encodes COPY rows on the event loop (~6 µs each, bench/RESULTS.md): hand the loop
+#: back every this many rows, so ingest never waits more than a few milliseconds.
+YIELD_EVERY = 512
 
 
 def copy_records(
@@ -174,8 +177,8 @@ def _steps(payloads: Sequence[bytes]) -> list[Sequence[bytes]]:
 
 class _Stream:
     """The COPY records of a batch as an async iterator: step k+1 is prepared in a worker
-    thread while step k is consumed, so neither the event loop nor Postgres waits for all of
-    the Python preparation."""
+    thread while step k is encoded and sent, so Postgres stores rows while Python still
+    prepares the rest, and the event loop only ever runs asyncpg's encoding of a few rows."""
 
     def __init__(self, payloads: Sequence[bytes]) -> None:
         self.received = 0
@@ -195,8 +198,10 @@ class _Stream:
             try:
                 self.received += received
                 self.rows += len(records)
-                for record in records:
+                for n, record in enumerate(records, 1):
                     yield record
+                    if not n % YIELD_EVERY:  # asyncpg encodes on the loop: let ingest in
+                        await asyncio.sleep(0)
             except BaseException:
                 if pending is not None:
                     pending.cancel()
