@@ -36,6 +36,7 @@ from exporter import __version__
 from exporter.appkeys import SELF_METRICS
 from exporter.config import Settings
 from exporter.errors import StartupError
+from exporter.http_errors import quiet_handler
 from exporter.selfmetrics import SelfMetrics
 
 __all__ = [
@@ -189,7 +190,7 @@ class GuardedSite(web.SockSite):
             idle.force_close()
             conns.pop(idle, None)
             self.metrics.http_connections_closed.labels("evicted_idle").inc()
-        return server()
+        return quiet_handler(server)
 
     async def start(self) -> None:
         await web.BaseSite.start(self)

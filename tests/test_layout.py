@@ -51,6 +51,7 @@ GROUPS: dict[str, str] = {
     "exporter.startup": "wiring",
     "exporter.reprice": "wiring",  # pricing x store: re-pricing stored rows (the CLI runs it)
     "exporter.server": "wiring",
+    "exporter.http_errors": "wiring",  # the 400 answers of the HTTP parser (server.py uses it)
     "exporter.app": "app",
     "exporter.cli": "cli",
     "exporter.__main__": "cli",

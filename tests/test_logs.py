@@ -1,6 +1,7 @@
 """The service log, from a real `llm-usage-exporter serve` subprocess: no bearer token reaches it
-(nor the WAL, the database or /metrics) at any level in either format, floods of malformed
-requests write a bounded number of lines, and timestamps are UTC whatever `TZ` says."""
+(nor the WAL, the database, /metrics or the 400 answer to a malformed request) at any level in
+either format, floods of malformed requests write a bounded number of lines, and timestamps are
+UTC whatever `TZ` says."""
 
 from __future__ import annotations
 
@@ -107,6 +108,8 @@ def hostile_requests(svc: ServiceProcess) -> None:
         ):  # fmt: skip
             answer = raw_request(svc.port, data)
             assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0]
+            # the answer names the parser's reason and echoes no byte of the request back
+            assert t not in answer and b"400 Bad Request: " in answer, answer
         auth = {"Authorization": f"Bearer {token}"}
         status, _, _ = http("GET", f"{svc.url}/v1/budgets?token={token}")
         assert status == 401
