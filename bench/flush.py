@@ -52,8 +52,8 @@ from exporter.flusher import Flusher
 from exporter.money import json_default
 from exporter.selfmetrics import SelfMetrics
 from exporter.store import Store
-from exporter.store.rows import DETAIL_COLUMNS, ROLLUP_COLUMNS, Batch, aggregate
-from exporter.store.tables import ROLLUP_KEY, ROLLUP_SUMS
+from exporter.store.rows import DETAIL_COLUMNS, ROLLUP_COLUMNS, Batch, Kind, aggregate, kind_of
+from exporter.store.tables import ROLLUP_KEY, ROLLUP_SUMS, usage_details, usage_rollups
 from exporter.store.write_postgres import (
     PG_MERGE_SQL,
     PG_STAGING,
@@ -259,39 +259,26 @@ async def naive_flush(conn: Any, payloads: Sequence[bytes], batch: int) -> int:
 
 
 # -- other batch-SQL shapes (--variants) -----------------------------------------------------
-_INT8 = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_creation_input_tokens",
-         "reasoning_tokens", "total_tokens", "output_chunk_count", "request_content_bytes",
-         "requests", "errors")  # fmt: skip
-_INT8 = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_creation_input_tokens",
-         "reasoning_tokens", "total_tokens", "output_chunk_count", "request_content_bytes",
-         "requests", "errors", *ROLLUP_SUMS[2:7])  # fmt: skip
+_PG_TYPE = {Kind.TEXT: "text", Kind.COUNT: "int8", Kind.INT: "int8", Kind.BOOL: "bool",
+            Kind.MONEY: "numeric", Kind.TIME: "timestamptz", Kind.FLOAT: "float8",
+            Kind.JSON: "json"}  # fmt: skip
 _TYPES = {
-    **dict.fromkeys((*DETAIL_COLUMNS, *ROLLUP_KEY), "text"),
-    **dict.fromkeys(_INT8, "int8"),
-    "cost_usd": "numeric",
-    "stream": "bool",
-    "completed": "bool",
-    "estimated": "bool",
-    "started_at": "timestamptz",
-    "completed_at": "timestamptz",
-    "bucket_start": "timestamptz",
-    "duration_ms": "float8",
-    "ttft_ms": "float8",
-    "duration_ms_sum": "float8",
+    t.name: {c.name: _PG_TYPE[kind_of(c)] for c in t.columns}
+    for t in (usage_details, usage_rollups)
 }
 _ADD = ", ".join(f'"{c}" = usage_rollups."{c}" + excluded."{c}"' for c in ROLLUP_SUMS)
 _CONFLICT = f"ON CONFLICT ({_names(ROLLUP_KEY)}) DO UPDATE SET {_ADD}"
 
 
 def _unnest(table: str, columns: Sequence[str]) -> str:
-    arrays = ", ".join(f"${i}::{_TYPES[c]}[]" for i, c in enumerate(columns, 1))
+    arrays = ", ".join(f"${i}::{_TYPES[table][c]}[]" for i, c in enumerate(columns, 1))
     return f"INSERT INTO {table} ({_names(columns)}) SELECT * FROM unnest({arrays})"
 
 
 def _values(table: str, columns: Sequence[str], n: int) -> str:
     w = len(columns)
     rows = ", ".join(
-        "(" + ", ".join(f"${r * w + c + 1}::{_TYPES[columns[c]]}" for c in range(w)) + ")"
+        "(" + ", ".join(f"${r * w + c + 1}::{_TYPES[table][columns[c]]}" for c in range(w)) + ")"
         for r in range(n)
     )
     return f"INSERT INTO {table} ({_names(columns)}) VALUES {rows}"
@@ -539,7 +526,7 @@ async def bench(args: argparse.Namespace) -> str:
             "",
             verdict,
             "",
-            "*exporter CPU* is this process (the service's event loop in production); "
+            "*exporter CPU* is this process (in production: the event loop and worker threads); "
             "*Postgres CPU* is the whole cluster. Every variant ends with identical details "
             "and rollups (checked).",
             "",
