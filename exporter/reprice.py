@@ -10,13 +10,15 @@ whole batches done, and running again changes nothing that is already right (ide
 Batches are read in (completed_at, request_id) order inside their transaction, locked on
 Postgres (FOR UPDATE) and under SQLite's write lock, so two runs, or a run beside the
 flusher, never double-apply a difference. Rows already purged by retention cannot be re-priced;
-their rollups keep the old cost.
+their rollups keep the old cost. A report's rollup row is found by the whole key: `node`, and
+`dims` computed from its tags with the promoted_tags in force now (exporter.store.dims), so
+hours flushed under other promoted_tags keep their old rollup cost (docs/configuration.md).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -27,18 +29,20 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from exporter.money import ZERO, CostOverCap, money_text
 from exporter.pricing import Pricer, Unpriced
+from exporter.store.dims import dims_keys, dims_text
 from exporter.store.tables import usage_details, usage_rollups
 
 __all__ = ["ModelChange", "RepriceReport", "reprice"]
 
-_DIMENSIONS = ("model", "provider", "operation", "user", "team", "api_key_id")
+#: The rollup key besides granularity, bucket and `dims` (computed from the row's tags).
+_DIMENSIONS = ("model", "provider", "operation", "user", "team", "api_key_id", "node")
 _PRICED_BY = (
     "request_id", "completed_at", "provider", "model", "service_tier", "input_tokens",
     "output_tokens", "cached_input_tokens", "cache_creation_input_tokens",
     "cache_creation_1h_input_tokens", "reasoning_tokens", "input_audio_tokens",
     "cached_audio_input_tokens", "output_audio_tokens", "input_image_tokens",
     "output_image_tokens", "web_search_requests", "operation", "user", "team", "api_key_id",
-    "cost_usd", "unpriced_reason",
+    "cost_usd", "unpriced_reason", "node", "tags",
 )  # fmt: skip
 
 
@@ -134,6 +138,7 @@ async def _batch(
     size: int,
     report: RepriceReport,
     is_pg: bool,
+    keys: tuple[str, ...],
 ) -> tuple[datetime, str] | None:
     """One transaction's work; returns the last key read (None when the range is done)."""
     t = usage_details
@@ -174,7 +179,7 @@ async def _batch(
         diff = (cost or ZERO) - (old or ZERO)
         unpriced = (cost is None) - (old is None)
         for bucket in _buckets(row["completed_at"]):
-            acc = deltas[(*bucket, *(row[c] for c in _DIMENSIONS))]
+            acc = deltas[(*bucket, *(row[c] for c in _DIMENSIONS), dims_text(row["tags"], keys))]
             acc[0] += diff
             acc[1] += unpriced
     report.changed += len(updates)
@@ -193,9 +198,10 @@ async def _batch(
         )
         key_match = [r.c.granularity == bindparam("g"), r.c.bucket_start == bindparam("b")]
         key_match += [r.c[c] == bindparam(f"k_{c}") for c in _DIMENSIONS]
+        key_match.append(r.c.dims == bindparam("k_dims"))
         params = [
-            {"g": k[0], "b": k[1], **{f"k_{c}": v for c, v in zip(_DIMENSIONS, k[2:], strict=True)},
-             "d": d[0], "u": d[1]}
+            {"g": k[0], "b": k[1], "k_dims": k[-1], "d": d[0], "u": d[1],
+             **{f"k_{c}": v for c, v in zip(_DIMENSIONS, k[2:-1], strict=True)}}
             for k, d in sorted(deltas.items(), key=lambda kv: tuple(map(str, kv[0])))
         ]  # fmt: skip
         await conn.execute(
@@ -218,8 +224,11 @@ async def reprice(
     *,
     dry_run: bool = False,
     batch_size: int = 1000,
+    promoted_tags: Iterable[str] = (),
 ) -> RepriceReport:
-    """Re-price computed costs of audit rows completed in [since, until)."""
+    """Re-price computed costs of audit rows completed in [since, until); `promoted_tags` as
+    the flusher wrote the rollups (the rollup row of a report is found by its `dims`)."""
+    keys = dims_keys(promoted_tags)
     t = usage_details
     conds = [t.c.completed_at >= since, t.c.completed_at < until, t.c.cost_sent.is_(False)]
     if model is not None:
@@ -233,7 +242,7 @@ async def reprice(
             if not is_pg:
                 # take SQLite's write lock first, so no flush commits between read and write
                 await conn.execute(text("DELETE FROM usage_rollups WHERE 0"))
-            after = await _batch(conn, pricer, where, after, batch_size, report, is_pg)
+            after = await _batch(conn, pricer, where, after, batch_size, report, is_pg, keys)
             if dry_run:
                 await conn.rollback()
         if after is None:

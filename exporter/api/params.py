@@ -20,7 +20,7 @@ from multidict import MultiMapping
 from exporter.store.calendar import PERIOD_UNITS, PeriodUnit, ceil_hour, count_periods
 from exporter.store.details import FILTER_COLUMNS
 from exporter.store.readsql import DIMENSIONS, TAG_KEY
-from exporter.store.rows import DIMS_FROM_TAGS, clean_text
+from exporter.store.rows import clean_text
 from exporter.store.stats import StatsQuery
 
 __all__ = [
@@ -191,10 +191,6 @@ def _filters(
 def _tag_key(key: str, promoted: Sequence[str]) -> str:
     if not TAG_KEY.match(key):
         raise ParamError(f"tag key {key[:64]!r} must match {TAG_KEY.pattern}")
-    if not DIMS_FROM_TAGS:
-        raise ParamError(
-            "tag:<key> needs promoted tags in the rollups, which this version does not write yet"
-        )
     if key not in promoted:
         have = ", ".join(promoted) if promoted else "none are (setting promoted_tags)"
         raise ParamError(f"tag {key!r} is not a rollup dimension; promoted tags: {have}")

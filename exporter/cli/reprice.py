@@ -76,6 +76,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 args.model,
                 dry_run=args.dry_run,
                 batch_size=args.batch_size,
+                promoted_tags=settings.promoted_tags,
             )
         finally:
             await store.close()

@@ -8,6 +8,8 @@ Errors are classified in `errors`, refused reports set aside by `quarantine`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -29,14 +31,16 @@ __all__ = [
 class Store:
     """One database: engine, writer, migrations, health and spend."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, promoted_tags: Iterable[str] = ()) -> None:
         self.engine = engine
         self.backend = backend_name(engine.url)
-        self.writer = StoreWriter(engine)
+        self.writer = StoreWriter(engine, promoted_tags=promoted_tags)
 
     @classmethod
-    def from_url(cls, url: str | URL, *, pool_size: int = 5) -> Store:
-        return cls(create_engine(url, pool_size=pool_size))
+    def from_url(
+        cls, url: str | URL, *, pool_size: int = 5, promoted_tags: Iterable[str] = ()
+    ) -> Store:
+        return cls(create_engine(url, pool_size=pool_size), promoted_tags=promoted_tags)
 
     @property
     def safe_url(self) -> str:

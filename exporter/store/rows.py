@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import namedtuple
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import Enum
@@ -26,6 +26,7 @@ import orjson
 from sqlalchemy import JSON, BigInteger, Boolean, Column, Double, Integer, Text
 
 from exporter.money import exact_decimal, to_money
+from exporter.store.dims import dims_sql, dims_text
 from exporter.store.errors import RowRefused
 from exporter.store.rollup_sums import ROLLUP_SPECS, RollupSum
 from exporter.store.tables import (
@@ -64,14 +65,11 @@ DETAIL_COLUMNS: tuple[str, ...] = tuple(
 )
 ROLLUP_COLUMNS: tuple[str, ...] = ROLLUP_KEY + ROLLUP_SUMS
 #: Rollup key parts computed from a report rather than copied from a detail column: `dims`,
-#: the canonical JSON of the promoted tags ('{}' until reports carry tags): the Postgres
-#: expression and the Python value.
-DERIVED_KEY: Mapping[str, tuple[str, Callable[[Any], str]]] = {
-    "dims": ("'{}'::text", lambda _row: "{}"),
+#: the canonical JSON of the promoted tags (exporter.store.dims): the Postgres expression
+#: without promoted tags, and the Python value of (row, promoted keys).
+DERIVED_KEY: Mapping[str, tuple[str, Callable[[Any, Sequence[str]], str]]] = {
+    "dims": (dims_sql(()), lambda row, keys: dims_text(row.tags, keys)),
 }
-#: Whether the writer fills `dims` from the promoted tags (not before reports carry tags);
-#: the read API refuses tag:<key> until then rather than answer everything under ''.
-DIMS_FROM_TAGS = False
 #: Rollup key parts that are detail columns of the same name (all but granularity, bucket).
 DIMENSIONS: tuple[str, ...] = tuple(c for c in ROLLUP_KEY[2:] if c not in DERIVED_KEY)
 #: Text columns whose absent or empty value is not ''.
@@ -328,14 +326,15 @@ _dimensions = attrgetter(*DIMENSIONS)
 _DERIVED = tuple(DERIVED_KEY[c] for c in ROLLUP_KEY if c in DERIVED_KEY)
 
 
-def aggregate(rows: Iterable[Any]) -> list[Any]:
-    """Hour and day rollup deltas (RollupRows) of DetailRows, sorted by the rollup key."""
+def aggregate(rows: Iterable[Any], dims_keys: Sequence[str] = ()) -> list[Any]:
+    """Hour and day rollup deltas (RollupRows) of DetailRows, sorted by the rollup key;
+    `dims_keys`: the promoted tags (exporter.store.dims.dims_keys)."""
     hours: dict[tuple[Any, ...], list[Any]] = {}
     for r in rows:
         key = (
             r.completed_at.replace(minute=0, second=0, microsecond=0),
             *_dimensions(r),
-            *(value(r) for _sql, value in _DERIVED),
+            *(value(r, dims_keys) for _sql, value in _DERIVED),
         )
         acc = hours.get(key)
         if acc is None:

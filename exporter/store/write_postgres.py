@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from typing import Any
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from exporter.store.dims import clean_json, dims_sql
 from exporter.store.errors import RowRefused
 from exporter.store.rows import (
     DERIVED_KEY,
@@ -47,6 +49,7 @@ __all__ = [
     "PG_STAGING_SQL",
     "PG_WORK_MEM",
     "copy_records",
+    "pg_merge_sql",
     "probe_postgres",
     "write_postgres",
 ]
@@ -83,21 +86,36 @@ _RETURNING = tuple(
     )
 )
 _KEY_C = ", ".join(f'{_q(c)} COLLATE "C"' for c in ROLLUP_KEY[2:])
-_DERIVED_SQL = "".join(f", {DERIVED_KEY[c][0]} AS {_q(c)}" for c in ROLLUP_KEY if c in DERIVED_KEY)
 _DERIVED_COLS = "".join(f", {_q(c)}" for c in ROLLUP_KEY if c in DERIVED_KEY)
 
-PG_MERGE_SQL = f"""
+
+def _derived_sql(keys: Sequence[str]) -> tuple[str, str]:
+    """(extra RETURNING of `ins`, extra select list of `hourly`) for the derived key part
+    `dims`: with promoted tag `keys` computed once per inserted row (exporter.store.dims) and
+    grouped by; without, a constant."""
+    if keys:
+        return f", {dims_sql(keys)} AS {_q('dims')}", _DERIVED_COLS
+    constants = (f", {DERIVED_KEY[c][0]} AS {_q(c)}" for c in ROLLUP_KEY if c in DERIVED_KEY)
+    return "", "".join(constants)
+
+
+@functools.lru_cache(maxsize=8)
+def pg_merge_sql(keys: tuple[str, ...] = ()) -> str:
+    """The statement from the staging table for promoted tag `keys` (dims.dims_keys)."""
+    returning, derived = _derived_sql(keys)
+    grouped = _DERIVED_COLS if keys else ""
+    return f"""
 WITH ins AS (
     INSERT INTO usage_details ({_cols(DETAIL_COLUMNS)})
     SELECT {_cols(DETAIL_COLUMNS)} FROM {PG_STAGING}
     ORDER BY request_id COLLATE "C", {ARRIVAL}
     ON CONFLICT (request_id) DO NOTHING
-    RETURNING {_cols(_RETURNING)}
+    RETURNING {_cols(_RETURNING)}{returning}
 ), hourly AS (
     SELECT date_trunc('hour', completed_at, 'UTC') AS bucket_start, {_cols(DIMENSIONS)}
-        {_DERIVED_SQL}, {", ".join(f"{ROLLUP_SPECS[c].sql} AS {_q(c)}" for c in ROLLUP_SUMS)}
+        {derived}, {", ".join(f"{ROLLUP_SPECS[c].sql} AS {_q(c)}" for c in ROLLUP_SUMS)}
     FROM ins
-    GROUP BY 1, {_cols(DIMENSIONS)}
+    GROUP BY 1, {_cols(DIMENSIONS)}{grouped}
 ), deltas AS (
     SELECT 'hour' AS granularity, * FROM hourly
     UNION ALL
@@ -116,7 +134,13 @@ WITH ins AS (
 SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM up)
 """  # noqa: S608
 
-# asyncpg's json codec takes text: the JSON columns are encoded (compact, as the WAL holds them)
+
+#: The statement without promoted tags (dims '{}' for every report).
+PG_MERGE_SQL = pg_merge_sql()
+
+# asyncpg's json codec takes text: the JSON columns are encoded (compact, as the WAL holds
+# them), NUL cleaned in every string (Postgres cannot give `\u0000` out of json as text, and
+# `dims` reads the tags with ->>)
 _JSON_AT = tuple(i for i, c in enumerate(DETAIL_COLUMNS) if KINDS[c] is Kind.JSON)
 #: Reports prepared per step of the COPY stream: the next step is prepared in a thread while
 #: asyncpg encodes and Postgres stores this one.
@@ -155,7 +179,10 @@ def copy_records(
                 values = list(row)
                 for i in _JSON_AT:
                     if values[i] is not None:
-                        values[i] = orjson.dumps(values[i]).decode()
+                        text = orjson.dumps(values[i]).decode()
+                        if "\\u0000" in text:
+                            text = orjson.dumps(clean_json(values[i])).decode()
+                        values[i] = text
                 row = values
             out.append((*row, first + len(out)))
     return received, out
@@ -227,21 +254,24 @@ async def _driver_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
             raise
 
 
-async def write_postgres(engine: AsyncEngine, payloads: Sequence[bytes]) -> tuple[int, int, int]:
-    """(received, inserted, rollup rows) of one transaction over WAL record payloads."""
+async def write_postgres(
+    engine: AsyncEngine, payloads: Sequence[bytes], dims_keys: tuple[str, ...] = ()
+) -> tuple[int, int, int]:
+    """(received, inserted, rollup rows) of one transaction over WAL record payloads;
+    `dims_keys`: the promoted tags (exporter.store.dims.dims_keys)."""
     stream = _Stream(payloads)
     async with _driver_connection(engine) as pg, pg.transaction():
         await pg.execute(f"SET LOCAL work_mem = '{PG_WORK_MEM}'; {PG_STAGING_SQL}")
         await pg.copy_records_to_table(PG_STAGING, records=stream, columns=PG_STAGING_COLUMNS)
         if not stream.rows:
             return stream.received, 0, 0
-        inserted, rollups = await pg.fetchrow(PG_MERGE_SQL)
+        inserted, rollups = await pg.fetchrow(pg_merge_sql(dims_keys))
     return stream.received, int(inserted), int(rollups)
 
 
-async def probe_postgres(engine: AsyncEngine) -> None:
+async def probe_postgres(engine: AsyncEngine, dims_keys: tuple[str, ...] = ()) -> None:
     """Run the write over no records: fails as a flush would (schema missing or behind,
     permissions including TEMPORARY, database down) without writing anything."""
     async with _driver_connection(engine) as pg, pg.transaction():
         await pg.execute(PG_STAGING_SQL)
-        await pg.fetchrow(PG_MERGE_SQL)
+        await pg.fetchrow(pg_merge_sql(dims_keys))

@@ -11,6 +11,7 @@ added with the exact `dec_add` SQL function (SQLite's own arithmetic on NUMERIC 
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
@@ -123,7 +124,9 @@ def prepare(payloads: Sequence[bytes]) -> tuple[int, list[Any]]:
     return batch.received, batch.sorted_rows()
 
 
-def _write_rows(db: sqlite3.Connection, rows: list[Any]) -> tuple[int, int]:
+def _write_rows(
+    db: sqlite3.Connection, rows: list[Any], dims_keys: tuple[str, ...] = ()
+) -> tuple[int, int]:
     """(inserted, rollup rows): the statements of one batch, on the driver's own thread.
 
     Runs inside the transaction SQLAlchemy began on this connection; binding, the RETURNING
@@ -142,7 +145,7 @@ def _write_rows(db: sqlite3.Connection, rows: list[Any]) -> tuple[int, int]:
             cur.execute(sql, _params(chunk, _DETAIL_BIND))
             inserted.update(r[0] for r in cur.fetchall())
         new = rows if len(inserted) == len(rows) else [r for r in rows if r.request_id in inserted]
-        rollups = aggregate(new)
+        rollups = aggregate(new, dims_keys)
         width = len(ROLLUP_COLUMNS)
         for chunk in _chunks(rollups, width):
             sql = (
@@ -167,14 +170,18 @@ async def on_driver_thread(
     return cast(_T, await driver._execute(fn, driver._conn, rows))
 
 
-async def write_sqlite(engine: AsyncEngine, payloads: Sequence[bytes]) -> tuple[int, int, int]:
-    """(received, inserted, rollup rows) of one transaction over WAL record payloads."""
+async def write_sqlite(
+    engine: AsyncEngine, payloads: Sequence[bytes], dims_keys: tuple[str, ...] = ()
+) -> tuple[int, int, int]:
+    """(received, inserted, rollup rows) of one transaction over WAL record payloads;
+    `dims_keys`: the promoted tags (exporter.store.dims.dims_keys)."""
     # Per-report Python work runs in threads, so the event loop keeps serving ingest.
     received, rows = await asyncio.to_thread(prepare, payloads)
     if not rows:
         return received, 0, 0
     async with engine.begin() as conn:
-        inserted, rollups = await on_driver_thread(conn, _write_rows, rows)
+        write = functools.partial(_write_rows, dims_keys=dims_keys)
+        inserted, rollups = await on_driver_thread(conn, write, rows)
     return received, inserted, rollups
 
 

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.money import json_default
 from exporter.store.db import backend_name
+from exporter.store.dims import dims_keys
 from exporter.store.write_postgres import probe_postgres, write_postgres
 from exporter.store.write_sqlite import probe_sqlite, write_sqlite
 
@@ -50,9 +51,15 @@ class StoreWriter:
     """
 
     def __init__(
-        self, engine: AsyncEngine, *, fault: Callable[[Sequence[bytes]], None] | None = None
+        self,
+        engine: AsyncEngine,
+        *,
+        promoted_tags: Iterable[str] = (),
+        fault: Callable[[Sequence[bytes]], None] | None = None,
     ) -> None:
         self._engine = engine
+        #: the rollup key's `dims` holds these tags (exporter.store.dims)
+        self.dims_keys = dims_keys(promoted_tags)
         self.backend = backend_name(engine.url)
         self.fault = fault
 
@@ -66,9 +73,11 @@ class StoreWriter:
         if self.fault is not None:
             self.fault(payloads)
         if self.backend == "postgresql":
-            received, inserted, rollups = await write_postgres(self._engine, payloads)
+            received, inserted, rollups = await write_postgres(
+                self._engine, payloads, self.dims_keys
+            )
         else:
-            received, inserted, rollups = await write_sqlite(self._engine, payloads)
+            received, inserted, rollups = await write_sqlite(self._engine, payloads, self.dims_keys)
         return WriteResult(received, inserted, rollups)
 
     async def probe(self) -> None:
@@ -76,6 +85,6 @@ class StoreWriter:
         if self.fault is not None:
             self.fault([])
         if self.backend == "postgresql":
-            await probe_postgres(self._engine)
+            await probe_postgres(self._engine, self.dims_keys)
         else:
             await probe_sqlite(self._engine)
