@@ -52,6 +52,7 @@ from exporter.flusher import Flusher
 from exporter.money import json_default
 from exporter.selfmetrics import SelfMetrics
 from exporter.store import Store
+from exporter.store.copy_rows import copy_records
 from exporter.store.rows import DETAIL_COLUMNS, ROLLUP_COLUMNS, Batch, Kind, aggregate, kind_of
 from exporter.store.tables import ROLLUP_KEY, ROLLUP_SUMS, usage_details, usage_rollups
 from exporter.store.write_postgres import (
@@ -60,7 +61,6 @@ from exporter.store.write_postgres import (
     PG_STAGING_COLUMNS,
     PG_STAGING_SQL,
     PG_WORK_MEM,
-    copy_records,
 )
 from exporter.usage import UsageReport
 from exporter.wal import WriteAheadLog

@@ -1,14 +1,15 @@
 """The exactly-once batch write on Postgres: binary COPY into a staging table, then ONE statement.
 
-Rows are prepared in a worker thread by the same rules as SQLite (`rows.Batch`: defaults,
-checks, de-duplication with the first occurrence winning, request_id order), so no per-report
-Python runs on the event loop; asyncpg's `copy_records_to_table` sends them in the binary COPY
-format (its Cython codecs) to `usage_staging`, a session-lived temporary table emptied at every
-commit (no WAL, no indexes, no constraints). One statement then inserts them into
-`usage_details` with `ON CONFLICT (request_id) DO NOTHING RETURNING`, aggregates only the
-rows really inserted into hour and day deltas and upserts those additively. bench/RESULTS.md
-(`## Flush`, `## Limits`) has the measurements against the earlier JSON statement
-(`unnest($1::json[])` + `json_populate_recordset`: the server parsed every report).
+Rows are prepared in worker threads by the same value rules as SQLite (`copy_rows`), in steps
+of COPY_STEP reports, the next step while this one is sent, so no per-report Python runs on
+the event loop; asyncpg's `copy_records_to_table` sends them in the binary COPY format (its
+compiled codecs, the one per-row cost left on the loop) to `usage_staging`, a session-lived
+temporary table emptied at every commit (no WAL, no indexes, no constraints). One statement
+then inserts them into `usage_details` in request_id order (the first arrival of a repeated
+id wins) with `ON CONFLICT (request_id) DO NOTHING RETURNING`, aggregates only the rows really
+inserted into hour and day deltas and upserts those additively. bench/RESULTS.md (`## Flush`,
+`## Limits: Postgres flush`) compares it with the earlier JSON statement (`unnest($1::json[])`
++ `json_populate_recordset`: the server parsed every report; bench/pg_json_write.py).
 
 The SQL is assembled from the column lists in `rows.py`, never from data. Row order is the
 lock order: request_id for the details, the rollup key for the rollups, byte-wise ("C") so it
@@ -25,20 +26,16 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from exporter.store.dims import clean_json, dims_sql
-from exporter.store.errors import RowRefused
+from exporter.store.copy_rows import copy_records
+from exporter.store.dims import dims_sql
 from exporter.store.rows import (
     DERIVED_KEY,
     DETAIL_COLUMNS,
     DIMENSIONS,
-    KINDS,
     ROLLUP_COLUMNS,
     ROLLUP_SPECS,
-    Kind,
-    normalize,
 )
 from exporter.store.tables import ROLLUP_KEY, ROLLUP_SUMS
 
@@ -48,7 +45,6 @@ __all__ = [
     "PG_STAGING_COLUMNS",
     "PG_STAGING_SQL",
     "PG_WORK_MEM",
-    "copy_records",
     "pg_merge_sql",
     "probe_postgres",
     "write_postgres",
@@ -138,54 +134,12 @@ SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM up)
 #: The statement without promoted tags (dims '{}' for every report).
 PG_MERGE_SQL = pg_merge_sql()
 
-# asyncpg's json codec takes text: the JSON columns are encoded (compact, as the WAL holds
-# them), NUL cleaned in every string (Postgres cannot give `\u0000` out of json as text, and
-# `dims` reads the tags with ->>)
-_JSON_AT = tuple(i for i, c in enumerate(DETAIL_COLUMNS) if KINDS[c] is Kind.JSON)
 #: Reports prepared per step of the COPY stream: the next step is prepared in a thread while
 #: asyncpg encodes and Postgres stores this one.
 COPY_STEP = 4096
 #: asyncpg encodes COPY rows on the event loop (~6 µs each, bench/RESULTS.md): hand the loop
 #: back every this many rows, so ingest never waits more than a few milliseconds.
 YIELD_EVERY = 512
-
-
-def copy_records(
-    payloads: Sequence[bytes], first: int = 0, now: datetime | None = None
-) -> tuple[int, list[tuple[Any, ...]]]:
-    """(reports received, COPY records: detail row + arrival number `first`, `first`+1, …).
-
-    The rules are rows.normalize's (the SQLite path's), so both backends store the same
-    values; raises RowRefused for data no backend can store. Duplicates stay: the statement
-    keeps the first arrival. CPU-bound: run it in a thread.
-    """
-    when = now or datetime.now(UTC)
-    received = 0
-    out: list[tuple[Any, ...]] = []
-    for payload in payloads:
-        try:
-            reports = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            raise RowRefused("", "a WAL record that is not JSON") from None
-        if not isinstance(reports, list):
-            raise RowRefused("", "a WAL record that is not a JSON array")
-        received += len(reports)
-        for report in reports:
-            row = normalize(report, when)
-            if row is None:
-                log.warning("skipping a report without request_id")
-                continue
-            if _JSON_AT and any(row[i] is not None for i in _JSON_AT):
-                values = list(row)
-                for i in _JSON_AT:
-                    if values[i] is not None:
-                        text = orjson.dumps(values[i]).decode()
-                        if "\\u0000" in text:
-                            text = orjson.dumps(clean_json(values[i])).decode()
-                        values[i] = text
-                row = values
-            out.append((*row, first + len(out)))
-    return received, out
 
 
 def _steps(payloads: Sequence[bytes]) -> list[Sequence[bytes]]:
