@@ -55,8 +55,10 @@ from common import (
     proc_cpu_seconds,
     replace_section,
 )
-from flush import _pg_dsn, cluster_cpu, log, make_payloads, run_ours
+from flush import _pg_dsn, cluster_cpu, json_flush, log, make_payloads, run_ours
 from pgcluster import start_cluster
+
+from exporter.store import Store
 
 # -- wrk ---------------------------------------------------------------------------------------
 LUA = r"""
@@ -274,6 +276,20 @@ async def pg_part(args: argparse.Namespace) -> list[FlushResult]:
         assert run.inserted == len(rows), (run.inserted, len(rows))
         out.append(FlushResult("ours (Flusher → StoreWriter, real schema)", run.reports,
                                run.wall, run.server_cpu, run.client_cpu))  # fmt: skip
+        # the write before COPY (Postgres parses the WAL records), same schema, for reference
+        before_url = cluster.url(cluster.create_database("before"))
+        store = Store.from_url(before_url)
+        await store.upgrade()
+        await store.close()
+        conn = await asyncpg.connect(_pg_dsn(before_url))
+        log("  before: JSON statement …")
+        srv0, cpu0, t0 = cluster_cpu(cluster), time.process_time(), time.perf_counter()
+        inserted = await json_flush(conn, payloads, args.flush_batch)
+        out.append(FlushResult("before: JSON statement (Postgres parses the records)",
+                               len(rows), time.perf_counter() - t0, cluster_cpu(cluster) - srv0,
+                               time.process_time() - cpu0))  # fmt: skip
+        assert inserted == len(rows), (inserted, len(rows))
+        await conn.close()
     finally:
         cluster.destroy()
     return out
@@ -324,7 +340,7 @@ def render(args: argparse.Namespace, http: list[WrkResult], pg: list[FlushResult
                             f"{held.p99_ms:.1f} ms", f"on: p99 {ours.p99_ms:.1f} ms",
                             f"**{p99:.2f}×**", verdict(round(p99, 2), 2.0, True)])  # fmt: skip
     if pg:
-        cte, copy, ours_pg = pg
+        cte, copy, ours_pg = pg[:3]
         for limit, target in ((cte, 0.5), (copy, None)):
             ratio = ours_pg.rate / limit.rate
             summary.append([f"Postgres flush, {args.reports:,} reports over {args.keys:,} keys",
