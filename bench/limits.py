@@ -305,8 +305,13 @@ def render(args: argparse.Namespace, http: list[WrkResult], pg: list[FlushResult
     lines = [
         f"`python bench/limits.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
         f"— {now_utc()}; {machine_note()}; load average at start "
-        f"{args.load_at_start:.2f} (the box is shared). wrk `-t1`, {args.duration:g} s measured "
-        f"after {args.warmup:g} s warm-up per server; WAL fsync; every server a fresh process.",
+        f"{args.load_at_start:.2f} (the box is shared)."
+        + (
+            f" wrk `-t1`, {args.duration:g} s measured after {args.warmup:g} s warm-up per "
+            "server; WAL fsync; every server a fresh process."
+            if http
+            else ""
+        ),
         "",
     ]
     summary: list[list[str]] = []
