@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from storecheck import BASE, assert_stored_exactly, report
 
 from exporter.store import Store
+from exporter.store.copy_rows import fast_values, normalized_values
 from exporter.store.errors import ErrorKind, classify
 from exporter.store.rows import DETAIL_COLUMNS, ROLLUP_COLUMNS
 from exporter.store.tables import ROLLUP_KEY, usage_details, usage_rollups
@@ -156,3 +157,29 @@ async def test_postgres_flush_prepares_no_report_on_the_event_loop(pg_url: str) 
         await assert_stored_exactly(store, reports)
     finally:
         await store.close()
+
+
+def test_the_fast_path_gives_what_normalize_gives() -> None:
+    """copy_rows' one-pass values equal rows.normalize's on ingest-shaped and odd reports."""
+    now = datetime(2026, 3, 5, tzinfo=UTC)
+    shaped = [varied(i) for i in range(400)]
+    odd: list[dict[str, Any]] = []
+    for i, r in enumerate(shaped[:60]):
+        odd.append({**r, "cost_usd": ["0.5", 0.25, 3, "-0.0000000001", "1.23"][i % 5]})
+        odd.append({**r, "completed_at": ["2026-03-01T10:00:00", "2026-03-01 10:00:00Z",
+                                          "2026-03-01T10:00:00.5+00:00"][i % 3]})  # fmt: skip
+        odd.append({**r, "input_tokens": [2**63 - 1, -(2**63), True, None, 2**63][i % 5]})
+        odd.append({**r, "stream": None, "operation": "", "duration_ms": 7, "total_tokens": None})
+        odd.append({k: v for k, v in r.items() if k != "team"})
+        odd.append({**r, "model": 5, "tags": {"k": "v\x00"}, "completed_at": None})
+    taken = 0
+    for r in shaped + odd:
+        if "\x00" in "".join(v for v in r.values() if isinstance(v, str)):
+            continue  # copy_records sends a record with a NUL in its text to normalize
+        fast = fast_values(r)
+        if fast is not None:
+            taken += 1
+            assert fast == normalized_values(r, now), r
+    assert taken > len(shaped) // 2
+    # what ingest writes takes the fast path
+    assert all(fast_values(report(i)) is not None for i in range(100))
