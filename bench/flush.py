@@ -545,10 +545,10 @@ What the figures say:
   runs one statement that inserts the details and upserts the rollup deltas. The *JSON
   statement* variant (the write before this one, on the same schema) hands Postgres the WAL
   records as they are, so Postgres parses every report (`json_populate_recordset`, ~10 µs per
-  report of 40 fields) and the exporter does almost nothing. COPY roughly halves *Postgres
-  CPU*, the resource every replica shares, and moves the row preparation into the exporter
-  (*exporter CPU*): off the event loop (threads), except asyncpg's COPY encoding (~6 µs a
-  row, compiled, handed back to the loop every 512 rows).
+  report of 40 fields) and the exporter does almost nothing. COPY takes a quarter to a third
+  off *Postgres CPU*, the resource every replica shares, and moves the row preparation into
+  the exporter (*exporter CPU*): off the event loop (threads), except asyncpg's COPY encoding
+  (~6 µs a row, compiled, handed back to the loop every 512 rows).
 - **What is left in Postgres** (the breakdown above): the detail insert (heap, the primary key
   that is the dedupe, completed_at and trace_id; `## Detail indexes` measures each index) and
   the rollup upserts; `usage_rollups` has fillfactor 50 (migration 0006), so an upsert that
