@@ -1,10 +1,11 @@
 """What each usage_details index costs the flush, on a throwaway Postgres.
 
 For each index set, a fresh database gets `--batches` flushes of `--batch` new reports
-through the real `StoreWriter` (one statement per flush, as the service runs it), the sets
+through the real `StoreWriter` (COPY + one statement per flush, as the service runs it), the sets
 taking turns; the figure is the median reports/s of the flushes after the first. The sets:
-the indexes the read API uses (completed_at, trace_id), each one dropped, and the two
-per-user/per-team indexes 0005 removed added back.
+the indexes the read API uses (completed_at, trace_id), each one dropped, the two
+per-user/per-team indexes 0005 removed added back, trace_id as a partial index and completed_at
+as BRIN.
 
     python bench/indexes.py                   # prints markdown
     python bench/indexes.py --write-results   # ...and updates "## Detail indexes" in RESULTS.md
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from common import machine_note, md_table, now_utc, replace_section
 from common import report as bench_report
+from flush import cluster_cpu
 from pgcluster import PgCluster, start_cluster
 
 from exporter.store import Store
@@ -34,6 +36,8 @@ KEPT = ("ix_usage_details_completed_at", "ix_usage_details_trace_id")
 EXTRA = {
     "ix_usage_details_user_completed_at": '("user", completed_at)',
     "ix_usage_details_team_completed_at": "(team, completed_at)",
+    "ix_usage_details_trace_id_partial": "(trace_id) WHERE trace_id <> ''",
+    "ix_usage_details_completed_at_brin": "USING brin (completed_at)",
 }
 SETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # name: (indexes to drop, extra indexes to create)
@@ -42,12 +46,20 @@ SETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "without completed_at": (("ix_usage_details_completed_at",), ()),
     "none (primary key only)": (KEPT, ()),
     "+ (user, completed_at), (team, completed_at) (before 0005)": ((), tuple(EXTRA)),
+    "trace_id partial (WHERE trace_id <> '')": (
+        ("ix_usage_details_trace_id",),
+        ("ix_usage_details_trace_id_partial",),
+    ),
+    "completed_at as BRIN (no order: /v1/requests and retention need one)": (
+        ("ix_usage_details_completed_at",),
+        ("ix_usage_details_completed_at_brin",),
+    ),
 }
 
 
-async def run_sets(cluster: PgCluster, batch: int, batches: int) -> dict[str, float]:
-    """Median reports/s per set; the sets take turns batch by batch, so load from other jobs
-    on the box hits them alike."""
+async def run_sets(cluster: PgCluster, batch: int, batches: int) -> dict[str, tuple[float, float]]:
+    """(median reports/s, median Postgres CPU µs/report) per set; the sets take turns batch
+    by batch, so load from other jobs on the box hits them alike."""
     stores: dict[str, Store] = {}
     names: list[str] = []
     try:
@@ -64,18 +76,26 @@ async def run_sets(cluster: PgCluster, batch: int, batches: int) -> dict[str, fl
                         f"CREATE INDEX {index} ON usage_details {EXTRA[index]}"
                     )
         rates: dict[str, list[float]] = {name: [] for name in SETS}
+        cpus: dict[str, list[float]] = {name: [] for name in SETS}
         for b in range(batches):
+            # half the reports belong to a trace of 4 calls, as from an agent pipeline
             payload = orjson.dumps(
-                [bench_report(i, f"b{b}-{i}") for i in range(b * batch, (b + 1) * batch)]
+                [
+                    {**bench_report(i, f"b{b}-{i}"), "trace_id": f"t-{i // 4}" if i % 2 else ""}
+                    for i in range(b * batch, (b + 1) * batch)
+                ]
             )
             for name, store in stores.items():
-                began = time.perf_counter()
+                cpu0, began = cluster_cpu(cluster), time.perf_counter()
                 result = await store.writer.write_payloads([payload])
                 elapsed = time.perf_counter() - began
                 assert result.inserted == batch
                 if b:  # the first flush warms caches and plans
                     rates[name].append(batch / elapsed)
-        return {name: statistics.median(r) for name, r in rates.items()}
+                    cpus[name].append((cluster_cpu(cluster) - cpu0) / batch * 1e6)
+        return {
+            name: (statistics.median(rates[name]), statistics.median(cpus[name])) for name in SETS
+        }
     finally:
         for store in stores.values():
             await store.close()
@@ -93,9 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     try:
         medians = asyncio.run(run_sets(cluster, args.batch, args.batches))
-        base = next(iter(medians.values()))
-        for name, rate in medians.items():
-            rows.append([name, f"{rate:,.0f}", f"{rate / base:.2f}"])
+        base, base_cpu = next(iter(medians.values()))
+        for name, (rate, cpu) in medians.items():
+            rows.append([name, f"{rate:,.0f}", f"{rate / base:.2f}", f"{cpu:.1f}",
+                         f"{cpu - base_cpu:+.1f}"])  # fmt: skip
     finally:
         cluster.destroy()
     body = "\n".join([
@@ -103,9 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         f"Flush throughput into usage_details + rollups per index set ({args.batches} flushes "
         f"of {args.batch:,} new reports each into a growing table, the sets taking turns, "
-        "median of all but the first; Postgres 15, fsync off):",
+        "median of all but the first; Postgres 15, fsync off; *Postgres CPU* is the whole "
+        "cluster's, less noisy than wall time on a shared box):",
         "",
-        md_table(["usage_details indexes", "reports/s", "vs read API set"], rows),
+        md_table(["usage_details indexes", "reports/s", "vs read API set",
+                  "Postgres CPU µs/report", "vs read API set"], rows),
     ])  # fmt: skip
     print(body)
     if args.write_results:

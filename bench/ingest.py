@@ -149,6 +149,10 @@ async def _inprocess(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 ),
             ),
             ("UsageMetrics.observe (live counters)", observe_all),
+            (
+                "UsageMetrics.observe_many (the same, a batch per call, as ingest does)",
+                lambda: each(validated, usage.observe_many),
+            ),
         ]
         for name, fn in stages:
             add(name, _timed(fn, repeat))

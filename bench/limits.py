@@ -11,13 +11,16 @@ flush:
   `StoreWriter` on the real schema with the read API's indexes) vs an exactly-once CTE on a
   thin schema (typed arrays in, `INSERT … ON CONFLICT DO NOTHING RETURNING` feeding the rollup
   upsert in one statement) vs binary COPY (`copy_records_to_table`) into a table with only a
-  primary key, all on the same throwaway cluster (tests/pgcluster.py).
+  primary key, all on the same throwaway cluster (tests/pgcluster.py); Postgres CPU (the
+  whole cluster) and this process's CPU per report beside the wall time.
 
 wrk rewrites the request id of every body (Lua `gsub` on a placeholder), so every report is
 new to our dedupe. Needs `wrk` (Debian: `apt-get install wrk`) and PostgreSQL binaries.
 
     python bench/limits.py                  # prints markdown
     python bench/limits.py --write-results  # ...and replaces "## Limits" in RESULTS.md
+    python bench/limits.py --parts pg --write-results   # the flush part only:
+                                            # "## Limits: Postgres flush"
 """
 
 from __future__ import annotations
@@ -52,8 +55,10 @@ from common import (
     proc_cpu_seconds,
     replace_section,
 )
-from flush import _pg_dsn, cluster_cpu, log, make_payloads, run_ours
+from flush import _pg_dsn, cluster_cpu, json_flush, log, make_payloads, run_ours
 from pgcluster import start_cluster
+
+from exporter.store import Store
 
 # -- wrk ---------------------------------------------------------------------------------------
 LUA = r"""
@@ -247,6 +252,7 @@ class FlushResult:
     reports: int
     wall: float
     pg_cpu: float
+    client_cpu: float
 
     @property
     def rate(self) -> float:
@@ -267,7 +273,7 @@ async def pg_part(args: argparse.Namespace) -> list[FlushResult]:
         for name, kind in (("exactly-once CTE, thin schema", "cte"),
                            ("binary COPY, primary key only", "copy")):  # fmt: skip
             log(f"  {name} …")
-            srv0, t0 = cluster_cpu(cluster), time.perf_counter()
+            srv0, cpu0, t0 = cluster_cpu(cluster), time.process_time(), time.perf_counter()
             for chunk in batches(rows, args.flush_batch):
                 if kind == "cte":
                     async with conn.transaction():
@@ -277,7 +283,8 @@ async def pg_part(args: argparse.Namespace) -> list[FlushResult]:
                         "copy_details", records=chunk, columns=THIN_COLUMNS
                     )
             wall = time.perf_counter() - t0
-            out.append(FlushResult(name, len(rows), wall, cluster_cpu(cluster) - srv0))
+            out.append(FlushResult(name, len(rows), wall, cluster_cpu(cluster) - srv0,
+                                   time.process_time() - cpu0))  # fmt: skip
             log(f"    {out[-1].rate:,.0f} reports/s")
         n = await conn.fetchval("SELECT sum(requests) FROM thin_rollups")
         assert n == len(rows), (n, len(rows))
@@ -288,7 +295,21 @@ async def pg_part(args: argparse.Namespace) -> list[FlushResult]:
         )
         assert run.inserted == len(rows), (run.inserted, len(rows))
         out.append(FlushResult("ours (Flusher → StoreWriter, real schema)", run.reports,
-                               run.wall, run.server_cpu))  # fmt: skip
+                               run.wall, run.server_cpu, run.client_cpu))  # fmt: skip
+        # the write before COPY (Postgres parses the WAL records), same schema, for reference
+        before_url = cluster.url(cluster.create_database("before"))
+        store = Store.from_url(before_url)
+        await store.upgrade()
+        await store.close()
+        conn = await asyncpg.connect(_pg_dsn(before_url))
+        log("  before: JSON statement …")
+        srv0, cpu0, t0 = cluster_cpu(cluster), time.process_time(), time.perf_counter()
+        inserted = await json_flush(conn, payloads, args.flush_batch)
+        out.append(FlushResult("before: JSON statement (Postgres parses the records)",
+                               len(rows), time.perf_counter() - t0, cluster_cpu(cluster) - srv0,
+                               time.process_time() - cpu0))  # fmt: skip
+        assert inserted == len(rows), (inserted, len(rows))
+        await conn.close()
     finally:
         cluster.destroy()
     return out
@@ -304,8 +325,13 @@ def render(args: argparse.Namespace, http: list[WrkResult], pg: list[FlushResult
     lines = [
         f"`python bench/limits.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
         f"— {now_utc()}; {machine_note()}; load average at start "
-        f"{args.load_at_start:.2f} (the box is shared). wrk `-t1`, {args.duration:g} s measured "
-        f"after {args.warmup:g} s warm-up per server; WAL fsync; every server a fresh process.",
+        f"{args.load_at_start:.2f} (the box is shared)."
+        + (
+            f" wrk `-t1`, {args.duration:g} s measured after {args.warmup:g} s warm-up per "
+            "server; WAL fsync; every server a fresh process."
+            if http
+            else ""
+        ),
         "",
     ]
     summary: list[list[str]] = []
@@ -350,7 +376,7 @@ def render(args: argparse.Namespace, http: list[WrkResult], pg: list[FlushResult
                                 f"**{after.cpu_us_per_report / before.cpu_us_per_report:.2f}×** "
                                 "CPU", "-"])  # fmt: skip
     if pg:
-        cte, copy, ours_pg = pg
+        cte, copy, ours_pg = pg[:3]
         for limit, target in ((cte, 0.5), (copy, None)):
             ratio = ours_pg.rate / limit.rate
             summary.append([f"Postgres flush, {args.reports:,} reports over {args.keys:,} keys",
@@ -358,9 +384,11 @@ def render(args: argparse.Namespace, http: list[WrkResult], pg: list[FlushResult
                             f"**{ratio:.2f}×**", verdict(round(ratio, 2), target) if target
                             else "-"])  # fmt: skip
         lines.append(md_table(
-            ["flush", "reports", "wall s", "reports/s", "Postgres CPU s", "Postgres CPU µs/report"],
+            ["flush", "reports", "wall s", "reports/s", "Postgres CPU s", "Postgres CPU µs/report",
+             "client CPU µs/report"],
             [[r.name, fmt_int(r.reports), f"{r.wall:.2f}", fmt_int(r.rate), f"{r.pg_cpu:.2f}",
-              f"{r.pg_cpu / r.reports * 1e6:.1f}"] for r in pg],
+              f"{r.pg_cpu / r.reports * 1e6:.1f}", f"{r.client_cpu / r.reports * 1e6:.1f}"]
+             for r in pg],
         ))  # fmt: skip
         lines.append("")
     lines += ["Ratio table (limits and ours in the same run):", ""]
@@ -395,7 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = render(args, http, pg)
     print(text)
     if args.write_results:
-        replace_section("Limits", text)
+        # the flush part alone (while iterating on the write) gets a section of its own, so it
+        # never replaces the HTTP figures of a full run
+        replace_section("Limits" if "http" in parts else "Limits: Postgres flush", text)
     assert ID_PLACEHOLDER  # the Lua script's placeholder is common.ID_PLACEHOLDER
     return 0
 

@@ -135,6 +135,12 @@ class Settings(BaseSettings):
     insecure: bool = False  # allow a non-loopback bind with no token
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+    #: processes serving `port` together (SO_REUSEPORT), each with its own WAL in
+    #: `<data_dir>/worker-<i>`; 1 = one process on `data_dir` (docs/operations.md)
+    workers: int = Field(default=1, ge=1, le=64)
+    #: with workers > 1, worker i also listens on `worker_port + i` (its own /metrics,
+    #: /readyz); default port + 1 (ephemeral ports when port is 0)
+    worker_port: int | None = Field(default=None, ge=0, le=65535)
 
     # security and limits
     tokens: list[TokenSpec] = Field(default_factory=list)

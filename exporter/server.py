@@ -225,9 +225,11 @@ class GuardedSite(web.SockSite):
         )
 
 
-def bind(host: str, port: int) -> list[socket.socket]:
+def bind(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socket]:
     """Bound (not yet listening) sockets for every address `host` resolves to, as asyncio's
-    create_server would make them; a port in use fails here, before any start step ran."""
+    create_server would make them; a port in use fails here, before any start step ran.
+    `reuse_port`: SO_REUSEPORT, so `serve --workers N` processes share one port (the kernel
+    spreads connections over their listening sockets)."""
     sockets: list[socket.socket] = []
     seen: set[tuple[int, Any]] = set()
     try:
@@ -239,6 +241,8 @@ def bind(host: str, port: int) -> list[socket.socket]:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
@@ -314,6 +318,7 @@ async def _serve(
     )
     try:
         await runner.setup()  # the app's start steps: WAL open, background jobs
+        # what start-up built lives as long as the process: out of the GC's full passes
         tune_gc()
         try:
             count = ConnectionCount(connection_cap(fd_limit, settings.http_max_connections))
@@ -342,16 +347,21 @@ async def _serve(
             sock.close()
 
 
-def run(make_app: Callable[[Settings], web.Application], settings: Settings) -> int:
+def run(
+    make_app: Callable[[Settings], web.Application],
+    settings: Settings,
+    listen: Callable[[], list[socket.socket]] | None = None,
+) -> int:
     """The `serve` command after its settings checks: lock the data dir, bind, run until a
-    signal. Start-up failures raise StartupError (one line, exit 1)."""
+    signal. Start-up failures raise StartupError (one line, exit 1). `listen` binds the
+    sockets instead of `bind(host, port)` (a worker of `serve --workers`: exporter/workers.py)."""
     lock = DataDirLock(settings.data_dir)
     try:
         lock.acquire()
     except DataDirLocked as exc:
         raise StartupError(str(exc)) from None
     try:
-        sockets = bind(settings.host, settings.port)
+        sockets = listen() if listen is not None else bind(settings.host, settings.port)
         fd_limit = raise_nofile_limit()
         asyncio.run(_serve(make_app(settings), settings, sockets, fd_limit))
     finally:

@@ -11,6 +11,7 @@ import os
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
+from operator import itemgetter
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -167,6 +168,11 @@ Tags = Annotated[dict[TagKey, TagValue], Field(max_length=MAX_TAGS)]
 #: be counted twice live and stored once. Lone surrogates are refused by pydantic-core already.
 _IDENTITY_FIELDS = ("request_id", "model", "provider", "user", "team", "api_key_id",
                     "trace_id", "parent_id", "node", "error_type")  # fmt: skip
+_identities = itemgetter(*_IDENTITY_FIELDS)
+_counts = itemgetter("input_tokens", "output_tokens", "cached_input_tokens",
+                     "cache_creation_input_tokens", "reasoning_tokens", "total_tokens")  # fmt: skip
+#: the billed units that are parts of another count (web_search_requests is not)
+_billed_parts = itemgetter(*(k for k, whole in BILLED_UNITS.items() if whole))
 
 
 class UsageReport(BaseModel):
@@ -228,49 +234,43 @@ class UsageReport(BaseModel):
 
     @model_validator(mode="after")
     def _check_arithmetic(self) -> UsageReport:
+        # Runs once per report inside pydantic's call: plain dict reads through itemgetters
+        # (C), not attribute lookups; the rare failures re-read by name for their message.
         d = self.__dict__
-        if "\x00" in "".join([d[k] for k in _IDENTITY_FIELDS]):
+        if "\x00" in "".join(_identities(d)):
             bad = [k for k in _IDENTITY_FIELDS if "\x00" in d[k]]
             raise ValueError(f"{', '.join(bad)} must not contain NUL (\\x00) characters")
-        if self.tags and any("\x00" in v for v in self.tags.values()):
+        tags = d["tags"]
+        if tags and any("\x00" in v for v in tags.values()):
             raise ValueError("tag values must not contain NUL (\\x00) characters")
-        cache = self.cached_input_tokens + self.cache_creation_input_tokens
-        if cache > self.input_tokens:
+        inp, out, cached, creation, reasoning, sent_total = _counts(d)
+        if cached + creation > inp:
             raise ValueError(
-                f"cached_input_tokens + cache_creation_input_tokens ({cache}) exceed "
-                f"input_tokens ({self.input_tokens}); input_tokens must include cache tokens"
+                f"cached_input_tokens + cache_creation_input_tokens ({cached + creation}) exceed "
+                f"input_tokens ({inp}); input_tokens must include cache tokens"
             )
-        if self.reasoning_tokens > self.output_tokens:
-            raise ValueError(
-                f"reasoning_tokens ({self.reasoning_tokens}) exceed output_tokens "
-                f"({self.output_tokens})"
-            )
-        if (
-            self.cache_creation_1h_input_tokens
-            or self.input_audio_tokens
-            or self.cached_audio_input_tokens
-            or self.output_audio_tokens
-            or self.input_image_tokens
-            or self.output_image_tokens
-        ):
+        if reasoning > out:
+            raise ValueError(f"reasoning_tokens ({reasoning}) exceed output_tokens ({out})")
+        if any(_billed_parts(d)):
             self._check_billed_units()
-        total = self.input_tokens + self.output_tokens
-        if self.total_tokens is not None and self.total_tokens != total:
+        total = inp + out
+        if sent_total is not None and sent_total != total:
             raise ValueError(
-                f"total_tokens ({self.total_tokens}) != input_tokens + output_tokens ({total})"
+                f"total_tokens ({sent_total}) != input_tokens + output_tokens ({total})"
             )
-        fields = self.__dict__  # plain writes: pydantic's __setattr__ costs ~0.3 µs each
-        fields["total_tokens"] = total
-        if self.started_at is not None:
-            fields["started_at"] = _utc(self.started_at, "started_at")
-        if self.completed_at is not None:
-            fields["completed_at"] = _utc(self.completed_at, "completed_at")
-        if self.status is not Status.SUCCESS and not self.error_type:
-            fields["error_type"] = self.status.value
-        if self.started_at and self.completed_at and self.duration_ms is None:
-            delta = (self.completed_at - self.started_at).total_seconds() * 1000
+        d["total_tokens"] = total  # plain writes: pydantic's __setattr__ costs ~0.3 µs each
+        started, completed = d["started_at"], d["completed_at"]
+        if started is not None:
+            d["started_at"] = started = _utc(started, "started_at")
+        if completed is not None:
+            d["completed_at"] = completed = _utc(completed, "completed_at")
+        status = d["status"]
+        if status is not Status.SUCCESS and not d["error_type"]:
+            d["error_type"] = status.value
+        if started and completed and d["duration_ms"] is None:
+            delta = (completed - started).total_seconds() * 1000
             if delta >= 0:
-                fields["duration_ms"] = delta
+                d["duration_ms"] = delta
         return self
 
     def _check_billed_units(self) -> None:

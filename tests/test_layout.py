@@ -52,6 +52,8 @@ GROUPS: dict[str, str] = {
     "exporter.startup": "wiring",
     "exporter.reprice": "wiring",  # pricing x store: re-pricing stored rows (the CLI runs it)
     "exporter.server": "wiring",
+    "exporter.workers": "wiring",  # serve --workers: the supervisor (cli passes create_app)
+    "exporter.leftovers": "wiring",  # WAL of a run with another --workers: flushed at start
     "exporter.http_errors": "wiring",  # the 400 answers of the HTTP parser (server.py uses it)
     "exporter.app": "app",
     "exporter.cli": "cli",

@@ -18,7 +18,8 @@ from storecheck import assert_stored_exactly, report
 
 from exporter.store import Store
 
-PER_REPORT = {"prepare", "add_payload", "sorted_rows", "_params", "_write_rows", "aggregate",
+PER_REPORT = {"prepare", "prepare_params", "_fast", "bind_row", "_flat", "_rollup_row",
+              "add_payload", "sorted_rows", "_params", "_write_rows", "aggregate",
               "sqlite_timestamp", "_money_text", "_json_text", "decimal_text"}  # fmt: skip
 
 

@@ -29,6 +29,18 @@ def register(sub: Any) -> None:
     serve.add_argument("--host", help="bind address (default 127.0.0.1; env LLM_USAGE_HOST)")
     serve.add_argument("--port", type=int, help="port (default 9470; env LLM_USAGE_PORT)")
     serve.add_argument(
+        "--workers",
+        type=int,
+        help="processes sharing the port, one WAL each in <data-dir>/worker-<i> (default 1; "
+        "env LLM_USAGE_WORKERS)",
+    )
+    serve.add_argument(
+        "--worker-port",
+        type=int,
+        help="with --workers > 1, worker i also listens on this port + i for its own /metrics "
+        "(default port + 1; env LLM_USAGE_WORKER_PORT)",
+    )
+    serve.add_argument(
         "--insecure",
         action="store_true",
         default=None,
@@ -52,8 +64,18 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
             "--insecure"
         )
     from exporter.app import create_app
-    from exporter.server import run
 
-    code = run(create_app, settings)  # data-dir lock, bind, fd limit, connection cap
+    if settings.workers > 1:
+        from exporter.workers import run_workers
+
+        code = run_workers(create_app, settings)  # supervisor: lock, port, fork, restart
+    else:
+        from exporter.leftovers import flush_leftovers, leftover_dirs
+        from exporter.server import run
+
+        left = leftover_dirs(settings.data_dir, 1)  # WAL of an earlier `--workers N` run
+        if left:
+            flush_leftovers(settings, left)
+        code = run(create_app, settings)  # data-dir lock, bind, fd limit, connection cap
     log.info("stopped")
     return code

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -35,6 +36,7 @@ from exporter.wal import Record, WalBroken, WalClosed, WalFull, WriteAheadLog
 log = logging.getLogger(__name__)
 _BATCH = TypeAdapter(list[UsageReport])
 _MAX_ERRORS_PER_ITEM = 5
+_estimated = attrgetter("estimated")
 _UNPRICED_LOGGED_MAX = 1000  # distinct models named in "no price" log lines
 
 
@@ -357,10 +359,8 @@ class Ingestor:
             self._settle(accepted, outcome, durable=False)
             raise
         self._settle(accepted, outcome, durable=True)
-        estimated = 0
-        for r in accepted:
-            self._usage.observe(r)
-            estimated += r.estimated
+        self._usage.observe_many(accepted)
+        estimated = sum(map(_estimated, accepted))
         self._m.received.inc(len(accepted))
         self._count_unpriced(accepted)
         if estimated:

@@ -3,7 +3,7 @@
 Three kinds, after asyncpg's SQLSTATE classes:
 
 - `REFUSED`: the database refuses the *data* (SQLSTATE class 22 data exception or 23
-  integrity; SQLite's constraint/mismatch/too-big codes; or `RowRefused`, raised by the SQLite
+  integrity; SQLite's constraint/mismatch/too-big codes; or `RowRefused`, raised by the
   row preparer for a value neither backend can store). Retrying cannot help: the flusher sets
   those reports aside (quarantine).
 - `UNAVAILABLE`: the database is unreachable, overloaded, restarting, locked or slow
@@ -40,7 +40,7 @@ class ErrorKind(Enum):
 
 
 class RowRefused(Exception):
-    """A report value that no backend can store (the SQLite preparer's SQLSTATE 22)."""
+    """A report value that no backend can store (the row preparer's SQLSTATE 22)."""
 
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"{field}: {reason}" if field else reason)

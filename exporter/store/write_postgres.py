@@ -1,47 +1,63 @@
-"""The exactly-once batch write on Postgres: ONE statement over the WAL records as they are.
+"""The exactly-once batch write on Postgres: binary COPY into a staging table, then ONE statement.
 
-`unnest($1::json[])` of the WAL record payloads feeds `json_populate_recordset`, so parsing,
-ordering, aggregation and both upserts happen inside the server. The exporter's event loop,
-which also serves ingest, does no per-report work, and a whole flush is one round trip with
-one bind parameter (asyncpg's 32767-parameter limit never applies). bench/RESULTS.md has the
-measurements against typed-array unnest and multi-row VALUES.
+Rows are prepared in worker threads by the same value rules as SQLite (`copy_rows`), in steps
+of COPY_STEP reports, the next step while this one is sent, so no per-report Python runs on
+the event loop; asyncpg's `copy_records_to_table` sends them in the binary COPY format (its
+compiled codecs, the one per-row cost left on the loop) to `usage_staging`, a session-lived
+temporary table emptied at every commit (no WAL, no indexes, no constraints). One statement
+then inserts them into `usage_details` in request_id order (the first arrival of a repeated
+id wins) with `ON CONFLICT (request_id) DO NOTHING RETURNING`, aggregates only the rows really
+inserted into hour and day deltas and upserts those additively. bench/RESULTS.md (`## Flush`,
+`## Limits: Postgres flush`) compares it with the earlier JSON statement (`unnest($1::json[])`
++ `json_populate_recordset`: the server parsed every report; bench/pg_json_write.py).
 
-The statement is assembled from the column lists and rules in `rows.py`, never from data. Row
-order is the lock order: request_id for the details, the rollup key for the rollups,
-byte-wise ("C") so it is cheap and the same on every replica whatever the database's default
-collation.
+The SQL is assembled from the column lists in `rows.py`, never from data. Row order is the
+lock order: request_id for the details, the rollup key for the rollups, byte-wise ("C") so it
+is cheap and the same on every replica whatever the database's default collation.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
+import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from exporter.store.dims import clean_json, dims_sql
+from exporter.store.copy_rows import copy_records
+from exporter.store.dims import dims_sql
 from exporter.store.rows import (
     DERIVED_KEY,
     DETAIL_COLUMNS,
     DIMENSIONS,
-    EMPTY_TEXT_DEFAULTS,
-    KINDS,
     ROLLUP_COLUMNS,
     ROLLUP_SPECS,
-    Kind,
-    bool_default,
-    clean_text,
 )
 from exporter.store.tables import ROLLUP_KEY, ROLLUP_SUMS
 
-__all__ = ["PG_WORK_MEM", "PG_WRITE_SQL", "pg_write_sql", "probe_postgres", "write_postgres"]
+__all__ = [
+    "PG_MERGE_SQL",
+    "PG_STAGING",
+    "PG_STAGING_COLUMNS",
+    "PG_STAGING_SQL",
+    "PG_WORK_MEM",
+    "pg_merge_sql",
+    "probe_postgres",
+    "write_postgres",
+]
+
+log = logging.getLogger(__name__)
 
 #: Session setting for the flush transaction: sorts and hash aggregates of a large batch stay
 #: in memory instead of spilling to disk.
 PG_WORK_MEM = "64MB"
+#: The staging table: temporary (one per session, invisible to other replicas), no WAL, no
+#: constraints; ON COMMIT DELETE ROWS empties it at the end of every flush, failed or not.
+PG_STAGING = "usage_staging"
 
 
 def _q(name: str) -> str:
@@ -52,23 +68,13 @@ def _cols(names: Iterable[str]) -> str:
     return ", ".join(_q(n) for n in names)
 
 
-def _value_sql(name: str) -> str:
-    """The column's value from the JSON record `r`, with the same defaults as rows.normalize."""
-    col = f"r.{_q(name)}"
-    kind = KINDS[name]
-    if kind is Kind.TEXT:
-        default = EMPTY_TEXT_DEFAULTS.get(name, "")
-        return f"coalesce(nullif({col}, ''), '{default}')" if default else f"coalesce({col}, '')"
-    if name == "total_tokens":
-        return f"coalesce({col}, coalesce(r.input_tokens, 0) + coalesce(r.output_tokens, 0))"
-    if kind is Kind.COUNT:
-        return f"coalesce({col}, 0)"
-    if kind is Kind.BOOL:
-        return f"coalesce({col}, {str(bool_default(name)).lower()})"
-    if name == "completed_at":
-        return f"coalesce({col}, now())"
-    return col
-
+#: the arrival number of a report in its batch: among duplicates the first one is stored
+ARRIVAL = "arrival"
+PG_STAGING_COLUMNS = (*DETAIL_COLUMNS, ARRIVAL)
+PG_STAGING_SQL = (
+    f"CREATE TEMP TABLE IF NOT EXISTS {PG_STAGING} ON COMMIT DELETE ROWS AS "  # noqa: S608
+    f"SELECT {_cols(DETAIL_COLUMNS)}, 0::bigint AS {ARRIVAL} FROM usage_details WITH NO DATA"
+)
 
 _RETURNING = tuple(
     dict.fromkeys(
@@ -90,22 +96,15 @@ def _derived_sql(keys: Sequence[str]) -> tuple[str, str]:
 
 
 @functools.lru_cache(maxsize=8)
-def pg_write_sql(keys: tuple[str, ...] = ()) -> str:
-    """The flush statement for promoted tag `keys` (exporter.store.dims.dims_keys)."""
+def pg_merge_sql(keys: tuple[str, ...] = ()) -> str:
+    """The statement from the staging table for promoted tag `keys` (dims.dims_keys)."""
     returning, derived = _derived_sql(keys)
     grouped = _DERIVED_COLS if keys else ""
     return f"""
-WITH src AS (
-    SELECT r.*, p.pn
-    FROM unnest($1::json[]) WITH ORDINALITY AS p(doc, pn)
-    CROSS JOIN LATERAL json_populate_recordset(NULL::usage_details, p.doc)
-        WITH ORDINALITY AS r
-), ins AS (
+WITH ins AS (
     INSERT INTO usage_details ({_cols(DETAIL_COLUMNS)})
-    SELECT {", ".join(_value_sql(c) for c in DETAIL_COLUMNS)}
-    FROM src AS r
-    WHERE r.request_id <> ''
-    ORDER BY r.request_id COLLATE "C", r.pn, r.ordinality
+    SELECT {_cols(DETAIL_COLUMNS)} FROM {PG_STAGING}
+    ORDER BY request_id COLLATE "C", {ARRIVAL}
     ON CONFLICT (request_id) DO NOTHING
     RETURNING {_cols(_RETURNING)}{returning}
 ), hourly AS (
@@ -128,24 +127,72 @@ WITH src AS (
         {", ".join(f"{_q(c)} = usage_rollups.{_q(c)} + excluded.{_q(c)}" for c in ROLLUP_SUMS)}
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM ins), (SELECT count(*) FROM up)
+SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM up)
 """  # noqa: S608
 
 
 #: The statement without promoted tags (dims '{}' for every report).
-PG_WRITE_SQL = pg_write_sql()
+PG_MERGE_SQL = pg_merge_sql()
+
+#: Reports prepared per step of the COPY stream: the next step is prepared in a thread while
+#: asyncpg encodes and Postgres stores this one.
+COPY_STEP = 4096
+#: asyncpg encodes COPY rows on the event loop (~6 µs each, bench/RESULTS.md): hand the loop
+#: back every this many rows, so ingest never waits more than a few milliseconds.
+YIELD_EVERY = 512
 
 
-def _clean_payload(payload: bytes) -> bytes:
-    """Replace NUL characters (Postgres text cannot hold them) in a record's strings."""
-    reports = orjson.loads(payload)
-    for report in reports:
-        for key, value in report.items():
-            if isinstance(value, str) and "\x00" in value:
-                report[key] = clean_text(value)
-        if isinstance(report.get("tags"), dict | list):  # `dims` reads them as text
-            report["tags"] = clean_json(report["tags"])
-    return orjson.dumps(reports)
+def _steps(payloads: Sequence[bytes]) -> list[Sequence[bytes]]:
+    """WAL records in groups of about COPY_STEP reports (records are never split)."""
+    steps: list[Sequence[bytes]] = []
+    start = size = 0
+    for i, payload in enumerate(payloads):
+        size += max(1, payload.count(b'"request_id"'))
+        if size >= COPY_STEP:
+            steps.append(payloads[start : i + 1])
+            start, size = i + 1, 0
+    if start < len(payloads):
+        steps.append(payloads[start:])
+    return steps
+
+
+class _Stream:
+    """The COPY records of a batch as an async iterator: step k+1 is prepared in a worker
+    thread while step k is encoded and sent, so Postgres stores rows while Python still
+    prepares the rest, and the event loop only ever runs asyncpg's encoding of a few rows."""
+
+    def __init__(self, payloads: Sequence[bytes]) -> None:
+        self.received = 0
+        self.rows = 0
+        self._steps = _steps(payloads)
+        self._now = datetime.now(UTC)
+
+    async def __aiter__(self) -> AsyncIterator[tuple[Any, ...]]:
+        pending = None
+        for k in range(len(self._steps)):
+            if pending is None:
+                pending = asyncio.ensure_future(self._prepare(k))
+            received, records = await pending
+            pending = (
+                asyncio.ensure_future(self._prepare(k + 1)) if k + 1 < len(self._steps) else None
+            )
+            try:
+                self.received += received
+                self.rows += len(records)
+                for n, record in enumerate(records, 1):
+                    yield record
+                    if not n % YIELD_EVERY:  # asyncpg encodes on the loop: let ingest in
+                        await asyncio.sleep(0)
+            except BaseException:
+                if pending is not None:
+                    pending.cancel()
+                    with contextlib.suppress(BaseException):
+                        await pending
+                raise
+
+    async def _prepare(self, k: int) -> tuple[int, list[tuple[Any, ...]]]:
+        # arrival numbers only need to grow: step k's start above all of step k-1's
+        return await asyncio.to_thread(copy_records, self._steps[k], k << 32, self._now)
 
 
 @contextlib.asynccontextmanager
@@ -166,17 +213,19 @@ async def write_postgres(
 ) -> tuple[int, int, int]:
     """(received, inserted, rollup rows) of one transaction over WAL record payloads;
     `dims_keys`: the promoted tags (exporter.store.dims.dims_keys)."""
-    docs = [(_clean_payload(p) if b"\\u0000" in p else p).decode() for p in payloads]
-    if not docs:
-        return 0, 0, 0
+    stream = _Stream(payloads)
     async with _driver_connection(engine) as pg, pg.transaction():
-        await pg.execute(f"SET LOCAL work_mem = '{PG_WORK_MEM}'")
-        received, inserted, rollups = await pg.fetchrow(pg_write_sql(dims_keys), docs)
-    return int(received), int(inserted), int(rollups)
+        await pg.execute(f"SET LOCAL work_mem = '{PG_WORK_MEM}'; {PG_STAGING_SQL}")
+        await pg.copy_records_to_table(PG_STAGING, records=stream, columns=PG_STAGING_COLUMNS)
+        if not stream.rows:
+            return stream.received, 0, 0
+        inserted, rollups = await pg.fetchrow(pg_merge_sql(dims_keys))
+    return stream.received, int(inserted), int(rollups)
 
 
 async def probe_postgres(engine: AsyncEngine, dims_keys: tuple[str, ...] = ()) -> None:
-    """Run the write statement over no records: fails as a flush would (schema missing or
-    behind, permissions, database down) without writing anything."""
+    """Run the write over no records: fails as a flush would (schema missing or behind,
+    permissions including TEMPORARY, database down) without writing anything."""
     async with _driver_connection(engine) as pg, pg.transaction():
-        await pg.fetchrow(pg_write_sql(dims_keys), [])
+        await pg.execute(PG_STAGING_SQL)
+        await pg.fetchrow(pg_merge_sql(dims_keys))
