@@ -20,6 +20,8 @@ import http.client
 import json
 import os
 import random
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +33,7 @@ from typing import Any
 
 import orjson
 from common import (
+    bare_server,
     machine_note,
     md_table,
     now_utc,
@@ -98,6 +101,46 @@ def _request(conn: http.client.HTTPConnection, method: str, path: str,
     return data
 
 
+WRK_LUA = r"""
+-- GET paths from a file (one per line), in turn, on one connection: wrk's own latency record.
+function init(args)
+  paths = {}
+  for line in io.lines(args[1]) do paths[#paths + 1] = line end
+  i = 0
+end
+function request()
+  i = i + 1
+  return wrk.format("GET", paths[(i % #paths) + 1])
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, "max_us": %d, '
+    .. '"errors": %d}\n', summary.requests, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.max, e.connect + e.read + e.write + e.status + e.timeout))
+end
+"""
+WRK_ROUNDS, WRK_SECONDS = 3, 4
+
+
+def wrk_latency(port: int, paths: Sequence[str], workdir: Path, tag: str) -> dict[str, Any]:
+    """`wrk -t1 -c1 --latency` over `paths`: the server's answer time without a Python client's
+    own cost in it (the http.client rows include ~100-200 µs of client per request)."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        sys.exit("bench/budgets.py needs wrk: apt-get install wrk (Debian), brew install wrk")
+    script, listing = workdir / "paths.lua", workdir / f"paths-{tag}.txt"
+    script.write_text(WRK_LUA)
+    listing.write_text("\n".join(paths) + "\n")
+    cmd = [wrk, "-t1", "-c1", f"-d{WRK_SECONDS}s", "--latency", "-s", str(script),
+           f"http://127.0.0.1:{port}", "--", str(listing)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=WRK_SECONDS + 60, check=True)
+    line = next(x for x in out.stdout.splitlines() if x.startswith("WRKJSON "))
+    result: dict[str, Any] = orjson.loads(line[8:])
+    assert result["errors"] == 0, out.stdout
+    return result
+
+
 def bench_http(
     requests: int, reports: int, workdir: Path, database_url: str | None = None, *,
     quiet_below: float = 0.6, quiet_wait: float = 120.0,
@@ -150,8 +193,17 @@ def bench_http(
                 base.append(time.perf_counter() - t0)
             cpu_check += cpu1 - cpu0
             cpu_base += proc_cpu_seconds(server.proc.pid) - cpu1
-        load = max(load, os.getloadavg()[0])
         conn.close()
+        checks = ["/v1/budgets/check?" + _query(rng) for _ in range(5000)]
+        wrk_check: list[dict[str, Any]] = []
+        wrk_base: list[dict[str, Any]] = []
+        wrk_bare: list[dict[str, Any]] = []
+        with bare_server(workdir) as bare:  # the floor: a bare aiohttp handler on this box
+            for _ in range(WRK_ROUNDS):  # interleaved again: all three see the same moments
+                wrk_check.append(wrk_latency(server.port, checks, workdir, "check"))
+                wrk_base.append(wrk_latency(server.port, ["/healthz"], workdir, "healthz"))
+                wrk_bare.append(wrk_latency(bare.port, ["/healthz"], workdir, "bare"))
+        load = max(load, os.getloadavg()[0])
     n = block * BLOCKS
     lat.sort()
     base.sort()
@@ -169,6 +221,9 @@ def bench_http(
         "base_cpu": cpu_base / n,
         "load": load,
         "quiet": quiet,
+        "wrk_check": wrk_check,
+        "wrk_base": wrk_base,
+        "wrk_bare": wrk_bare,
     }
 
 
@@ -280,8 +335,28 @@ def main() -> int:
     h = next(iter(results.values()))
     us = 1e6
     ref = reference_us()
-    met = all(r["p99"] < 1e-3 for r in results.values())
-    p99s = ", ".join(f"{b}: {r['p99'] * us:.0f} µs" for b, r in results.items())
+    worst = {b: max(x["p99_us"] for x in r["wrk_check"]) for b, r in results.items()}
+    floor = {b: max(x["p99_us"] for x in r["wrk_bare"]) for b, r in results.items()}
+    met = all(v < 1000 for v in worst.values())
+    p99s = ", ".join(f"{b}: worst round {v} µs, the bare handler's worst {floor[b]} µs"
+                     for b, v in worst.items())  # fmt: skip
+    wrk_rows = [
+        [
+            f"{what}, {backend}, round {k + 1}",
+            f"{x['p50_us']} µs",
+            f"{x['p90_us']} µs",
+            f"**{x['p99_us']} µs**" if key == "wrk_check" else f"{x['p99_us']} µs",
+            f"{x['max_us']} µs",
+            f"{x['requests']:,}",
+        ]
+        for backend, r in results.items()
+        for key, what in (
+            ("wrk_check", "`GET /v1/budgets/check`"),
+            ("wrk_base", "`GET /healthz`"),
+            ("wrk_bare", "bare aiohttp + orjson `GET /healthz` (the floor)"),
+        )
+        for k, x in enumerate(r[key])
+    ]
     body = "\n\n".join([
         f"{now_utc()}; {machine_note()}; `python bench/budgets.py {' '.join(sys.argv[1:])}`"
         f"{'' if len(sys.argv) > 1 else ' (defaults)'}. 1,000 budgets (700 per user, "
@@ -308,6 +383,11 @@ def main() -> int:
              f"{inproc['check_p50'] * us:.1f} µs", f"{inproc['check_p90'] * us:.1f} µs",
              f"{inproc['check_p99'] * us:.1f} µs", "", "", ""],
         ]),
+        f"The server's answer time without a Python client in it: `wrk -t1 -c1 --latency` "
+        f"(one keep-alive connection, the next request sent when the answer arrived), "
+        f"{WRK_SECONDS} s per round, check and `/healthz` rounds interleaved, 5,000 random "
+        f"check identities in turn; the same server, right after the blocks above.",
+        md_table(["wrk -c1", "p50", "p90", "p99", "max", "requests"], wrk_rows),
         md_table(["matching one report or check against 1,000 budgets", "µs"], [
             ["indexed (`SpecIndex.matching`)", f"{inproc['indexed'] * us:.1f}"],
             ["scan of every budget (baseline)", f"{inproc['scanned'] * us:.1f}"],
@@ -315,9 +395,9 @@ def main() -> int:
             ["`on_durable` + the per-commit sum, per report (index + ledger, Decimal)",
              f"{inproc['durable'] * us:.1f}"],
         ]),
-        f"Target `GET /v1/budgets/check` p99 < 1 ms locally with 1,000 budgets: "
-        f"{'**met**' if met else '**NOT met**'} in this run "
-        f"({p99s}). The "
+        f"Target `GET /v1/budgets/check` p99 < 1 ms locally with 1,000 budgets, judged on "
+        f"wrk's record of every round: {'**met**' if met else '**NOT met**'} in this run "
+        f"({p99s}; the http.client rows add the Python client's own time). The "
         f"server CPU column includes the background work in the same moments (budget refresh "
         f"every {REFRESH} s here, 30 s by default; the flusher every 2 s).",
     ])  # fmt: skip
