@@ -13,8 +13,7 @@ reports), so it is an optimisation, never a second rulebook.
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from operator import itemgetter
 from typing import Any
@@ -22,7 +21,8 @@ from typing import Any
 import orjson
 
 from exporter.store.errors import RowRefused
-from exporter.store.rows import DETAIL_COLUMNS, INT64_MAX, KINDS, Kind, normalize
+from exporter.store.fastpath import AT, checked_values, micro_text
+from exporter.store.rows import DETAIL_COLUMNS, KINDS, Kind, normalize
 from exporter.store.tables import decimal_text
 
 __all__ = ["BIND", "bind_row", "prepare_params", "sqlite_timestamp"]
@@ -66,126 +66,21 @@ def bind_row(row: Any) -> tuple[Any, ...]:
 
 
 # -- the fast path -----------------------------------------------------------------------------
-_AT = {c: i for i, c in enumerate(DETAIL_COLUMNS)}
-_RID = _AT["request_id"]
-_values = itemgetter(*DETAIL_COLUMNS)
-#: orjson's text of an aware UTC datetime, with or without microseconds
-_UTC_TEXT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{6})?\+00:00")
-#: money_text of a non-negative cost at the store's scale (what json_default writes)
-_MONEY_TEXT = re.compile(r"(0|[1-9][0-9]{0,9})\.[0-9]{10}")
-#: columns whose empty value normalize replaces (request_id: the row is skipped)
-_NON_EMPTY = tuple(
-    _AT[c] for c in DETAIL_COLUMNS if c == "request_id" or c in ("operation", "status")
-)
-#: kinds whose None the slow path keeps as None (but completed_at and total_tokens: below)
-_NULL_OK = frozenset({Kind.INT, Kind.FLOAT, Kind.MONEY, Kind.JSON, Kind.TIME})
-_NULL_NOT_OK = frozenset({_AT["completed_at"], _AT["total_tokens"]})
-
-
-class _Plan:
-    """What one type signature of a report's values needs beyond copying them."""
-
-    __slots__ = ("floats", "ints", "jsons", "money", "times")
-
-    def __init__(self, types: Sequence[type]) -> None:
-        ints: list[int] = []
-        self.floats: list[int] = []
-        self.times: list[int] = []
-        self.money: list[int] = []
-        self.jsons: list[int] = []
-        for i, (column, t) in enumerate(zip(DETAIL_COLUMNS, types, strict=True)):
-            kind = KINDS[column]
-            if t is type(None):
-                if kind not in _NULL_OK or i in _NULL_NOT_OK:
-                    raise LookupError(column)
-            elif kind is Kind.TEXT:
-                if t is not str:
-                    raise LookupError(column)
-            elif kind in (Kind.COUNT, Kind.INT):
-                if t is not int:
-                    raise LookupError(column)
-                ints.append(i)
-            elif kind is Kind.BOOL:
-                if t is not bool:
-                    raise LookupError(column)
-            elif kind is Kind.FLOAT:
-                if t is int:
-                    self.floats.append(i)
-                elif t is not float:
-                    raise LookupError(column)
-            elif kind is Kind.TIME:
-                if t is not str:
-                    raise LookupError(column)
-                self.times.append(i)
-            elif kind is Kind.MONEY:
-                if t is not str:
-                    raise LookupError(column)
-                self.money.append(i)
-            elif kind is Kind.JSON:
-                if t is not dict and t is not list:
-                    raise LookupError(column)
-                self.jsons.append(i)
-            else:  # pragma: no cover - a new kind needs a rule here
-                raise LookupError(column)
-        self.ints: Callable[[Sequence[Any]], Any] | None = (
-            None if not ints else itemgetter(*ints) if len(ints) > 1 else _one(ints[0])
-        )
-
-
-def _one(i: int) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
-    return lambda values: (values[i],)
-
-
-_SLOW: Any = object()
-_plans: dict[tuple[type, ...], Any] = {}
-
-
-def _plan_of(types: tuple[type, ...]) -> Any:
-    plan = _plans.get(types)
-    if plan is None:
-        try:
-            plan = _Plan(types)
-        except LookupError:
-            plan = _SLOW
-        if len(_plans) < 4096:  # signatures are few (which optional fields are null)
-            _plans[types] = plan
-    return plan
+_RID = AT["request_id"]
 
 
 def _fast(report: Any) -> tuple[Any, ...] | None:
     """The bound values of a report in ingest's own shape, or None (then normalize decides)."""
-    try:
-        values = _values(report)
-    except (KeyError, TypeError):
+    checked = checked_values(report)
+    if checked is None:
         return None
-    plan = _plan_of(tuple(map(type, values)))
-    if plan is _SLOW:
-        return None
-    for i in _NON_EMPTY:
-        if not values[i]:
-            return None
-    if plan.ints is not None:
-        ints = plan.ints(values)
-        if max(ints) > INT64_MAX or min(ints) < -INT64_MAX - 1:
-            return None
-    out = list(values)
-    for i in plan.floats:
-        out[i] = float(out[i])
+    out, plan = checked
     for i in plan.times:
-        text = out[i]
-        match = _UTC_TEXT.fullmatch(text)
-        if match is None:
-            return None
         try:
-            datetime.fromisoformat(text)  # the layout is right; are the fields in range?
+            datetime.fromisoformat(out[i])  # the layout is right; are the fields in range?
         except ValueError:
             return None
-        out[i] = f"{text[:10]} {text[11:26]}" if match[1] else f"{text[:10]} {text[11:19]}.000000"
-    for i in plan.money:
-        if _MONEY_TEXT.fullmatch(out[i]) is None:
-            return None
-    for i in plan.jsons:
-        out[i] = orjson.dumps(out[i]).decode()
+        out[i] = micro_text(out[i])
     # a tuple, not the list: the cyclic GC stops tracking a tuple of plain values at its first
     # collection, while a flush's 100k lists would be traversed by every full collection
     return tuple(out)
