@@ -25,8 +25,7 @@ from typing import Any
 import orjson
 
 from exporter.store.dims import clean_json
-from exporter.store.errors import RowRefused
-from exporter.store.fastpath import checked_values
+from exporter.store.fastpath import checked_values, record_reports
 from exporter.store.rows import DETAIL_COLUMNS, KINDS, Kind, normalize
 
 __all__ = ["copy_records", "fast_values", "normalized_values"]
@@ -85,15 +84,8 @@ def copy_records(
     received = 0
     out: list[tuple[Any, ...]] = []
     for payload in payloads:
-        try:
-            reports = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            raise RowRefused("", "a WAL record that is not JSON") from None
-        if not isinstance(reports, list):
-            raise RowRefused("", "a WAL record that is not a JSON array")
+        reports, maybe_nul = record_reports(payload)
         received += len(reports)
-        # orjson writes U+0000 as this escape (a raw NUL is not valid JSON): one search
-        maybe_nul = b"\\u0000" in payload
         for report in reports:
             values = None if maybe_nul else fast_values(report)
             if values is None:

@@ -19,9 +19,10 @@ from typing import Any
 
 import orjson
 
+from exporter.store.errors import RowRefused
 from exporter.store.rows import DETAIL_COLUMNS, INT64_MAX, KINDS, Kind
 
-__all__ = ["AT", "Plan", "checked_values", "micro_text"]
+__all__ = ["AT", "Plan", "checked_values", "micro_text", "record_reports"]
 
 #: a detail column's position in the values
 AT = {c: i for i, c in enumerate(DETAIL_COLUMNS)}
@@ -134,3 +135,15 @@ def checked_values(report: Any) -> tuple[list[Any], Plan] | None:
 def micro_text(text: str) -> str:
     """A checked UTC timestamp's text as `YYYY-MM-DD HH:MM:SS.ffffff` (SQLite's layout)."""
     return f"{text[:10]} {text[11:26]}" if len(text) == 32 else f"{text[:10]} {text[11:19]}.000000"
+
+
+def record_reports(payload: bytes) -> tuple[list[Any], bool]:
+    """A WAL record's report dicts, and whether the record may hold a NUL in some string."""
+    try:
+        reports = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise RowRefused("", "a WAL record that is not JSON") from None
+    if not isinstance(reports, list):
+        raise RowRefused("", "a WAL record that is not a JSON array")
+    # orjson writes U+0000 as this escape (a raw NUL is not valid JSON): one search per record
+    return reports, b"\\u0000" in payload

@@ -20,8 +20,7 @@ from typing import Any
 
 import orjson
 
-from exporter.store.errors import RowRefused
-from exporter.store.fastpath import AT, checked_values, micro_text
+from exporter.store.fastpath import AT, checked_values, micro_text, record_reports
 from exporter.store.rows import DETAIL_COLUMNS, KINDS, Kind, normalize
 from exporter.store.tables import decimal_text
 
@@ -86,18 +85,6 @@ def _fast(report: Any) -> tuple[Any, ...] | None:
     return tuple(out)
 
 
-def _reports(payload: bytes) -> tuple[list[Any], bool]:
-    """A WAL record's report dicts, and whether the record may hold a NUL in some string."""
-    try:
-        reports = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        raise RowRefused("", "a WAL record that is not JSON") from None
-    if not isinstance(reports, list):
-        raise RowRefused("", "a WAL record that is not a JSON array")
-    # orjson writes U+0000 as this escape (a raw NUL is not valid JSON): one search per record
-    return reports, b"\\u0000" in payload
-
-
 def prepare_params(payloads: Iterable[bytes], now: datetime) -> tuple[int, list[tuple[Any, ...]]]:
     """(reports received, distinct rows as SQLite binds them, in request_id order).
 
@@ -107,7 +94,7 @@ def prepare_params(payloads: Iterable[bytes], now: datetime) -> tuple[int, list[
     received = 0
     rows: dict[str, Any] = {}
     for payload in payloads:
-        reports, maybe_nul = _reports(payload)
+        reports, maybe_nul = record_reports(payload)
         received += len(reports)
         for report in reports:
             rid = report.get("request_id") if report.__class__ is dict else None
