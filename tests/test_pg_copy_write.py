@@ -8,6 +8,7 @@ must still lose to it.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -184,3 +185,43 @@ def test_the_fast_path_gives_what_normalize_gives() -> None:
     assert taken > len(shaped) // 2
     # what ingest writes takes the fast path
     assert all(fast_values(report(i)) is not None for i in range(100))
+
+
+async def _terminate_when(pg_cluster: Any, db: str, query_prefix: str) -> int:
+    """Poll pg_stat_activity until a backend of `db` runs a statement starting with
+    `query_prefix`, then terminate it (a crash of that backend, as the server sees it)."""
+    for _ in range(4000):  # bounded: ~20 s
+        out = await asyncio.to_thread(
+            pg_cluster.psql,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
+            f"'{db}' AND state = 'active' AND btrim(query, E' \\n') LIKE '{query_prefix}%'",
+        )
+        if "t" in out.split():
+            return 1
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"no backend ran {query_prefix}… in 20 s")
+
+
+@pytest.mark.parametrize("where", ["COPY", "WITH"])
+async def test_a_backend_killed_mid_copy_or_mid_merge_commits_nothing_and_a_retry_is_exact(
+    pg_cluster: Any, where: str
+) -> None:
+    """The flushing connection dies while it streams the staging COPY, or while the merge
+    statement runs: nothing of the batch is stored, the pool hands out a working connection
+    next, and the retry stores every report exactly once."""
+    db = pg_cluster.create_database()
+    store = Store.from_url(pg_cluster.url(db))
+    try:
+        await store.upgrade()
+        reports = [varied(i) for i in range(6 * COPY_STEP)]
+        killer = asyncio.create_task(_terminate_when(pg_cluster, db, where))
+        with pytest.raises(Exception) as caught:
+            await store.writer.write(reports)
+        assert await killer == 1
+        assert classify(caught.value) is not ErrorKind.REFUSED  # retryable, not quarantined
+        assert await _contents(store) == ([], [])
+        await store.writer.write(reports)
+        await store.writer.write(reports[: COPY_STEP + 7])  # a replay: nothing new
+        await assert_stored_exactly(store, reports)
+    finally:
+        await store.close()
