@@ -56,6 +56,7 @@ STABLE_S = 10.0
 STOP_GRACE_S = 60.0
 _PR_SET_PDEATHSIG = 1
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+WORKER_ONLY_METRICS = frozenset({"llm_usage_worker_restarts"})  #: only workers expose these
 _RESTARTS_HELP = "Times the supervisor restarted this worker since it started (serve --workers)."
 
 MakeApp = Callable[[Settings], web.Application]

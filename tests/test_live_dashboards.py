@@ -15,6 +15,7 @@ import orjson
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.workers import WORKER_ONLY_METRICS
 from tests.helpers import free_port, http, load_dashboard_generator, start_service
 from tests.prometheus_server import Prometheus, run_prometheus
 
@@ -106,15 +107,14 @@ def _assert_names_exposed(url: str, gen: Any, rule_files: list[Path]) -> None:
     names = {n for expr in used for n in re.findall(r"(?<![\w:])llm_[a-z0-9_]+", expr)}
     assert names, "no metric names found in dashboards and rules"
     # exposed by the workers of `serve --workers N` only (tests/test_workers.py checks it)
-    workers_only = {"llm_usage_worker_restarts"}
-    missing = sorted(n for n in names - workers_only if n not in exposed)
+    missing = sorted(n for n in names - WORKER_ONLY_METRICS if n not in exposed)
     assert not missing, f"used in dashboards/rules but not exposed: {missing}"
     documented = set(re.findall(r"`(llm_[a-z0-9_]+)`", (ROOT / "docs" / "metrics.md").read_text()))
     histograms = {"llm_request_duration_seconds", "llm_time_to_first_token_seconds",
                   "llm_usage_flush_duration_seconds"}  # fmt: skip
     undocumented = sorted(
         n
-        for n in documented - workers_only
+        for n in documented - WORKER_ONLY_METRICS
         if (f"{n}_count" if n in histograms else n) not in exposed
     )
     assert not undocumented, f"in docs/metrics.md but not exposed: {undocumented}"
