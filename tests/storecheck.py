@@ -7,9 +7,11 @@ those reports computed here in plain Python with exact Decimal costs.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
+from types import FrameType
 from typing import Any
 
 import orjson
@@ -114,3 +116,26 @@ async def assert_stored_exactly(s: Store, reports: Iterable[Mapping[str, Any]]) 
     ):
         assert got.exact() == want.exact()
         assert got.duration_ms_sum == pytest.approx(want.duration_ms_sum)
+
+
+async def write_watching_the_loop(
+    store: Store, reports: Sequence[Mapping[str, Any]]
+) -> tuple[set[str], Any]:
+    """Write `reports` as WAL records of 100 plus a replay of the first record, with a
+    profiler on this thread (the event loop's): the names of the store functions called on
+    the loop, and the write's result. Both flushes' off-loop tests use it."""
+    payloads = [orjson.dumps(list(reports[i : i + 100])) for i in range(0, len(reports), 100)]
+    payloads.append(payloads[0])  # a replayed record in the same batch
+    on_loop: set[str] = set()
+
+    def profile(frame: FrameType, event: str, _arg: Any) -> None:
+        if event == "call" and "/exporter/store/" in frame.f_code.co_filename:
+            on_loop.add(frame.f_code.co_name)
+
+    sys.setprofile(profile)  # this thread only
+    try:
+        result = await store.writer.write_payloads(payloads)
+    finally:
+        sys.setprofile(None)
+    assert on_loop, "the profiler saw the write start on the loop"
+    return on_loop, result

@@ -8,13 +8,9 @@ then checked against totals computed here from the raw reports.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from types import FrameType
-from typing import Any
 
-import orjson
-from storecheck import assert_stored_exactly, report
+from storecheck import assert_stored_exactly, report, write_watching_the_loop
 
 from exporter.store import Store
 
@@ -28,22 +24,8 @@ async def test_sqlite_flush_runs_no_per_report_work_on_the_event_loop(tmp_path: 
     store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path}/usage.db")
     await store.upgrade()
     reports = [report(i) for i in range(3000)]
-    # records as the WAL holds them, with a duplicate record (a replay) in the same batch
-    payloads = [orjson.dumps(reports[i : i + 100]) for i in range(0, len(reports), 100)]
-    payloads.append(payloads[0])
-    on_loop: set[str] = set()
-
-    def profile(frame: FrameType, event: str, _arg: Any) -> None:
-        if event == "call" and "/exporter/store/" in frame.f_code.co_filename:
-            on_loop.add(frame.f_code.co_name)
-
     try:
-        sys.setprofile(profile)  # this thread only: the event loop's
-        try:
-            result = await store.writer.write_payloads(payloads)
-        finally:
-            sys.setprofile(None)
-        assert on_loop, "the profiler saw the write start on the loop"
+        on_loop, result = await write_watching_the_loop(store, reports)
         assert not on_loop & PER_REPORT, sorted(on_loop & PER_REPORT)
         assert (result.received, result.inserted) == (len(reports) + 100, len(reports))
         await assert_stored_exactly(store, reports)

@@ -9,18 +9,15 @@ must still lose to it.
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-import orjson
 import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
-from storecheck import BASE, assert_stored_exactly, report
+from storecheck import BASE, assert_stored_exactly, report, write_watching_the_loop
 
 from exporter.store import Store
 from exporter.store.copy_rows import fast_values, normalized_values
@@ -138,21 +135,8 @@ async def test_postgres_flush_prepares_no_report_on_the_event_loop(pg_url: str) 
     store = Store.from_url(pg_url)
     await store.upgrade()
     reports = [varied(i) for i in range(COPY_STEP + 1000)]
-    payloads = [orjson.dumps(reports[i : i + 100]) for i in range(0, len(reports), 100)]
-    payloads.append(payloads[0])  # a replayed record in the same batch
-    on_loop: set[str] = set()
-
-    def profile(frame: FrameType, event: str, _arg: Any) -> None:
-        if event == "call" and "/exporter/store/" in frame.f_code.co_filename:
-            on_loop.add(frame.f_code.co_name)
-
     try:
-        sys.setprofile(profile)  # this thread only: the event loop's
-        try:
-            result = await store.writer.write_payloads(payloads)
-        finally:
-            sys.setprofile(None)
-        assert on_loop, "the profiler saw the write start on the loop"
+        on_loop, result = await write_watching_the_loop(store, reports)
         per_report = {"copy_records", "fast_values", "checked_values", "normalize", "add_payload"}
         assert not on_loop & per_report, sorted(on_loop)
         assert (result.received, result.inserted) == (len(reports) + 100, len(reports))
