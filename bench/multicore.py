@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import time
 import urllib.request
@@ -26,7 +27,6 @@ from pathlib import Path
 from common import (
     Server,
     body_templates,
-    free_port,
     machine_note,
     md_table,
     now_utc,
@@ -36,6 +36,9 @@ from common import (
     system_busy,
 )
 from limits import LUA, require_wrk, run_wrk
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from helpers import free_port_range
 
 
 def _children(pid: int) -> list[int]:
@@ -84,27 +87,6 @@ class Run:
         return self.server_cpu / self.seconds
 
 
-def _free_base(n: int) -> int:
-    """A port with n free ports from it (the workers' own /metrics ports)."""
-    import socket
-
-    for _ in range(50):
-        base = free_port()
-        socks = []
-        try:
-            for i in range(n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
-
-
 def measure(
     wrk: str, workers: int, per_body: int, conns: int, args: argparse.Namespace, workdir: Path
 ) -> Run:
@@ -113,7 +95,7 @@ def measure(
         bodies.write_bytes(b"\n".join(body_templates(per_body)) + b"\n")
     script = workdir / "bodies.lua"
     script.write_text(LUA)
-    base = _free_base(workers)
+    base = free_port_range(workers)
     with our_server(workdir, args.durability, workers=str(workers),
                     worker_port=str(base)) as server:  # fmt: skip
         _wait_workers(server, base, workers)

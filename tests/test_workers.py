@@ -22,7 +22,15 @@ from typing import Any
 import orjson
 import pytest
 from faultkit import JSON, Sender, batches_of, body, check_database, make_reports, wait_for
-from helpers import clean_env, cli_command, free_port, http, parse_metrics, total
+from helpers import (
+    clean_env,
+    cli_command,
+    free_port,
+    free_port_range,
+    http,
+    parse_metrics,
+    total,
+)
 from prometheus_server import require_binary, run_prometheus
 
 pytestmark = pytest.mark.slow
@@ -41,7 +49,7 @@ class Workers:
         args = ["serve", "--workers", str(workers), "--port", str(self.port),
                 "--data-dir", str(data_dir), "--database-url", database_url]  # fmt: skip
         if workers > 1:  # consecutive free ports are not guaranteed: one base, checked free
-            base = _free_range(workers)
+            base = free_port_range(workers)
             self.own = [base + i for i in range(workers)]
             args += ["--worker-port", str(base)]
         full_env = {"LLM_USAGE_FLUSH_INTERVAL": "0.3", "LLM_USAGE_FLUSH_MAX_BACKOFF": "1",
@@ -107,27 +115,6 @@ class Workers:
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
         wait_for(lambda: not _locked_dirs(self.data_dir), 10, "the workers' locks released")
-
-
-def _free_range(n: int) -> int:
-    """A base port with `n` consecutive free ports above it (checked by binding them)."""
-    for _ in range(50):
-        base = free_port()
-        if base + n > 65535:
-            continue
-        socks = []
-        try:
-            for i in range(n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise AssertionError("no free port range")
 
 
 def _locked_dirs(data_dir: Path) -> list[Path]:
@@ -247,7 +234,7 @@ def test_wal_left_by_a_run_with_another_worker_count_is_flushed_at_start(
 
 def test_a_worker_that_cannot_start_stops_the_supervisor_with_exit_1(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'usage.db'}"
-    base = _free_range(2)
+    base = free_port_range(2)
     with socket.socket() as taken:  # worker 1's own port, in use by someone else
         taken.bind(("127.0.0.1", base + 1))
         taken.listen()
