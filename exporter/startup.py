@@ -106,6 +106,7 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.wait_for(task, timeout=STOP_TIMEOUT_S)
     except TimeoutError:
         log.error("background jobs did not stop within %.0fs", STOP_TIMEOUT_S)
+    await app[BUDGETS].close()  # the final state file: what a restart reads back
     await app[STORE].close()
 
 

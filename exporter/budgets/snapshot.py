@@ -1,13 +1,19 @@
 """`<data_dir>/budgets.json`: what a restart with the database down needs to read spend as
 before — each budget's last stored spend (with the window it covers) and the spend of segments
 already dropped from the WAL that no landed query has seen yet. WAL segments themselves are read
-back from the WAL. Replaced atomically (temp file + rename) after every refresh and every drop.
+back from the WAL.
+
+The event loop only `capture`s references (the stored maps and dropped segments are never
+changed in place, only replaced); `Encoder.encode` turns a capture into JSON on the state
+file's thread (`statefile.StateWriter`), reusing each budget's JSON while its stored spend is
+the same object (a refresh keeps the old map when the database said the same), so an unchanged
+state costs a few lookups and is not rewritten.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -15,12 +21,28 @@ from typing import Any
 
 import orjson
 
-from exporter.budgets.ledger import Ledger
+from exporter.budgets.ledger import Ledger, Segment
 from exporter.budgets.model import Budget
 
-__all__ = ["load", "save"]
+__all__ = ["Encoder", "State", "capture", "load"]
 
-VERSION = 1
+VERSION = 2  # 1: refreshed_at inside each budget (still read)
+
+#: per budget: (budget — only its config is read —, covered, epoch, stored, head, refreshed_at)
+_Spend = dict[str, Decimal]
+_Row = tuple[Budget, tuple[datetime, datetime] | None, int, _Spend, _Spend, str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    rows: tuple[_Row, ...]
+    dropped: tuple[Segment, ...]  # dropped segments never change
+
+
+def capture(budgets: Sequence[Budget], ledger: Ledger) -> State:
+    """What the file will hold, as references: O(budgets) tuple building, no formatting."""
+    rows = tuple((b, b.covered, b.epoch, b.stored, b.head, b.refreshed_json) for b in budgets)
+    return State(rows, tuple(ledger.dropped()))
 
 
 def _identity(b: Budget) -> str:
@@ -29,33 +51,59 @@ def _identity(b: Budget) -> str:
     return "|".join(str(x) for x in (*b.fixed, s.per, s.window, s.timezone))
 
 
-def save(path: Path, budgets: Sequence[Budget], ledger: Ledger) -> None:
-    specs: dict[str, Any] = {}
-    for b in budgets:
-        if b.covered is None:
-            continue
-        specs[b.name] = {
+class Encoder:
+    """`encode` → (content, whole file): `content` is everything but the refresh times (equal
+    content = nothing to write between refreshes that found the same spend). One thread at a
+    time (the writer's)."""
+
+    def __init__(self) -> None:
+        #: name → (stored, head, covered, its JSON); the maps are kept alive so `is` holds
+        self._cache: dict[str, tuple[Any, Any, Any, orjson.Fragment]] = {}
+
+    def _budget(self, b: Budget, covered: tuple[datetime, datetime], stored: dict[str, Decimal],
+                head: dict[str, Decimal]) -> orjson.Fragment:  # fmt: skip
+        hit = self._cache.get(b.name)
+        if hit is not None and hit[0] is stored and hit[1] is head and hit[2] == covered:
+            return hit[3]
+        frag = orjson.Fragment(orjson.dumps({
             "identity": _identity(b),
-            "covered": [b.covered[0].isoformat(), b.covered[1].isoformat()],
-            "stored": {k: str(v) for k, v in b.stored.items()},
-            "head": {k: str(v) for k, v in b.head.items()},
-            "refreshed_at": b.refreshed_at.isoformat() if b.refreshed_at else None,
-        }
-    unseen: list[list[str]] = []
-    for seg in ledger.dropped():  # those still in the WAL are read back from there
-        assert seg.dropped is not None
-        for (i, value), by_key in seg.entries.items():
-            b = budgets[i]
-            if b.epoch > seg.dropped and b.covered is not None:
-                keys = {k: v for k, v in by_key.items() if not b.covered[0] <= k < b.covered[1]}
-            else:
-                keys = by_key
-            unseen.extend([b.name, value, k.isoformat(), str(v)] for k, v in keys.items())
-    data = orjson.dumps({"version": VERSION, "budgets": specs, "dropped": unseen})
+            "covered": [covered[0].isoformat(), covered[1].isoformat()],
+            "stored": {k: str(v) for k, v in stored.items()},
+            "head": {k: str(v) for k, v in head.items()},
+        }))  # fmt: skip
+        self._cache[b.name] = (stored, head, covered, frag)
+        return frag
+
+    def encode(self, state: State) -> tuple[bytes, bytes]:
+        specs: dict[str, orjson.Fragment] = {}
+        refreshed: dict[str, str | None] = {}
+        for b, covered, _epoch, stored, head, refreshed_at in state.rows:
+            if covered is not None:
+                specs[b.name] = self._budget(b, covered, stored, head)
+                refreshed[b.name] = refreshed_at
+        unseen: list[list[str]] = []
+        for seg in state.dropped:  # those still in the WAL are read back from there
+            assert seg.dropped is not None
+            for (i, value), by_key in seg.entries.items():
+                b, covered, epoch = state.rows[i][:3]
+                if epoch > seg.dropped and covered is not None:
+                    keys = {k: v for k, v in by_key.items() if not covered[0] <= k < covered[1]}
+                else:
+                    keys = by_key
+                unseen.extend([b.name, value, k.isoformat(), str(v)] for k, v in keys.items())
+        content = orjson.dumps({"budgets": specs, "dropped": unseen})
+        whole = orjson.dumps({"version": VERSION, "budgets": specs, "dropped": unseen,
+                              "refreshed_at": refreshed})  # fmt: skip
+        return content, whole
+
+
+def write(path: Path, data: bytes) -> None:
+    """Replace the file atomically (temp file + rename; no fsync: a torn file is ignored at
+    load, and the WAL and the database hold the truth)."""
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_bytes(data)  # no fsync: this runs on the loop; a torn file is ignored at load
-    os.replace(tmp, path)
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 def load(path: Path, by_name: Mapping[str, Budget], ledger: Ledger) -> int:
@@ -64,19 +112,21 @@ def load(path: Path, by_name: Mapping[str, Budget], ledger: Ledger) -> int:
     if not path.exists():
         return 0
     data = orjson.loads(path.read_bytes())
-    if data.get("version") != VERSION:
+    if data.get("version") not in (1, VERSION):
         return 0
+    refreshed = data.get("refreshed_at", {})
     restored = 0
     for name, s in data["budgets"].items():
         b = by_name.get(name)
         if b is None or s["identity"] != _identity(b):
             continue
         start, end = s["covered"]
+        at = s["refreshed_at"] if data["version"] == 1 else refreshed.get(name)
         b.covered = (datetime.fromisoformat(start), datetime.fromisoformat(end))
         b.stored = {k: Decimal(v) for k, v in s["stored"].items()}
         b.head = {k: Decimal(v) for k, v in s["head"].items()}
-        b.refreshed_at = datetime.fromisoformat(s["refreshed_at"]) if s["refreshed_at"] else None
-        b.refreshed_json = s["refreshed_at"]
+        b.refreshed_at = datetime.fromisoformat(at) if at else None
+        b.refreshed_json = at
         b.epoch = 0
         restored += 1
     seg = ledger.segment(-1)  # below every WAL sequence number

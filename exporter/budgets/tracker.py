@@ -22,6 +22,7 @@ from exporter.budgets.index import SpecIndex
 from exporter.budgets.ledger import Ledger, Segment
 from exporter.budgets.model import Budget, BudgetView, cost_decimal
 from exporter.budgets.spend import Filters
+from exporter.budgets.statefile import StateWriter
 from exporter.budgets.walread import WalReader, read_segments
 from exporter.budgets.window import HOUR
 from exporter.config import BudgetSpec, Settings
@@ -67,7 +68,7 @@ class BudgetTracker:
         self._clock = clock
         self._caps = dict(gauge_caps or {})
         self._on_overflow = on_overflow
-        self._state_path = state_path
+        self._state = StateWriter(state_path) if state_path is not None else None
         self._ledger = Ledger()
         #: reports made durable but not yet summed into the ledger (see `on_durable`)
         self._queued: list[tuple[int, Sequence[_Report]]] = []
@@ -78,7 +79,6 @@ class BudgetTracker:
         self.db_lock = asyncio.Lock()
         self._epoch = 0  # spend queries started so far
         self._failing = False
-        self._save_failing = False
         now = clock()
         for b in self.budgets:
             b.roll(now)
@@ -231,13 +231,18 @@ class BudgetTracker:
             stored_by, head_by = _split(stored, len(fields)), _split(head, len(fields))
             for b in members:
                 prefix = tuple(str(b.fixed[i]) for i in fixed)
-                b.stored, b.head = stored_by.get(prefix, {}), head_by.get(prefix, {})
+                new, new_head = stored_by.get(prefix, {}), head_by.get(prefix, {})
+                if new != b.stored:  # the same map when unchanged: the state file's cache
+                    b.stored = new
+                if new_head != b.head:
+                    b.head = new_head
                 b.covered, b.epoch, b.refreshed_at = (start, end), epoch, now
                 b.refreshed_json = refreshed
                 if per:
                     for value in b.stored:
                         if value not in b.gauge_values:
                             self._note_value(b, value)
+            await asyncio.sleep(0)  # this kind's rows and the next query: separate loop passes
         self._collect()
         self._save()
         if error is not None and not self._failing:
@@ -328,21 +333,21 @@ class BudgetTracker:
 
     # -- the state file: stored spend + dropped-but-not-yet-seen spend survive a restart -----
     def _save(self) -> None:
-        if self._state_path is None:
-            return
-        try:
-            snapshot.save(self._state_path, self.budgets, self.ledger)
-        except OSError as exc:
-            if not self._save_failing:
-                log.error(
-                    "budgets: cannot write %s (%s); a restart with the database down "
-                    "may read spend low until the first refresh",
-                    self._state_path,
-                    exc,
-                )
-            self._save_failing = True
-        else:
-            self._save_failing = False
+        """Have the state file rewritten (on its thread, if the content changed)."""
+        if self._state is not None:
+            self._state.request(snapshot.capture(self.budgets, self._ledger))
+
+    @property
+    def state_writes(self) -> int:
+        """State files written so far."""
+        return self._state.writes if self._state is not None else 0
+
+    async def close(self) -> None:
+        """At shutdown, after the flusher and the refresher stopped: write the final state
+        (refresh times included) and wait for it."""
+        if self._state is not None:
+            self._drain()
+            await self._state.close(snapshot.capture(self.budgets, self._ledger))
 
     def _restore(self, path: Path) -> None:
         try:

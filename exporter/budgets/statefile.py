@@ -1,0 +1,73 @@
+"""The budgets state file's writer: encoding and the write run on a thread, never on the
+event loop (a shared disk can stall a write for 100 ms), and only when the content changed.
+
+`request` hands over a capture (`snapshot.capture`, references only); one write runs at a
+time and the newest request wins (an older capture waiting behind a write in flight is
+replaced, never written after a newer one). `close` writes the final state, refresh times
+included, and waits for it: what a restart reads back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from exporter.budgets.snapshot import Encoder, State, write
+
+__all__ = ["StateWriter"]
+
+log = logging.getLogger(__name__)
+
+
+class StateWriter:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._encoder = Encoder()
+        self._pending: tuple[State, bool] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._content: bytes | None = None  # of the file last written
+        self._whole: bytes | None = None
+        self._failing = False
+        #: files written (the tests count them)
+        self.writes = 0
+
+    def request(self, state: State, *, final: bool = False) -> None:
+        """Write `state` soon (if its content differs from the file's; `final`: if anything,
+        refresh times included, does)."""
+        final = final or (self._pending is not None and self._pending[1])
+        self._pending = (state, final)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._drain(), name="budgets-state")
+
+    async def close(self, state: State) -> None:
+        """Write the final state and wait for it (and any write in flight)."""
+        self.request(state, final=True)
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+
+    async def _drain(self) -> None:
+        while self._pending is not None:
+            (state, final), self._pending = self._pending, None
+            try:
+                await asyncio.to_thread(self._write, state, final)
+            except OSError as exc:
+                if not self._failing:
+                    log.error(
+                        "budgets: cannot write %s (%s); a restart with the database down "
+                        "may read spend low until the first refresh",
+                        self.path,
+                        exc,
+                    )
+                self._failing = True
+            else:
+                self._failing = False
+
+    def _write(self, state: State, final: bool) -> None:
+        """On the writer's thread (one at a time)."""
+        content, whole = self._encoder.encode(state)
+        if content == self._content and (not final or whole == self._whole):
+            return
+        write(self.path, whole)
+        self._content, self._whole = content, whole
+        self.writes += 1
