@@ -145,6 +145,32 @@ def system_busy() -> tuple[float, float]:
     return float("nan"), float("nan")
 
 
+def idlest_cpu(seconds: float = 1.0) -> int:
+    """The CPU with the least busy time over `seconds` (from /proc/stat's per-CPU lines)."""
+
+    def per_cpu() -> dict[int, int]:
+        out = {}
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *fields = line.split()
+            if name.startswith("cpu") and name != "cpu":
+                parts = [int(x) for x in fields]
+                out[int(name[3:])] = sum(parts[:8]) - parts[3] - parts[4]
+        return out
+
+    before = per_cpu()
+    time.sleep(seconds)
+    after = per_cpu()
+    return min(after, key=lambda c: after[c] - before.get(c, 0))
+
+
+def pin(pid: int, cpu: int | None) -> None:
+    """Every thread of `pid` on `cpu` (None: every CPU again); threads it starts later
+    inherit the mask of the thread that starts them."""
+    cpus = str(cpu) if cpu is not None else f"0-{(os.cpu_count() or 1) - 1}"
+    subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     if not sorted_values:
         return float("nan")

@@ -12,21 +12,26 @@ floats). NULL costs (unpriced reports) count as 0.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import ColumnElement, Integer, and_, case, cast, func, select, type_coerce
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from exporter.store.tables import to_decimal, usage_details, usage_rollups
 
-__all__ = ["Filters", "SpendQuery", "stored_spend"]
+__all__ = ["Filters", "SpendQuery", "SpendReader", "stored_spend"]
 
 
 #: field → the values to keep (a superset is fine: results are keyed by the grouped fields)
 Filters = Mapping[str, Sequence[str]]
+#: (window start, window end, filters, grouped fields) → stored spend per group
+SpendReader = Callable[
+    [datetime, datetime, Filters, Sequence[str]], Awaitable[dict[tuple[str, ...], Decimal]]
+]
 MAX_IN = 5000  # past this many values a filter is dropped: the grouping still separates them
 
 
@@ -103,7 +108,15 @@ async def stored_spend(
     `()` without any), for the rows whose fields are among `filters`; zero sums are absent.
     Exact on both backends: Postgres sums NUMERIC; SQLite sums integer units in SQL (on its
     own thread, not the event loop), or Decimals in Python for odd rows or on overflow."""
-    is_pg = engine.dialect.name == "postgresql"
+    async with engine.connect() as conn:
+        return await _spend_on(conn, since, until, filters, group)
+
+
+async def _spend_on(
+    conn: AsyncConnection, since: datetime, until: datetime, filters: Filters,
+    group: Sequence[str],
+) -> dict[tuple[str, ...], Decimal]:  # fmt: skip
+    is_pg = conn.dialect.name == "postgresql"
     n = len(group)
     totals: dict[tuple[str, ...], Decimal] = {}
 
@@ -111,35 +124,34 @@ async def stored_spend(
         k = tuple(str(v) for v in key)
         totals[k] = totals.get(k, _ZERO) + amount
 
-    async with engine.connect() as conn:
-        for granularity, start, end in spans(since, until):
-            t, where = _where(granularity, start, end, filters)
-            cols = [t.c[d] for d in group]
-            if is_pg:
-                stmt = select(*cols, func.sum(t.c.cost_usd)).where(where)
-                for row in await conn.execute(stmt.group_by(*cols) if cols else stmt):
-                    if row[n] is not None:
-                        add(row[:n], to_decimal(row[n]))
-                continue
-            try:
-                rows = (await conn.execute(_units_select(t, where, group))).all()
-            except OverflowError:
-                rows = None
-            except Exception as exc:  # SQLite's "integer overflow" past 9.2e8 USD in a sum
-                if "overflow" not in str(exc):
-                    raise
-                rows = None
-            if rows is not None and not any(r[n + 1] for r in rows):
-                for r in rows:
-                    if r[n] is not None:
-                        add(r[:n], Decimal(r[n]).scaleb(-10))
-                continue
-            result = await conn.stream(select(*cols, t.c.cost_usd).where(where))
-            async for part in result.partitions(500):  # yield between slices
-                for r in part:
-                    if r[n] is not None:
-                        add(r[:n], r[n] if isinstance(r[n], Decimal) else to_decimal(r[n]))
-                await asyncio.sleep(0)
+    for granularity, start, end in spans(since, until):
+        t, where = _where(granularity, start, end, filters)
+        cols = [t.c[d] for d in group]
+        if is_pg:
+            stmt = select(*cols, func.sum(t.c.cost_usd)).where(where)
+            for row in await conn.execute(stmt.group_by(*cols) if cols else stmt):
+                if row[n] is not None:
+                    add(row[:n], to_decimal(row[n]))
+            continue
+        try:
+            rows = (await conn.execute(_units_select(t, where, group))).all()
+        except OverflowError:
+            rows = None
+        except Exception as exc:  # SQLite's "integer overflow" past 9.2e8 USD in a sum
+            if "overflow" not in str(exc):
+                raise
+            rows = None
+        if rows is not None and not any(r[n + 1] for r in rows):
+            for r in rows:
+                if r[n] is not None:
+                    add(r[:n], Decimal(r[n]).scaleb(-10))
+            continue
+        result = await conn.stream(select(*cols, t.c.cost_usd).where(where))
+        async for part in result.partitions(500):  # yield between slices
+            for r in part:
+                if r[n] is not None:
+                    add(r[:n], r[n] if isinstance(r[n], Decimal) else to_decimal(r[n]))
+            await asyncio.sleep(0)
     return totals
 
 
@@ -148,6 +160,23 @@ class SpendQuery:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[SpendReader]:
+        """One connection for a refresh's queries (a pool checkout with its ping per query
+        was most of a refresh's event-loop callbacks on SQLite). Each read ends its
+        transaction, so the next one, started later, sees every commit made in between."""
+        async with self._engine.connect() as conn:
+
+            async def read(
+                since: datetime, until: datetime, filters: Filters, group: Sequence[str]
+            ) -> dict[tuple[str, ...], Decimal]:
+                try:
+                    return await _spend_on(conn, since, until, filters, group)
+                finally:
+                    await conn.rollback()
+
+            yield read
 
     async def __call__(
         self, since: datetime, until: datetime, filters: Filters, group: Sequence[str]

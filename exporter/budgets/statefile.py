@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from exporter.budgets.snapshot import Encoder, State, write
@@ -29,12 +30,17 @@ class StateWriter:
         self._content: bytes | None = None  # of the file last written
         self._whole: bytes | None = None
         self._failing = False
+        self._closed = False
+        #: its own thread: the loop's default executor may be gone at shutdown (or busy)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="budgets-state")
         #: files written (the tests count them)
         self.writes = 0
 
     def request(self, state: State, *, final: bool = False) -> None:
         """Write `state` soon (if its content differs from the file's; `final`: if anything,
         refresh times included, does)."""
+        if self._closed:
+            return
         final = final or (self._pending is not None and self._pending[1])
         self._pending = (state, final)
         if self._task is None or self._task.done():
@@ -43,14 +49,19 @@ class StateWriter:
     async def close(self, state: State) -> None:
         """Write the final state and wait for it (and any write in flight)."""
         self.request(state, final=True)
-        while self._task is not None and not self._task.done():
-            await asyncio.shield(self._task)
+        self._closed = True
+        try:
+            while self._task is not None and not self._task.done():
+                await asyncio.shield(self._task)
+        finally:
+            self._thread.shutdown(wait=False)
 
     async def _drain(self) -> None:
         while self._pending is not None:
             (state, final), self._pending = self._pending, None
             try:
-                await asyncio.to_thread(self._write, state, final)
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._thread, self._write, state, final)
             except OSError as exc:
                 if not self._failing:
                     log.error(

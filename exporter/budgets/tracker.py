@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -21,7 +21,7 @@ from exporter.budgets import snapshot
 from exporter.budgets.index import SpecIndex
 from exporter.budgets.ledger import Ledger, Segment
 from exporter.budgets.model import Budget, BudgetView, cost_decimal
-from exporter.budgets.spend import Filters
+from exporter.budgets.spend import SpendQuery, SpendReader
 from exporter.budgets.statefile import StateWriter
 from exporter.budgets.walread import WalReader, read_segments
 from exporter.budgets.window import HOUR
@@ -34,11 +34,6 @@ log = logging.getLogger(__name__)
 
 #: a hung database must not hold `db_lock` (and so the flusher's commits) for long
 QUERY_TIMEOUT_S = 30.0
-
-#: (window start, window end, filters, grouped fields) → stored spend per group
-SpendReader = Callable[
-    [datetime, datetime, Filters, Sequence[str]], Awaitable[dict[tuple[str, ...], Decimal]]
-]
 
 
 class _Report(Protocol):
@@ -213,36 +208,22 @@ class BudgetTracker:
             fixed = tuple(i for i, v in enumerate(b.fixed) if v is not None)
             sig = (b.start, b.end, b.kind.rolling is not None, fixed, b.spec.per)
             kinds.setdefault(sig, []).append(b)
-        for (start, end, rolling, fixed, per), members in kinds.items():
-            fields = [_DIMS[i] for i in fixed]
-            group = [*fields, per] if per else fields
-            filters = {_DIMS[i]: sorted({str(b.fixed[i]) for b in members}) for i in fixed}
-            try:
-                async with self.db_lock, asyncio.timeout(QUERY_TIMEOUT_S):
-                    self._epoch += 1
-                    epoch = self._epoch
-                    stored = await self._spend(start, end, filters, group)
-                    head = {}
-                    if rolling:
-                        head = await self._spend(start, start + HOUR, filters, group)
-            except Exception as exc:  # the database may be down; keep serving last values
-                error = exc
-                continue
-            stored_by, head_by = _split(stored, len(fields)), _split(head, len(fields))
-            for b in members:
-                prefix = tuple(str(b.fixed[i]) for i in fixed)
-                new, new_head = stored_by.get(prefix, {}), head_by.get(prefix, {})
-                if new != b.stored:  # the same map when unchanged: the state file's cache
-                    b.stored = new
-                if new_head != b.head:
-                    b.head = new_head
-                b.covered, b.epoch, b.refreshed_at = (start, end), epoch, now
-                b.refreshed_json = refreshed
-                if per:
-                    for value in b.stored:
-                        if value not in b.gauge_values:
-                            self._note_value(b, value)
-            await asyncio.sleep(0)  # this kind's rows and the next query: separate loop passes
+        try:  # the database may be down: keep serving the last values
+            async with contextlib.AsyncExitStack() as stack:
+                read = self._spend
+                if isinstance(read, SpendQuery):  # one connection for every kind
+                    async with asyncio.timeout(QUERY_TIMEOUT_S):
+                        read = await stack.enter_async_context(read.session())
+                for sig, members in kinds.items():
+                    try:
+                        await self._refresh_kind(read, sig, members, now, refreshed)
+                    except Exception as exc:
+                        error = exc
+                        if read is not self._spend:
+                            break  # its connection is likely gone: the next round has a new one
+                    await asyncio.sleep(0)  # this kind's rows, the next query: separate passes
+        except Exception as exc:  # opening or closing the connection
+            error = exc
         self._collect()
         self._save()
         if error is not None and not self._failing:
@@ -254,6 +235,36 @@ class BudgetTracker:
         elif error is None and self._failing:
             log.info("budgets: spend query works again")
         self._failing = error is not None
+
+    async def _refresh_kind(
+        self, read: SpendReader, sig: tuple[Any, ...], members: list[Budget], now: datetime,
+        refreshed: str,
+    ) -> None:  # fmt: skip
+        start, end, rolling, fixed, per = sig
+        fields = [_DIMS[i] for i in fixed]
+        group = [*fields, per] if per else fields
+        filters = {_DIMS[i]: sorted({str(b.fixed[i]) for b in members}) for i in fixed}
+        async with self.db_lock, asyncio.timeout(QUERY_TIMEOUT_S):
+            self._epoch += 1
+            epoch = self._epoch
+            stored = await read(start, end, filters, group)
+            head = {}
+            if rolling:
+                head = await read(start, start + HOUR, filters, group)
+        stored_by, head_by = _split(stored, len(fields)), _split(head, len(fields))
+        for b in members:
+            prefix = tuple(str(b.fixed[i]) for i in fixed)
+            new, new_head = stored_by.get(prefix, {}), head_by.get(prefix, {})
+            if new != b.stored:  # the same map when unchanged: the state file's cache
+                b.stored = new
+            if new_head != b.head:
+                b.head = new_head
+            b.covered, b.epoch, b.refreshed_at = (start, end), epoch, now
+            b.refreshed_json = refreshed
+            if per:
+                for value in b.stored:
+                    if value not in b.gauge_values:
+                        self._note_value(b, value)
 
     def _collect(self) -> None:
         """Forget dropped segments every budget's stored spend now holds."""
