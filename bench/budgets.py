@@ -6,6 +6,9 @@ scan of every budget (the baseline, measured in the same run).
    (stored and unflushed spend both non-empty; flush every 2 s, refresh every 5 s); one keep-alive
    client in this process sends
    `--requests` sequential `GET /v1/budgets/check` for random user/team/key/model: p50/p99.
+   Then `wrk -t1 -c1` rounds on the same server, interleaved with `/healthz` and a bare
+   aiohttp handler: unpinned, then pinned (each server's threads and wrk on one CPU, with
+   `taskset`); the < 1 ms target is judged on the pinned rounds.
 2. **In process**: `BudgetTracker.check` (the handler's work without HTTP) and
    `BudgetTracker.on_durable` per report, indexed vs a scan of all budgets.
 
@@ -447,7 +450,7 @@ def main() -> int:
         f"this run ({verdict_pinned}). Unpinned rounds, reported, not judged: "
         f"{verdict_free}"
         + (" — above 1 ms, as is the bare handler's (which does nothing) in the same "
-           "placement: the unpinned tail is this VM's cross-CPU wakeups, not the check's work"
+           "placement: so on this box the unpinned rounds cannot show the check's own tail"
            if free_over and bare_over else "")
         + f". The http.client rows add the Python client's own time. The server CPU column "
         f"includes the background work in the same moments (budget refresh every {REFRESH} s "
