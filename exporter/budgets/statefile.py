@@ -1,16 +1,18 @@
 """The budgets state file's writer: encoding and the write run on a thread, never on the
 event loop (a shared disk can stall a write for 100 ms), and only when the content changed.
 
-`request` hands over a capture (`snapshot.capture`, references only); one write runs at a
-time and the newest request wins (an older capture waiting behind a write in flight is
-replaced, never written after a newer one). `close` writes the final state, refresh times
-included, and waits for it: what a restart reads back.
+`request` marks the state changed; the writer takes a capture (`snapshot.capture`: references
+only, on the loop) when its write starts, so the requests of one loop pass (a flush dropping
+several segments) share one capture and one write, and a write never lands after a newer one.
+`close` writes the final state, refresh times included, and waits for it: what a restart
+reads back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,10 +24,12 @@ log = logging.getLogger(__name__)
 
 
 class StateWriter:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, capture: Callable[[], State]) -> None:
         self.path = path
+        self._capture = capture
         self._encoder = Encoder()
-        self._pending: tuple[State, bool] | None = None
+        self._dirty = False
+        self._final = False
         self._task: asyncio.Task[None] | None = None
         self._content: bytes | None = None  # of the file last written
         self._whole: bytes | None = None
@@ -36,19 +40,20 @@ class StateWriter:
         #: files written (the tests count them)
         self.writes = 0
 
-    def request(self, state: State, *, final: bool = False) -> None:
-        """Write `state` soon (if its content differs from the file's; `final`: if anything,
-        refresh times included, does)."""
+    def request(self, *, final: bool = False) -> None:
+        """Write the state soon (if its content differs from the file's; `final`: if
+        anything, refresh times included, does). Requests made before the write starts
+        share one capture."""
         if self._closed:
             return
-        final = final or (self._pending is not None and self._pending[1])
-        self._pending = (state, final)
+        self._dirty = True
+        self._final = self._final or final
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._drain(), name="budgets-state")
 
-    async def close(self, state: State) -> None:
+    async def close(self) -> None:
         """Write the final state and wait for it (and any write in flight)."""
-        self.request(state, final=True)
+        self.request(final=True)
         self._closed = True
         try:
             while self._task is not None and not self._task.done():
@@ -57,8 +62,10 @@ class StateWriter:
             self._thread.shutdown(wait=False)
 
     async def _drain(self) -> None:
-        while self._pending is not None:
-            (state, final), self._pending = self._pending, None
+        await asyncio.sleep(0)  # the other requests of this loop pass (a flush's drops)
+        while self._dirty:
+            final, self._dirty, self._final = self._final, False, False
+            state = self._capture()  # on the loop: references only
             try:
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(self._thread, self._write, state, final)

@@ -63,7 +63,11 @@ class BudgetTracker:
         self._clock = clock
         self._caps = dict(gauge_caps or {})
         self._on_overflow = on_overflow
-        self._state = StateWriter(state_path) if state_path is not None else None
+        self._state = (
+            StateWriter(state_path, lambda: snapshot.capture(self.budgets, self._ledger))
+            if state_path is not None
+            else None
+        )
         self._ledger = Ledger()
         #: reports made durable but not yet summed into the ledger (see `on_durable`)
         self._queued: list[tuple[int, Sequence[_Report]]] = []
@@ -346,7 +350,7 @@ class BudgetTracker:
     def _save(self) -> None:
         """Have the state file rewritten (on its thread, if the content changed)."""
         if self._state is not None:
-            self._state.request(snapshot.capture(self.budgets, self._ledger))
+            self._state.request()
 
     @property
     def state_writes(self) -> int:
@@ -358,7 +362,7 @@ class BudgetTracker:
         (refresh times included) and wait for it."""
         if self._state is not None:
             self._drain()
-            await self._state.close(snapshot.capture(self.budgets, self._ledger))
+            await self._state.close()
 
     def _restore(self, path: Path) -> None:
         try:
