@@ -53,6 +53,7 @@ def test_state_file_rewritten_only_on_change_and_whole_at_shutdown(tmp_path: Pat
     today = datetime.now(UTC).date()
     in_day = lambda r: r.at.date() == today  # noqa: E731
     cluster = start_cluster()
+    replica: Replica | None = None
     try:
         url = cluster.url(cluster.create_database("budgets"))
         env = {"LLM_USAGE_FLUSH_INTERVAL": "0.2", "LLM_USAGE_FLUSH_MAX_BACKOFF": "0.5",
@@ -114,6 +115,8 @@ def test_state_file_rewritten_only_on_change_and_whole_at_shutdown(tmp_path: Pat
         assert _spent(replica) == before
         assert replica.stop() == 0
     finally:
+        if replica is not None and replica.proc is not None and replica.proc.proc.poll() is None:
+            replica.stop()  # a failed assertion must not leave the service running
         cluster.destroy()
 
 
