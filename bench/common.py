@@ -163,10 +163,16 @@ def idlest_cpu(seconds: float = 1.0) -> int:
     return min(after, key=lambda c: after[c] - before.get(c, 0))
 
 
-def pin(pid: int, cpu: int | None) -> None:
-    """Every thread of `pid` on `cpu` (None: every CPU again); threads it starts later
-    inherit the mask of the thread that starts them."""
-    cpus = str(cpu) if cpu is not None else f"0-{(os.cpu_count() or 1) - 1}"
+def pin(pid: int, cpu: int | None, *, away: bool = False) -> None:
+    """Every thread of `pid` on `cpu` (`away`: on every CPU but `cpu`; None: on every CPU
+    again); threads it starts later inherit the mask of the thread that starts them."""
+    n = os.cpu_count() or 1
+    if cpu is None:
+        cpus = f"0-{n - 1}"
+    elif away and n > 1:
+        cpus = ",".join(str(c) for c in range(n) if c != cpu)
+    else:
+        cpus = str(cpu)
     subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], check=True,
                    stdout=subprocess.DEVNULL)  # fmt: skip
 
