@@ -451,7 +451,14 @@ def main() -> int:
         ]),
         f"Target `GET /v1/budgets/check` p99 < 1 ms locally with 1,000 budgets, judged on "
         f"wrk's record of every **pinned** round: {'**met**' if met else '**NOT met**'} in "
-        f"this run ({verdict_pinned}). Unpinned rounds, reported, not judged: "
+        f"this run ({verdict_pinned})"
+        + (
+            "; the bare handler, which does nothing, also missed 1 ms pinned in this run: the "
+            "machine was too busy for this run to show the target either way"
+            if any(v >= 1000 for v in worst("pinned_bare").values())
+            else ""
+        )
+        + ". Unpinned rounds, reported, not judged: "
         f"{verdict_free}"
         + (" — above 1 ms, as is the bare handler's (which does nothing) in the same "
            "placement: so on this box the unpinned rounds cannot show the check's own tail"
