@@ -4,7 +4,7 @@ the check endpoint's verdicts and the budget gauges.
 Modules: `window` (calendar/rolling windows in a time zone), `spend` (the stored spend query),
 `index` (specs by what they match), `ledger` (unflushed spend per WAL segment), `model` (one
 budget and what a read shows), `tracker` (wiring them), `snapshot` (state across restarts),
-`gauges` (the Prometheus collector).
+`statefile` (its writer thread), `gauges` (the Prometheus collector).
 """
 
 from __future__ import annotations

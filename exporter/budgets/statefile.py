@@ -78,6 +78,9 @@ class StateWriter:
                         exc,
                     )
                 self._failing = True
+            except Exception:  # a bug must not stop later writes, nor the shutdown
+                log.exception("budgets: writing %s failed", self.path)
+                self._failing = True
             else:
                 self._failing = False
 
