@@ -1,7 +1,7 @@
 """The Postgres write (binary COPY into a staging table, one merge statement) stores what the
 SQLite write stores, column by column, and what the reports say (computed here).
 
-The batches are larger than one COPY step (`write_postgres.COPY_STEP`), so the staged stream
+The batches are larger than one COPY step (`write_postgres.PG_ROUND`), so the staged stream
 is prepared in several steps and a duplicate whose first occurrence is in an earlier step
 must still lose to it.
 """
@@ -24,7 +24,7 @@ from exporter.store.copy_rows import fast_values, normalized_values
 from exporter.store.errors import ErrorKind, classify
 from exporter.store.rows import DETAIL_COLUMNS, ROLLUP_COLUMNS
 from exporter.store.tables import ROLLUP_KEY, usage_details, usage_rollups
-from exporter.store.write_postgres import COPY_STEP
+from exporter.store.write_postgres import PG_ROUND
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ async def _contents(s: Store) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ..
 
 async def test_postgres_stores_every_column_as_sqlite_does(stores: tuple[Store, Store]) -> None:
     pg, lite = stores
-    n = 2 * COPY_STEP + 500
+    n = 2 * PG_ROUND + 500
     first = [varied(i) for i in range(n)]
     # later steps repeat earlier ids with other bodies (a retried POST): the first one wins
     repeats = [dict(varied(i), input_tokens=1, cost_usd="9.5") for i in range(0, n, 97)]
@@ -118,7 +118,7 @@ async def test_a_refused_report_late_in_the_stream_leaves_nothing_behind(
     stores: tuple[Store, Store],
 ) -> None:
     pg, _ = stores
-    good = [varied(i) for i in range(COPY_STEP + 300)]
+    good = [varied(i) for i in range(PG_ROUND + 300)]
     bad = dict(varied(99_999), input_tokens="many")  # only a bug could put this in the WAL
     with pytest.raises(Exception) as caught:
         await pg.writer.write([*good, bad])  # staged after a whole step was sent
@@ -134,7 +134,7 @@ async def test_postgres_flush_prepares_no_report_on_the_event_loop(pg_url: str) 
     encoding (compiled code, invisible to the profiler) and the statements."""
     store = Store.from_url(pg_url)
     await store.upgrade()
-    reports = [varied(i) for i in range(COPY_STEP + 1000)]
+    reports = [varied(i) for i in range(PG_ROUND + 1000)]
     try:
         on_loop, result = await write_watching_the_loop(store, reports)
         per_report = {"copy_records", "fast_values", "checked_values", "normalize", "add_payload"}
@@ -197,7 +197,7 @@ async def test_a_backend_killed_mid_copy_or_mid_merge_commits_nothing_and_a_retr
     store = Store.from_url(pg_cluster.url(db))
     try:
         await store.upgrade()
-        reports = [varied(i) for i in range(6 * COPY_STEP)]
+        reports = [varied(i) for i in range(6 * PG_ROUND)]
         killer = asyncio.create_task(_terminate_when(pg_cluster, db, where))
         with pytest.raises(Exception) as caught:
             await store.writer.write(reports)
@@ -205,7 +205,7 @@ async def test_a_backend_killed_mid_copy_or_mid_merge_commits_nothing_and_a_retr
         assert classify(caught.value) is not ErrorKind.REFUSED  # retryable, not quarantined
         assert await _contents(store) == ([], [])
         await store.writer.write(reports)
-        await store.writer.write(reports[: COPY_STEP + 7])  # a replay: nothing new
+        await store.writer.write(reports[: PG_ROUND + 7])  # a replay: nothing new
         await assert_stored_exactly(store, reports)
     finally:
         await store.close()
