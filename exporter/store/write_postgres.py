@@ -234,15 +234,15 @@ async def write_postgres(
                 records = await ready
                 rounds[k] = ()  # its reports may go
                 pending = None
-                if k + 1 < len(rounds):
-                    nxt = asyncio.to_thread(entry_records, rounds[k + 1], now)
-                    pending = ready = asyncio.ensure_future(nxt)
                 if k:
                     await pg.execute(f"TRUNCATE {PG_STAGING}")
                 await pg.copy_records_to_table(
                     PG_STAGING, records=_yielding(records), columns=PG_STAGING_COLUMNS
                 )
                 del records
+                if k + 1 < len(rounds):  # now: while the COPY runs the loop needs the GIL
+                    nxt = asyncio.to_thread(entry_records, rounds[k + 1], now)
+                    pending = ready = asyncio.ensure_future(nxt)
                 if len(rounds) == 1:
                     inserted, rollups = await pg.fetchrow(pg_merge_sql(dims_keys))
                 else:
