@@ -1,7 +1,7 @@
 """The Postgres write (binary COPY into a staging table, one merge statement) stores what the
 SQLite write stores, column by column, and what the reports say (computed here).
 
-The batches are larger than one COPY step (`write_postgres.PG_ROUND`), so the staged stream
+The batches are larger than one COPY step (`write_postgres.COPY_STEP`), so the staged stream
 is prepared in several steps and a duplicate whose first occurrence is in an earlier step
 must still lose to it.
 """
@@ -27,7 +27,7 @@ from exporter.store.copy_rows import fast_values, normalized_values
 from exporter.store.errors import ErrorKind, classify
 from exporter.store.rows import DETAIL_COLUMNS, ROLLUP_COLUMNS
 from exporter.store.tables import ROLLUP_KEY, usage_details, usage_rollups
-from exporter.store.write_postgres import PG_ROUND
+from exporter.store.write_postgres import COPY_STEP
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ async def _contents(s: Store) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ..
 
 async def test_postgres_stores_every_column_as_sqlite_does(stores: tuple[Store, Store]) -> None:
     pg, lite = stores
-    n = 2 * PG_ROUND + 500
+    n = 2 * COPY_STEP + 500
     first = [varied(i) for i in range(n)]
     # later steps repeat earlier ids with other bodies (a retried POST): the first one wins
     repeats = [dict(varied(i), input_tokens=1, cost_usd="9.5") for i in range(0, n, 97)]
@@ -121,7 +121,7 @@ async def test_a_refused_report_late_in_the_stream_leaves_nothing_behind(
     stores: tuple[Store, Store],
 ) -> None:
     pg, _ = stores
-    good = [varied(i) for i in range(PG_ROUND + 300)]
+    good = [varied(i) for i in range(COPY_STEP + 300)]
     bad = dict(varied(99_999), input_tokens="many")  # only a bug could put this in the WAL
     with pytest.raises(Exception) as caught:
         await pg.writer.write([*good, bad])  # staged after a whole step was sent
@@ -137,7 +137,7 @@ async def test_postgres_flush_prepares_no_report_on_the_event_loop(pg_url: str) 
     encoding (compiled code, invisible to the profiler) and the statements."""
     store = Store.from_url(pg_url)
     await store.upgrade()
-    reports = [varied(i) for i in range(PG_ROUND + 1000)]
+    reports = [varied(i) for i in range(COPY_STEP + 1000)]
     try:
         on_loop, result = await write_watching_the_loop(store, reports)
         per_report = {"copy_records", "fast_values", "checked_values", "normalize", "add_payload"}
@@ -200,7 +200,7 @@ async def test_a_backend_killed_mid_copy_or_mid_merge_commits_nothing_and_a_retr
     store = Store.from_url(pg_cluster.url(db))
     try:
         await store.upgrade()
-        reports = [varied(i) for i in range(6 * PG_ROUND)]
+        reports = [varied(i) for i in range(6 * COPY_STEP)]
         killer = asyncio.create_task(_terminate_when(pg_cluster, db, where))
         with pytest.raises(Exception) as caught:
             await store.writer.write(reports)
@@ -208,25 +208,25 @@ async def test_a_backend_killed_mid_copy_or_mid_merge_commits_nothing_and_a_retr
         assert classify(caught.value) is not ErrorKind.REFUSED  # retryable, not quarantined
         assert await _contents(store) == ([], [])
         await store.writer.write(reports)
-        await store.writer.write(reports[: PG_ROUND + 7])  # a replay: nothing new
+        await store.writer.write(reports[: COPY_STEP + 7])  # a replay: nothing new
         await assert_stored_exactly(store, reports)
     finally:
         await store.close()
 
 
-async def test_rounds_keep_one_request_id_order_and_the_first_arrival(pg_url: str) -> None:
-    """A write of several rounds (PG_ROUND reports each) is one request_id order over the
-    whole transaction, byte-wise (the lock order that keeps two replicas from deadlocking),
-    whatever the arrival order; a request_id repeated across a round boundary keeps its first
-    arrival, and the rollups count it once."""
+async def test_one_request_id_order_over_the_steps_and_the_first_arrival(pg_url: str) -> None:
+    """A write of several COPY steps inserts its details in one request_id order over the
+    whole transaction, byte-wise (the lock order that keeps two replicas from deadlocking:
+    bench/RESULTS.md, `## Limits: Postgres flush pipelined`), whatever the arrival order; a
+    request_id repeated in a later step keeps its first arrival, the rollups count it once."""
     store = Store.from_url(pg_url)
     await store.upgrade()
     try:
-        n = PG_ROUND + 40
+        n = COPY_STEP + 40
         ids = [f"k-{i:06d}" for i in range(n - 4)] + ["k-é", "k-z", "k-\uffff", "k-\U0001d538"]
         reports = [report(i, request_id=rid) for i, rid in enumerate(ids)]
         random.Random(5).shuffle(reports)  # arrival order: not the id order
-        dup = f"k-{PG_ROUND - 1:06d}"  # sorted last of round 0: its repeat opens round 1
+        dup = f"k-{COPY_STEP - 1:06d}"  # its repeat arrives last, in the last step
         first_dup = next(r for r in reports if r["request_id"] == dup)
         repeat = dict(first_dup, input_tokens=first_dup["input_tokens"] + 1, cost_usd="9.5")
         arrivals = [*reports, repeat]

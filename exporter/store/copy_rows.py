@@ -17,32 +17,21 @@ second rulebook. The shape check itself is `fastpath.checked_values`, shared wit
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from operator import itemgetter
 from typing import Any
 
 import orjson
 
 from exporter.store.dims import clean_json
 from exporter.store.fastpath import checked_values, record_reports
-from exporter.store.rows import DETAIL_COLUMNS, KINDS, Kind, clean_text, normalize
+from exporter.store.rows import DETAIL_COLUMNS, KINDS, Kind, normalize
 
-__all__ = [
-    "Entry",
-    "copy_records",
-    "entry_records",
-    "fast_values",
-    "normalized_values",
-    "ordered_reports",
-    "stored_request_id",
-]
+__all__ = ["copy_records", "fast_values", "normalized_values"]
 
 log = logging.getLogger(__name__)
 
-_RID = DETAIL_COLUMNS.index("request_id")
-_KEY = itemgetter(0)
 _JSON_AT = tuple(i for i, c in enumerate(DETAIL_COLUMNS) if KINDS[c] is Kind.JSON)
 
 
@@ -83,59 +72,27 @@ def fast_values(report: Any) -> list[Any] | None:
     return out
 
 
-#: (stored request_id, arrival number, report, whether its WAL record may hold a NUL)
-Entry = tuple[str, int, Any, bool]
-
-
-def stored_request_id(report: Any) -> str:
-    """The request_id `normalize` stores for a report, by its text rule ('' for none, or for
-    what is not a report at all: normalize then skips it or refuses it)."""
-    value = report.get("request_id") if isinstance(report, Mapping) else None
-    if not value:
-        return ""
-    if value.__class__ is not str:
-        value = str(value)
-    return clean_text(value) if "\x00" in value else value
-
-
-def ordered_reports(payloads: Sequence[bytes]) -> tuple[int, list[Entry]]:
-    """(reports received, every report as an Entry) in stored request_id order, byte-wise
-    (Python compares str by code point, which is the byte order of their UTF-8, Postgres'
-    "C" collation), arrival order among equal ids (the sort is stable). Decodes the JSON:
-    CPU-bound, run it in a thread. Raises RowRefused for a record that is not a JSON array."""
-    out: list[Entry] = []
-    for payload in payloads:
-        reports, maybe_nul = record_reports(payload)
-        n = len(out)
-        out.extend((stored_request_id(r), n + i, r, maybe_nul) for i, r in enumerate(reports))
-    out.sort(key=_KEY)
-    return len(out), out
-
-
-def entry_records(entries: Sequence[Entry], now: datetime) -> list[tuple[Any, ...]]:
-    """The COPY records of entries: detail values + the arrival number, in the entries' order.
+def copy_records(
+    payloads: Sequence[bytes], first: int = 0, now: datetime | None = None
+) -> tuple[int, list[tuple[Any, ...]]]:
+    """(reports received, COPY records: detail values + arrival number `first`, `first`+1…).
 
     Raises RowRefused for data no backend can store. Duplicates stay: the flush statement
     keeps the first arrival. CPU-bound: run it in a thread.
     """
+    when = now or datetime.now(UTC)
+    received = 0
     out: list[tuple[Any, ...]] = []
-    for key, arrival, report, maybe_nul in entries:
-        values = None if maybe_nul else fast_values(report)
-        if values is None:
-            values = normalized_values(report, now)
+    for payload in payloads:
+        reports, maybe_nul = record_reports(payload)
+        received += len(reports)
+        for report in reports:
+            values = None if maybe_nul else fast_values(report)
             if values is None:
-                log.warning("skipping a report without request_id")
-                continue
-        if values[_RID] != key:  # the order of the flush is this key's: never a silent drift
-            raise RuntimeError(f"stored request_id {values[_RID]!r} sorted as {key!r}")
-        values.append(arrival)
-        out.append(tuple(values))
-    return out
-
-
-def copy_records(
-    payloads: Sequence[bytes], now: datetime | None = None
-) -> tuple[int, list[tuple[Any, ...]]]:
-    """(reports received, COPY records of all of them in request_id order)."""
-    received, entries = ordered_reports(payloads)
-    return received, entry_records(entries, now or datetime.now(UTC))
+                values = normalized_values(report, when)
+                if values is None:
+                    log.warning("skipping a report without request_id")
+                    continue
+            values.append(first + len(out))
+            out.append(tuple(values))
+    return received, out

@@ -28,7 +28,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from exporter.store.copy_rows import Entry, entry_records, ordered_reports
+from exporter.store.copy_rows import copy_records
 from exporter.store.dims import dims_sql
 from exporter.store.rows import (
     DERIVED_KEY,
@@ -40,16 +40,12 @@ from exporter.store.rows import (
 from exporter.store.tables import ROLLUP_KEY, ROLLUP_SUMS
 
 __all__ = [
-    "PG_DELTAS",
     "PG_MERGE_SQL",
-    "PG_ROLLUP_SQL",
-    "PG_ROUND",
     "PG_STAGING",
     "PG_STAGING_COLUMNS",
     "PG_STAGING_SQL",
     "PG_WORK_MEM",
     "pg_merge_sql",
-    "pg_round_sql",
     "probe_postgres",
     "write_postgres",
 ]
@@ -79,13 +75,6 @@ PG_STAGING_SQL = (
     f"CREATE TEMP TABLE IF NOT EXISTS {PG_STAGING} ON COMMIT DELETE ROWS AS "  # noqa: S608
     f"SELECT {_cols(DETAIL_COLUMNS)}, 0::bigint AS {ARRIVAL} FROM usage_details WITH NO DATA"
 )
-#: The hour deltas of the rounds of one write so far: temporary, emptied at every commit.
-PG_DELTAS = "usage_deltas"
-PG_DELTAS_SQL = (
-    f"CREATE TEMP TABLE IF NOT EXISTS {PG_DELTAS} ON COMMIT DELETE ROWS AS "  # noqa: S608
-    f"SELECT {_cols(ROLLUP_COLUMNS[1:])} FROM usage_rollups WITH NO DATA"
-)
-PG_TEMP_SQL = f"{PG_STAGING_SQL}; {PG_DELTAS_SQL}"
 
 _RETURNING = tuple(
     dict.fromkeys(
@@ -106,8 +95,9 @@ def _derived_sql(keys: Sequence[str]) -> tuple[str, str]:
     return "", "".join(constants)
 
 
-def _ins_sql(keys: tuple[str, ...]) -> str:
-    """`ins` (the rows really inserted) and `hourly` (their hour deltas) of the staging rows."""
+@functools.lru_cache(maxsize=8)
+def pg_merge_sql(keys: tuple[str, ...] = ()) -> str:
+    """The statement from the staging table for promoted tag `keys` (dims.dims_keys)."""
     returning, derived = _derived_sql(keys)
     grouped = _DERIVED_COLS if keys else ""
     return f"""
@@ -122,12 +112,7 @@ WITH ins AS (
         {derived}, {", ".join(f"{ROLLUP_SPECS[c].sql} AS {_q(c)}" for c in ROLLUP_SUMS)}
     FROM ins
     GROUP BY 1, {_cols(DIMENSIONS)}{grouped}
-)"""  # noqa: S608
-
-
-#: hour deltas → hour and day rows added to usage_rollups in key order; `up`: the rows touched
-_UPSERT_SQL = f"""
-, deltas AS (
+), deltas AS (
     SELECT 'hour' AS granularity, * FROM hourly
     UNION ALL
     SELECT 'day', date_trunc('day', bucket_start, 'UTC'), {_cols(DIMENSIONS)}{_DERIVED_COLS},
@@ -141,56 +126,73 @@ _UPSERT_SQL = f"""
     ON CONFLICT ({_cols(ROLLUP_KEY)}) DO UPDATE SET
         {", ".join(f"{_q(c)} = usage_rollups.{_q(c)} + excluded.{_q(c)}" for c in ROLLUP_SUMS)}
     RETURNING 1
-)"""  # noqa: S608
-
-
-@functools.lru_cache(maxsize=8)
-def pg_merge_sql(keys: tuple[str, ...] = ()) -> str:
-    """The one statement of a single-round write from the staging table, for promoted tag
-    `keys` (dims.dims_keys): (details inserted, rollup rows touched)."""
-    counts = "SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM up)"
-    return f"{_ins_sql(keys)}{_UPSERT_SQL}\n{counts}\n"
-
-
-@functools.lru_cache(maxsize=8)
-def pg_round_sql(keys: tuple[str, ...] = ()) -> str:
-    """One round of a write of several: details inserted from the staging table, their hour
-    deltas kept in PG_DELTAS (the rollups are touched once, by pg_rollup_sql); the count."""
-    return (
-        f"{_ins_sql(keys)}, kept AS (INSERT INTO {PG_DELTAS} SELECT * FROM hourly)\n"  # noqa: S608
-        "SELECT count(*) FROM ins\n"
-    )
-
-
-#: The end of a write of several rounds: the rounds' hour deltas summed per key, upserted
-#: once, in key order; the rollup rows touched.
-PG_ROLLUP_SQL = f"""
-WITH hourly AS (
-    SELECT bucket_start, {_cols(DIMENSIONS)}{_DERIVED_COLS},
-        {", ".join(f"sum({_q(c)}) AS {_q(c)}" for c in ROLLUP_SUMS)}
-    FROM {PG_DELTAS}
-    GROUP BY bucket_start, {_cols(DIMENSIONS)}{_DERIVED_COLS}
-){_UPSERT_SQL}
-SELECT count(*) FROM up
+)
+SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM up)
 """  # noqa: S608
 
-#: The statement without promoted tags (dims '{{}}' for every report).
+
+#: The statement without promoted tags (dims '{}' for every report).
 PG_MERGE_SQL = pg_merge_sql()
 
-#: Reports per round: the pipeline's step. Each round is one COPY into the staging table and
-#: one statement; the next round's rows are prepared in a worker thread meanwhile, so the
-#: exporter's work and the database's overlap (bench/RESULTS.md, `## Limits: Postgres flush`).
-PG_ROUND = 8192
+#: Reports prepared per step of the COPY stream: the next step is prepared in a thread while
+#: asyncpg encodes and Postgres stores this one.
+COPY_STEP = 4096
 #: asyncpg encodes COPY rows on the event loop (~6 µs each, bench/RESULTS.md): hand the loop
 #: back every this many rows, so ingest never waits more than a few milliseconds.
 YIELD_EVERY = 512
 
 
-async def _yielding(records: Sequence[tuple[Any, ...]]) -> AsyncIterator[tuple[Any, ...]]:
-    for n, record in enumerate(records, 1):
-        yield record
-        if not n % YIELD_EVERY:  # asyncpg encodes on the loop: let ingest in
-            await asyncio.sleep(0)
+def _steps(payloads: Sequence[bytes]) -> list[Sequence[bytes]]:
+    """WAL records in groups of about COPY_STEP reports (records are never split)."""
+    steps: list[Sequence[bytes]] = []
+    start = size = 0
+    for i, payload in enumerate(payloads):
+        size += max(1, payload.count(b'"request_id"'))
+        if size >= COPY_STEP:
+            steps.append(payloads[start : i + 1])
+            start, size = i + 1, 0
+    if start < len(payloads):
+        steps.append(payloads[start:])
+    return steps
+
+
+class _Stream:
+    """The COPY records of a batch as an async iterator: step k+1 is prepared in a worker
+    thread while step k is encoded and sent, so Postgres stores rows while Python still
+    prepares the rest, and the event loop only ever runs asyncpg's encoding of a few rows."""
+
+    def __init__(self, payloads: Sequence[bytes]) -> None:
+        self.received = 0
+        self.rows = 0
+        self._steps = _steps(payloads)
+        self._now = datetime.now(UTC)
+
+    async def __aiter__(self) -> AsyncIterator[tuple[Any, ...]]:
+        pending = None
+        for k in range(len(self._steps)):
+            if pending is None:
+                pending = asyncio.ensure_future(self._prepare(k))
+            received, records = await pending
+            pending = (
+                asyncio.ensure_future(self._prepare(k + 1)) if k + 1 < len(self._steps) else None
+            )
+            try:
+                self.received += received
+                self.rows += len(records)
+                for n, record in enumerate(records, 1):
+                    yield record
+                    if not n % YIELD_EVERY:  # asyncpg encodes on the loop: let ingest in
+                        await asyncio.sleep(0)
+            except BaseException:
+                if pending is not None:
+                    pending.cancel()
+                    with contextlib.suppress(BaseException):
+                        await pending
+                raise
+
+    async def _prepare(self, k: int) -> tuple[int, list[tuple[Any, ...]]]:
+        # arrival numbers only need to grow: step k's start above all of step k-1's
+        return await asyncio.to_thread(copy_records, self._steps[k], k << 32, self._now)
 
 
 @contextlib.asynccontextmanager
@@ -210,58 +212,20 @@ async def write_postgres(
     engine: AsyncEngine, payloads: Sequence[bytes], dims_keys: tuple[str, ...] = ()
 ) -> tuple[int, int, int]:
     """(received, inserted, rollup rows) of one transaction over WAL record payloads;
-    `dims_keys`: the promoted tags (exporter.store.dims.dims_keys).
-
-    The reports are decoded and put in request_id order first (a thread), then written in
-    rounds of PG_ROUND: round k+1's rows are prepared in a thread while round k's statement
-    runs. All rounds are one transaction, in one request_id order (see the module's doc)."""
-    received, entries = await asyncio.to_thread(ordered_reports, payloads)
-    if not entries:
-        return received, 0, 0
-    now = datetime.now(UTC)
-    rounds: list[Sequence[Entry]] = [
-        entries[i : i + PG_ROUND] for i in range(0, len(entries), PG_ROUND)
-    ]
-    del entries
-    inserted = rollups = 0
-    pending: asyncio.Future[list[tuple[Any, ...]]] | None = None
-    try:
-        async with _driver_connection(engine) as pg, pg.transaction():
-            await pg.execute(f"SET LOCAL work_mem = '{PG_WORK_MEM}'; {PG_TEMP_SQL}")
-            ready = asyncio.ensure_future(asyncio.to_thread(entry_records, rounds[0], now))
-            for k in range(len(rounds)):
-                pending = ready
-                records = await ready
-                rounds[k] = ()  # its reports may go
-                pending = None
-                if k:
-                    await pg.execute(f"TRUNCATE {PG_STAGING}")
-                await pg.copy_records_to_table(
-                    PG_STAGING, records=_yielding(records), columns=PG_STAGING_COLUMNS
-                )
-                del records
-                if k + 1 < len(rounds):  # now: while the COPY runs the loop needs the GIL
-                    nxt = asyncio.to_thread(entry_records, rounds[k + 1], now)
-                    pending = ready = asyncio.ensure_future(nxt)
-                if len(rounds) == 1:
-                    inserted, rollups = await pg.fetchrow(pg_merge_sql(dims_keys))
-                else:
-                    inserted += await pg.fetchval(pg_round_sql(dims_keys))
-            if len(rounds) > 1:
-                rollups = await pg.fetchval(PG_ROLLUP_SQL)
-    finally:
-        if pending is not None:  # failed mid-way: the thread's result is not wanted
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
-    return received, int(inserted), int(rollups)
+    `dims_keys`: the promoted tags (exporter.store.dims.dims_keys)."""
+    stream = _Stream(payloads)
+    async with _driver_connection(engine) as pg, pg.transaction():
+        await pg.execute(f"SET LOCAL work_mem = '{PG_WORK_MEM}'; {PG_STAGING_SQL}")
+        await pg.copy_records_to_table(PG_STAGING, records=stream, columns=PG_STAGING_COLUMNS)
+        if not stream.rows:
+            return stream.received, 0, 0
+        inserted, rollups = await pg.fetchrow(pg_merge_sql(dims_keys))
+    return stream.received, int(inserted), int(rollups)
 
 
 async def probe_postgres(engine: AsyncEngine, dims_keys: tuple[str, ...] = ()) -> None:
     """Run the write over no records: fails as a flush would (schema missing or behind,
     permissions including TEMPORARY, database down) without writing anything."""
     async with _driver_connection(engine) as pg, pg.transaction():
-        await pg.execute(PG_TEMP_SQL)
+        await pg.execute(PG_STAGING_SQL)
         await pg.fetchrow(pg_merge_sql(dims_keys))
-        await pg.fetchval(pg_round_sql(dims_keys))
-        await pg.fetchval(PG_ROLLUP_SQL)
