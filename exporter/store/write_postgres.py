@@ -134,8 +134,8 @@ SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM up)
 #: The statement without promoted tags (dims '{}' for every report).
 PG_MERGE_SQL = pg_merge_sql()
 
-#: Reports prepared per step of the COPY stream: the next step is prepared in a thread while
-#: asyncpg encodes and Postgres stores this one.
+#: Reports prepared per step of the COPY stream (in a thread, once the previous step is sent):
+#: bounds the rows held in memory at once.
 COPY_STEP = 4096
 #: asyncpg encodes COPY rows on the event loop (~6 µs each, bench/RESULTS.md): hand the loop
 #: back every this many rows, so ingest never waits more than a few milliseconds.
