@@ -96,6 +96,8 @@ class Ingestor:
         self._inflight: dict[str, asyncio.Future[bool]] = {}
         wal.on_failure.append(lambda kind: self_metrics.wal_failures.labels(kind).inc())
         self_metrics.wal_broken.set_function(lambda: 0 if wal.broken_reason is None else 1)
+        #: requests prepared by each path (the per-request work guard test reads them)
+        self.prepared = {"canonical": 0, "general": 0}
         #: called with (wal segment seq, reports) once reports are durable
         self.on_durable: list[Callable[[int, Sequence[UsageReport]], None]] = []
 
@@ -188,6 +190,7 @@ class Ingestor:
 
     def prepare(self, items: list[Any], pre_errors: dict[int, str] | None = None) -> Prepared:
         """The general path: items decoded from a body, of any shape (see `validate_batch`)."""
+        self.prepared["general"] += 1
         return self.validate_batch(items, pre_errors, datetime.now(UTC))
 
     def prepare_canonical(self, body: bytes, max_items: int) -> Prepared | None:
@@ -204,6 +207,7 @@ class Ingestor:
             self._complete_all(reports, now, None)
         except CostOverCap:
             return None
+        self.prepared["canonical"] += 1
         return self._window.keep(reports, None, [], now)
 
     @staticmethod
