@@ -185,19 +185,27 @@ def before_rows(
     wrk: str, per_body: int, conns: int, args: argparse.Namespace, workdir: Path
 ) -> list[WrkResult]:
     """The same two servers run from another source tree (`--before-src`, e.g.
-    `git worktree add /tmp/before <commit>`), in the same run: before/after on one box state."""
+    `git worktree add /tmp/before <commit>`), in the same run: before/after on one box state.
+    PYTHONSAFEPATH: `python -m exporter` would otherwise import the tree in the current
+    directory ahead of PYTHONPATH (run from a checkout, "before" was that checkout)."""
+    src = Path(args.before_src).resolve()
     out = []
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(Path(args.before_src).resolve())
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    os.environ.update(PYTHONPATH=str(src), PYTHONSAFEPATH="1")
     try:
+        probe = [sys.executable, "-c", "import exporter; print(exporter.__file__)"]
+        found = subprocess.run(probe, capture_output=True, text=True, check=True).stdout
+        if not Path(found.strip()).is_relative_to(src):
+            sys.exit(f"--before-src {src}: the server would import {found.strip()}")
         for hold, name in ((False, "before: ours"), (True, "before: ours (flush held)")):
             with our_server(workdir, hold_flush=hold) as s:
                 out.append(measure_http(wrk, s, name, per_body, conns, args, workdir))
     finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return out
 
 
