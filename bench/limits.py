@@ -176,26 +176,36 @@ def http_part(args: argparse.Namespace, workdir: Path) -> list[WrkResult]:
             out.append(measure_http(wrk, s, "ours", per_body, conns, args, workdir))
         with our_server(workdir, hold_flush=True) as s:
             out.append(measure_http(wrk, s, "ours (flush held)", per_body, conns, args, workdir))
-        if args.before_src and per_body == 1:
-            out += before_rows(wrk, conns, args, workdir)
+        if args.before_src:
+            out += before_rows(wrk, per_body, conns, args, workdir)
     return out
 
 
-def before_rows(wrk: str, conns: int, args: argparse.Namespace, workdir: Path) -> list[WrkResult]:
-    """The same two single-report servers run from another source tree (`--before-src`, e.g.
-    `git worktree add /tmp/before <commit>`), in the same run: before/after on one box state."""
+def before_rows(
+    wrk: str, per_body: int, conns: int, args: argparse.Namespace, workdir: Path
+) -> list[WrkResult]:
+    """The same two servers run from another source tree (`--before-src`, e.g.
+    `git worktree add /tmp/before <commit>`), in the same run: before/after on one box state.
+    PYTHONSAFEPATH: `python -m exporter` would otherwise import the tree in the current
+    directory ahead of PYTHONPATH (run from a checkout, "before" was that checkout)."""
+    src = Path(args.before_src).resolve()
     out = []
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(Path(args.before_src).resolve())
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    os.environ.update(PYTHONPATH=str(src), PYTHONSAFEPATH="1")
     try:
+        probe = [sys.executable, "-c", "import exporter; print(exporter.__file__)"]
+        found = subprocess.run(probe, capture_output=True, text=True, check=True).stdout
+        if not Path(found.strip()).is_relative_to(src):
+            sys.exit(f"--before-src {src}: the server would import {found.strip()}")
         for hold, name in ((False, "before: ours"), (True, "before: ours (flush held)")):
             with our_server(workdir, hold_flush=hold) as s:
-                out.append(measure_http(wrk, s, name, 1, conns, args, workdir))
+                out.append(measure_http(wrk, s, name, per_body, conns, args, workdir))
     finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return out
 
 
@@ -364,15 +374,19 @@ def render(args: argparse.Namespace, http: list[WrkResult], pg: list[FlushResult
             summary.append([f"{label}: p99 flusher on ÷ held off", f"held off: p99 "
                             f"{held.p99_ms:.1f} ms", f"on: p99 {ours.p99_ms:.1f} ms",
                             f"**{p99:.2f}×**", verdict(round(p99, 2), 2.0, True)])  # fmt: skip
-        for name in ("ours", "ours (flush held)"):
-            before = by.get((f"before: {name}", 1))
+        for per_body, name in (
+            (b, n) for b in sorted(shapes) for n in ("ours", "ours (flush held)")
+        ):
+            before = by.get((f"before: {name}", per_body))
             if before is not None:
-                after = by[name, 1]
-                summary.append([f"HTTP, 1 report per POST: {name}, this tree vs `--before-src`",
+                after = by[name, per_body]
+                shape = "1 report" if per_body == 1 else f"{per_body} reports"
+                summary.append([f"HTTP, {shape} per POST: {name}, this tree vs `--before-src`",
                                 f"before: {before.cpu_us_per_report:.1f} µs CPU/report, "
-                                f"{fmt_int(before.req_s)} req/s, p99 {before.p99_ms:.1f} ms",
+                                f"{fmt_int(before.reports_s)} reports/s, p99 "
+                                f"{before.p99_ms:.1f} ms",
                                 f"{after.cpu_us_per_report:.1f} µs CPU/report, "
-                                f"{fmt_int(after.req_s)} req/s, p99 {after.p99_ms:.1f} ms",
+                                f"{fmt_int(after.reports_s)} reports/s, p99 {after.p99_ms:.1f} ms",
                                 f"**{after.cpu_us_per_report / before.cpu_us_per_report:.2f}×** "
                                 "CPU", "-"])  # fmt: skip
     if pg:
@@ -409,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--reports", type=int, default=100_000, help="Postgres flush reports")
     p.add_argument("--keys", type=int, default=10_000, help="Postgres flush rollup keys")
     p.add_argument("--flush-batch", type=int, default=50_000, help="reports per transaction")
-    p.add_argument("--before-src", help="single reports: also run ours from this source tree")
+    p.add_argument("--before-src", help="also run ours (both rows) from this source tree")
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args(argv)
     args.load_at_start = os.getloadavg()[0]
