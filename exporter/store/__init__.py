@@ -31,16 +31,32 @@ __all__ = [
 class Store:
     """One database: engine, writer, migrations, health and spend."""
 
-    def __init__(self, engine: AsyncEngine, *, promoted_tags: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        promoted_tags: Iterable[str] = (),
+        flush_process: bool = False,
+    ) -> None:
         self.engine = engine
         self.backend = backend_name(engine.url)
-        self.writer = StoreWriter(engine, promoted_tags=promoted_tags)
+        self.writer = StoreWriter(engine, promoted_tags=promoted_tags, flush_process=flush_process)
 
     @classmethod
     def from_url(
-        cls, url: str | URL, *, pool_size: int = 5, promoted_tags: Iterable[str] = ()
+        cls,
+        url: str | URL,
+        *,
+        pool_size: int = 5,
+        promoted_tags: Iterable[str] = (),
+        flush_process: bool = False,
     ) -> Store:
-        return cls(create_engine(url, pool_size=pool_size), promoted_tags=promoted_tags)
+        """`flush_process`: SQLite flushes in a child process (Settings.sqlite_flush_process)."""
+        return cls(
+            create_engine(url, pool_size=pool_size),
+            promoted_tags=promoted_tags,
+            flush_process=flush_process,
+        )
 
     @property
     def safe_url(self) -> str:
@@ -59,4 +75,7 @@ class Store:
         return RetentionSchedule(self.engine, retention_days)
 
     async def close(self) -> None:
-        await self.engine.dispose()
+        try:
+            await self.writer.close()
+        finally:
+            await self.engine.dispose()
