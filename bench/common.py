@@ -135,6 +135,17 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def children_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds of each live child of `pid` (the server's SQLite flush process), from /proc."""
+    out: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                out[int(stat.parent.name)] = proc_cpu_seconds(int(stat.parent.name))
+    return out
+
+
 def system_busy() -> tuple[float, float]:
     """(busy, total) jiffies of the whole machine, from /proc/stat."""
     with contextlib.suppress(OSError):
