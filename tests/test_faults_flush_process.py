@@ -55,7 +55,7 @@ def test_parent_sigkill_mid_write_leaves_no_orphan_and_the_restart_replays_exact
     assert service.post(first)[0] == 202
     wait_for(lambda: value(service.metrics(), "llm_usage_pending_reports") == 0, 30, "a flush")
     parent = service.proc.proc.pid
-    (child,) = _children(parent)  # one child per serving process, started by that flush
+    (child,) = _children(parent)  # one child per serving process (started by its first probe)
 
     blocker = sqlite3.connect(db, isolation_level=None)
     try:

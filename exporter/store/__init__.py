@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from exporter.store import migrate
 from exporter.store.db import backend_name, create_engine, ping, redact_url
 from exporter.store.retention_schedule import RetentionSchedule
 from exporter.store.writer import StoreWriter, WriteResult
@@ -64,6 +63,8 @@ class Store:
         return redact_url(self.engine.url)
 
     async def upgrade(self, revision: str = "head") -> str | None:
+        from exporter.store import migrate  # Alembic: not imported by the flush process
+
         return await migrate.upgrade(self.engine, revision)
 
     async def ping(self, within: float = 2.0) -> bool:

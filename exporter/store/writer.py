@@ -53,7 +53,8 @@ class StoreWriter:
     write path, it lets a test raise the kind of error a bug in this code would.
 
     `flush_process` (SQLite only): write in a child process (`store.flush_process`), so the
-    flush's CPU does not hold this process's GIL; `close()` stops it. `probe` stays here.
+    flush's CPU does not hold this process's GIL; `close()` stops it. `probe` checks the
+    schema here, then sends the child an empty write (starting it if need be).
     """
 
     def __init__(
@@ -101,6 +102,8 @@ class StoreWriter:
             await probe_postgres(self._engine, self.dims_keys)
         else:
             await probe_sqlite(self._engine)
+            if self.process is not None:  # started at the flusher's first pass, up and able
+                await self.process.write([])  # to open the file: an empty write commits nothing
 
     async def close(self) -> None:
         """Stop the flush process, if any (after the write in progress)."""
