@@ -80,7 +80,7 @@ class FlushProcess:
     """One child process writing batches to the SQLite file at `path`."""
 
     def __init__(self, path: str, dims_keys: tuple[str, ...]) -> None:
-        self.path = path
+        self.path = os.path.abspath(path)  # the child's working directory is not ours to trust
         self.dims_keys = dims_keys
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
@@ -103,7 +103,8 @@ class FlushProcess:
         )
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "exporter.store.flush_child", str(theirs.fileno()),
+                # -P: not the working directory's modules, the parent's exporter (PYTHONPATH)
+                [sys.executable, "-P", "-m", "exporter.store.flush_child", str(theirs.fileno()),
                  str(os.getpid()), self.path, orjson.dumps(list(self.dims_keys)).decode()],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
