@@ -47,6 +47,7 @@ from common import (
     Server,
     bare_server,
     body_templates,
+    children_cpu_seconds,
     fmt_int,
     machine_note,
     md_table,
@@ -104,6 +105,8 @@ class WrkResult:
     errors: int
     server_cpu: float
     load: float
+    #: CPU of the server's children (the SQLite flush process) over the same window
+    child_cpu: float = 0.0
 
     @property
     def req_s(self) -> float:
@@ -116,6 +119,10 @@ class WrkResult:
     @property
     def cpu_us_per_report(self) -> float:
         return self.server_cpu / max(1, self.requests * self.per_body) * 1e6
+
+    @property
+    def child_us_per_report(self) -> float:
+        return self.child_cpu / max(1, self.requests * self.per_body) * 1e6
 
 
 def require_wrk() -> str:
@@ -151,17 +158,21 @@ def measure_http(
     tag = f"{name.split()[0]}-{per_body}-{time.monotonic_ns()}"
     log(f"  {name}, {per_body} report(s)/POST, wrk -c{conns} …")
     run_wrk(wrk, server, bodies, script, conns, args.warmup, tag + "w")
-    cpu0 = proc_cpu_seconds(server.pid)
+    cpu0, kids0 = proc_cpu_seconds(server.pid), children_cpu_seconds(server.pid)
     load0 = os.getloadavg()[0]
     r = run_wrk(wrk, server, bodies, script, conns, args.duration, tag)
     cpu = proc_cpu_seconds(server.pid) - cpu0
+    kids = sum(c - kids0.get(pid, 0.0) for pid, c in children_cpu_seconds(server.pid).items())
     errors = sum(r[k] for k in ("connect", "read", "write", "status", "timeout"))
     res = WrkResult(
         name, "1 report/POST" if per_body == 1 else f"{per_body} reports/POST", per_body,
         r["requests"], r["duration_us"] / 1e6, r["p50_us"] / 1e3, r["p99_us"] / 1e3,
-        r["max_us"] / 1e3, errors, cpu, max(load0, os.getloadavg()[0]),
+        r["max_us"] / 1e3, errors, cpu, max(load0, os.getloadavg()[0]), kids,
     )  # fmt: skip
-    log(f"    {res.reports_s:,.0f} reports/s, p99 {res.p99_ms:.1f} ms, errors {errors}")
+    log(
+        f"    {res.reports_s:,.0f} reports/s, p99 {res.p99_ms:.1f} ms, errors {errors}, CPU "
+        f"{res.cpu_us_per_report:.1f} + child {res.child_us_per_report:.1f} µs/report"
+    )
     return res
 
 
@@ -176,26 +187,40 @@ def http_part(args: argparse.Namespace, workdir: Path) -> list[WrkResult]:
             out.append(measure_http(wrk, s, "ours", per_body, conns, args, workdir))
         with our_server(workdir, hold_flush=True) as s:
             out.append(measure_http(wrk, s, "ours (flush held)", per_body, conns, args, workdir))
-        if args.before_src and per_body == 1:
-            out += before_rows(wrk, conns, args, workdir)
+        if args.flush_in_process:
+            with our_server(workdir, sqlite_flush_process="false") as s:
+                out.append(measure_http(wrk, s, "ours (SQLite flush in process)", per_body,
+                                        conns, args, workdir))  # fmt: skip
+        if args.before_src:
+            out += before_rows(wrk, per_body, conns, args, workdir)
     return out
 
 
-def before_rows(wrk: str, conns: int, args: argparse.Namespace, workdir: Path) -> list[WrkResult]:
-    """The same two single-report servers run from another source tree (`--before-src`, e.g.
-    `git worktree add /tmp/before <commit>`), in the same run: before/after on one box state."""
+def before_rows(
+    wrk: str, per_body: int, conns: int, args: argparse.Namespace, workdir: Path
+) -> list[WrkResult]:
+    """The same two servers run from another source tree (`--before-src`, e.g.
+    `git worktree add /tmp/before <commit>`), in the same run: before/after on one box state.
+    PYTHONSAFEPATH: `python -m exporter` would otherwise import the tree in the current
+    directory ahead of PYTHONPATH (run from a checkout, "before" was that checkout)."""
+    src = Path(args.before_src).resolve()
     out = []
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(Path(args.before_src).resolve())
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    os.environ.update(PYTHONPATH=str(src), PYTHONSAFEPATH="1")
     try:
+        probe = [sys.executable, "-c", "import exporter; print(exporter.__file__)"]
+        found = subprocess.run(probe, capture_output=True, text=True, check=True).stdout
+        if not Path(found.strip()).is_relative_to(src):
+            sys.exit(f"--before-src {src}: the server would import {found.strip()}")
         for hold, name in ((False, "before: ours"), (True, "before: ours (flush held)")):
             with our_server(workdir, hold_flush=hold) as s:
-                out.append(measure_http(wrk, s, name, 1, conns, args, workdir))
+                out.append(measure_http(wrk, s, name, per_body, conns, args, workdir))
     finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return out
 
 
@@ -340,11 +365,11 @@ def render(args: argparse.Namespace, http: list[WrkResult], pg: list[FlushResult
         shapes = {r.per_body for r in http}
         lines.append(md_table(
             ["server", "body", "wrk -c", "req/s", "reports/s", "p50 / p99 / max ms",
-             "server CPU µs/report", "errors", "load avg"],
+             "server CPU µs/report", "flush child CPU µs/report", "errors", "load avg"],
             [[r.server, r.body, str(args.single_conns if r.per_body == 1 else args.batch_conns),
               fmt_int(r.req_s), fmt_int(r.reports_s),
               f"{r.p50_ms:.1f} / {r.p99_ms:.1f} / {r.max_ms:.0f}", f"{r.cpu_us_per_report:.1f}",
-              str(r.errors), f"{r.load:.1f}"] for r in http],
+              f"{r.child_us_per_report:.1f}", str(r.errors), f"{r.load:.1f}"] for r in http],
         ))  # fmt: skip
         lines.append("")
         for per_body, label, target in ((1, "HTTP, 1 report per POST (wrk -c32)", 0.5),
@@ -364,15 +389,20 @@ def render(args: argparse.Namespace, http: list[WrkResult], pg: list[FlushResult
             summary.append([f"{label}: p99 flusher on ÷ held off", f"held off: p99 "
                             f"{held.p99_ms:.1f} ms", f"on: p99 {ours.p99_ms:.1f} ms",
                             f"**{p99:.2f}×**", verdict(round(p99, 2), 2.0, True)])  # fmt: skip
-        for name in ("ours", "ours (flush held)"):
-            before = by.get((f"before: {name}", 1))
+        for per_body, name in (
+            (b, n) for b in sorted(shapes) for n in ("ours", "ours (flush held)")
+        ):
+            before = by.get((f"before: {name}", per_body))
             if before is not None:
-                after = by[name, 1]
-                summary.append([f"HTTP, 1 report per POST: {name}, this tree vs `--before-src`",
+                after = by[name, per_body]
+                shape = "1 report" if per_body == 1 else f"{per_body} reports"
+                summary.append([f"HTTP, {shape} per POST: {name}, this tree vs `--before-src`",
                                 f"before: {before.cpu_us_per_report:.1f} µs CPU/report, "
-                                f"{fmt_int(before.req_s)} req/s, p99 {before.p99_ms:.1f} ms",
-                                f"{after.cpu_us_per_report:.1f} µs CPU/report, "
-                                f"{fmt_int(after.req_s)} req/s, p99 {after.p99_ms:.1f} ms",
+                                f"{fmt_int(before.reports_s)} reports/s, p99 "
+                                f"{before.p99_ms:.1f} ms",
+                                f"{after.cpu_us_per_report:.1f} µs CPU/report (+ child "
+                                f"{after.child_us_per_report:.1f}), {fmt_int(after.reports_s)} "
+                                f"reports/s, p99 {after.p99_ms:.1f} ms",
                                 f"**{after.cpu_us_per_report / before.cpu_us_per_report:.2f}×** "
                                 "CPU", "-"])  # fmt: skip
     if pg:
@@ -409,7 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--reports", type=int, default=100_000, help="Postgres flush reports")
     p.add_argument("--keys", type=int, default=10_000, help="Postgres flush rollup keys")
     p.add_argument("--flush-batch", type=int, default=50_000, help="reports per transaction")
-    p.add_argument("--before-src", help="single reports: also run ours from this source tree")
+    p.add_argument("--before-src", help="also run ours (flusher on, held) from this source tree")
+    p.add_argument("--flush-in-process", action="store_true",
+                   help="also run ours with sqlite_flush_process=false (this tree)")  # fmt: skip
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args(argv)
     args.load_at_start = os.getloadavg()[0]

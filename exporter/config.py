@@ -178,6 +178,8 @@ class Settings(BaseSettings):
     flush_max_backoff: float = Field(default=60.0, gt=0)
     #: /readyz answers 503 after this many flush failures in a row
     flush_unready_after_failures: int = Field(default=3, ge=1)
+    #: SQLite: the flush runs in a child process (exporter/store/flush_process.py)
+    sqlite_flush_process: bool = True
     retention_days: int = Field(default=400, ge=1)
 
     # read API (docs/api.md)

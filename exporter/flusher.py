@@ -106,6 +106,8 @@ class Flusher:
         self._run_task: asyncio.Task[None] | None = None
         self._retention_task: asyncio.Task[None] | None = None
         self._failures = 0  # consecutive
+        #: run()'s first probe (for SQLite in a child process: the child's start) is under way
+        self._starting = False
         self._failing_since: float | None = None
         # What the last failure was, never the exception itself: its traceback would keep the
         # failed batch's payloads alive for as long as the outage lasts.
@@ -125,8 +127,11 @@ class Flusher:
 
     def readiness_problems(self) -> list[str]:
         """Why this replica should not get traffic, from the flush's point of view (/readyz):
-        the schema is missing, or `flush_unready_after_failures` flushes in a row failed."""
+        the first probe of `run()` is under way, the schema is missing, or
+        `flush_unready_after_failures` flushes in a row failed."""
         last = self._last_error
+        if self._starting:
+            return ["flusher starting: its first probe of the database has not ended yet"]
         if last is None or not self._failures:
             return []
         if last.schema_missing:
@@ -272,6 +277,7 @@ class Flusher:
         Retention, if configured, runs beside it as its own task, paused while flushes fail.
         """
         self._run_task = asyncio.current_task()
+        await self._first_probe()
         if self.retention is not None and self._retention_task is None:
             self._retention_task = asyncio.get_running_loop().create_task(
                 self.retention.run(
@@ -300,6 +306,18 @@ class Flusher:
                     await self.flush_once()
                 except Exception as exc:  # counted and logged once by flush_once
                     log.debug("flush: will retry after backoff (%s)", type(exc).__name__)
+
+    async def _first_probe(self) -> None:
+        """Probe once before the first pass (a SQLite flush process starts here) and stay
+        unready meanwhile; a failure is counted by the first pass, which probes or writes."""
+        self._starting = True
+        try:
+            async with asyncio.timeout(self.write_timeout):
+                await self.writer.probe()
+        except Exception as exc:
+            log.debug("flush: first probe failed (%s)", type(exc).__name__)
+        finally:
+            self._starting = False
 
     async def _sleep(self, seconds: float, *, wake_on_nudge: bool = False) -> None:
         if not wake_on_nudge:

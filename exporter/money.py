@@ -123,7 +123,7 @@ def parse_cost(value: Any) -> Decimal:
 def json_default(value: Any) -> Any:
     """orjson `default=` hook: costs travel as exact decimal text (WAL records, bodies)."""
     if isinstance(value, Decimal):
-        return money_text(value)
+        return format(value, "f")  # money_text, inlined: once per report in each WAL record
     raise TypeError(f"cannot serialize {type(value).__name__}")
 
 

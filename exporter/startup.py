@@ -32,7 +32,11 @@ STOP_TIMEOUT_S = 30.0
 
 def open_store(settings: Settings) -> Store:
     try:
-        return Store.from_url(settings.effective_database_url, promoted_tags=settings.promoted_tags)
+        return Store.from_url(
+            settings.effective_database_url,
+            promoted_tags=settings.promoted_tags,
+            flush_process=settings.sqlite_flush_process,
+        )
     except UnsupportedDatabase as exc:  # its message carries the URL without password
         raise ConfigError(f"invalid database_url: {exc}") from None
 

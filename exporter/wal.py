@@ -244,6 +244,11 @@ class WriteAheadLog:
 
     async def append(self, payload: bytes, reports: int) -> int:
         """Durably append one record; returns the sequence number of its segment."""
+        return await self.submit(payload, reports)
+
+    def submit(self, payload: bytes, reports: int) -> asyncio.Future[int]:
+        """`append` without its coroutine (the ingest path awaits the future itself): queues
+        the record for the next group commit, or raises WalClosed / WalBroken / WalFull."""
         if self._closed:
             raise WalClosed("WAL is closed")
         if self._writer is not None and self._writer.done():
@@ -254,7 +259,7 @@ class WriteAheadLog:
         self._queue.append(_Pending(record, reports, fut))
         self._queued_bytes += len(record)
         self._wakeup.set()
-        return await fut
+        return fut
 
     def _fail_queue(self, exc: BaseException) -> None:
         batch, self._queue = self._queue, []

@@ -9,16 +9,19 @@ must still lose to it.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from storecheck import BASE, assert_stored_exactly, report, write_watching_the_loop
 
+from exporter.money import json_default
 from exporter.store import Store
 from exporter.store.copy_rows import fast_values, normalized_values
 from exporter.store.errors import ErrorKind, classify
@@ -207,5 +210,44 @@ async def test_a_backend_killed_mid_copy_or_mid_merge_commits_nothing_and_a_retr
         await store.writer.write(reports)
         await store.writer.write(reports[: COPY_STEP + 7])  # a replay: nothing new
         await assert_stored_exactly(store, reports)
+    finally:
+        await store.close()
+
+
+async def test_one_request_id_order_over_the_steps_and_the_first_arrival(pg_url: str) -> None:
+    """A write of several COPY steps inserts its details in one request_id order over the
+    whole transaction, byte-wise (the lock order that keeps two replicas from deadlocking:
+    bench/RESULTS.md, `## Limits: Postgres flush pipelined`), whatever the arrival order; a
+    request_id repeated in a later step keeps its first arrival, the rollups count it once."""
+    store = Store.from_url(pg_url)
+    await store.upgrade()
+    try:
+        n = COPY_STEP + 40
+        ids = [f"k-{i:06d}" for i in range(n - 4)] + ["k-é", "k-z", "k-\uffff", "k-\U0001d538"]
+        reports = [report(i, request_id=rid) for i, rid in enumerate(ids)]
+        random.Random(5).shuffle(reports)  # arrival order: not the id order
+        dup = f"k-{COPY_STEP - 1:06d}"  # its repeat arrives last, in the last step
+        first_dup = next(r for r in reports if r["request_id"] == dup)
+        repeat = dict(first_dup, input_tokens=first_dup["input_tokens"] + 1, cost_usd="9.5")
+        arrivals = [*reports, repeat]
+        payloads = [
+            orjson.dumps(arrivals[i : i + 100], default=json_default)
+            for i in range(0, len(arrivals), 100)
+        ]
+        result = await store.writer.write_payloads(payloads)
+        assert (result.received, result.inserted) == (n + 1, n)
+        await assert_stored_exactly(store, arrivals)  # distinct(): first arrival wins
+        async with store.engine.connect() as conn:
+            heap = await conn.execute(text("SELECT request_id FROM usage_details ORDER BY ctid"))
+            order = [row[0] for row in heap]
+            tokens = (
+                await conn.execute(
+                    text("SELECT input_tokens FROM usage_details WHERE request_id = :r"),
+                    {"r": dup},
+                )
+            ).scalar_one()
+        # one transaction into an empty table: the heap holds the rows in insertion order
+        assert order == sorted(ids, key=lambda s: s.encode())
+        assert tokens == first_dup["input_tokens"]
     finally:
         await store.close()

@@ -50,11 +50,12 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{tmp_path}/data/usage.db"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "sqlite-process", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    """A migrated, empty database of each backend."""
+    """A migrated, empty database of each backend (SQLite flushing in process, and in its
+    own process as the service does by default: store/flush_process.py)."""
     url = request.getfixturevalue("pg_url") if request.param == "postgres" else sqlite_url(tmp_path)
-    s = Store.from_url(url)
+    s = Store.from_url(url, flush_process=request.param == "sqlite-process")
     await s.upgrade()
     try:
         yield s

@@ -84,6 +84,14 @@ def _json_error(exc: orjson.JSONDecodeError) -> str:
     return f"body is not valid JSON: {exc}"
 
 
+def json_text(data: bytes, content_type: str) -> bytes | None:
+    """The stripped body when it is sent as one JSON document (not NDJSON) and is not empty:
+    what the canonical fast path may try (exporter.ingest.canonical); else None."""
+    if content_type.split(";", 1)[0].strip().lower() not in _JSON_TYPES:
+        return None
+    return data.strip() or None
+
+
 def parse_items(data: bytes, content_type: str, max_items: int) -> ParsedBody:
     content_type = content_type.split(";", 1)[0].strip().lower()
     if content_type not in _JSON_TYPES and content_type not in _NDJSON_TYPES:

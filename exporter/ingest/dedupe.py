@@ -35,6 +35,17 @@ class RecentIds:
         if len(self._seen) > self._capacity:
             self._seen.popitem(last=False)
 
+    def add_all(self, request_ids: list[str]) -> None:
+        """`add` for ids not yet here (a batch's fresh ones), in one loop: the same set, the
+        same order, the same evictions as one `add` each."""
+        if self._capacity == 0:
+            return
+        seen = self._seen
+        for request_id in request_ids:
+            seen[request_id] = None  # an id already here keeps its place, as with `add`
+        while len(seen) > self._capacity:
+            seen.popitem(last=False)
+
     def discard(self, request_id: str) -> None:
         """Forget an id whose report was not made durable (so a retry is not a duplicate)."""
         self._seen.pop(request_id, None)

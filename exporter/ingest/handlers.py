@@ -10,8 +10,8 @@ import orjson
 from aiohttp import web
 
 from exporter.httputil import Route, error_response, json_response
-from exporter.ingest.body import BodyError, ClientGone, ParsedBody, parse_items, read_body
-from exporter.ingest.pipeline import Backpressure, Ingestor, IngestResult
+from exporter.ingest.body import BodyError, ClientGone, json_text, parse_items, read_body
+from exporter.ingest.pipeline import Backpressure, Ingestor, IngestResult, Prepared
 from exporter.logevents import RateLimitedLog
 from exporter.selfmetrics import SelfMetrics
 
@@ -34,10 +34,14 @@ class IngestEndpoint:
     async def _accept(
         self, request: web.Request, items: list[Any], pre_errors: dict[int, str] | None
     ) -> IngestResult:
+        """Items decoded from a body → the pipeline (see `_accept_prepared`)."""
+        return await self._accept_prepared(request, self._ingestor.prepare(items, pre_errors))
+
+    async def _accept_prepared(self, request: web.Request, prepared: Prepared) -> IngestResult:
         """The pipeline plus the logging every endpoint does the same way: one line a minute
         for backpressure (re-raised for the endpoint's own 503 body) and for invalid items."""
         try:
-            result = await self._ingestor.ingest(items, pre_errors)
+            result = await self._ingestor.accept(*prepared)
         except Backpressure as exc:
             self._log_once_a_minute("backpressure", "%s: answering 503 (backpressure): %s",
                                     request.path, exc)  # fmt: skip
@@ -66,9 +70,9 @@ class IngestHandlers(IngestEndpoint):
             exc.status, str(exc), headers={"Connection": "close"} if exc.close else None
         )
 
-    async def _ingest(self, request: web.Request, parsed: ParsedBody) -> web.Response:
+    async def _ingest(self, request: web.Request, prepared: Prepared) -> web.Response:
         try:
-            result = await self._accept(request, parsed.items, parsed.line_errors)
+            result = await self._accept_prepared(request, prepared)
         except Backpressure as exc:
             return error_response(
                 503,
@@ -84,12 +88,22 @@ class IngestHandlers(IngestEndpoint):
         return json_response(result.as_json(), status=_status(result))
 
     async def usage(self, request: web.Request) -> web.Response:
+        """A JSON body of canonical reports is validated from its bytes in one call
+        (exporter.ingest.canonical); any other body, or one it refuses, is parsed and
+        validated by the general path, which gives every error answer."""
         try:
-            body = await self._read(request)
-            parsed = parse_items(body, request.headers.get("Content-Type", ""), self._max_items)
+            body = await read_body(request, self._max_body)
+            content_type = request.headers.get("Content-Type", "")
+            text = json_text(body, content_type)
+            prepared = None
+            if text is not None:
+                prepared = self._ingestor.prepare_canonical(text, self._max_items)
+            if prepared is None:
+                parsed = parse_items(body, content_type, self._max_items)
+                prepared = self._ingestor.prepare(parsed.items, parsed.line_errors)
         except BodyError as exc:
             return self._reject(request, exc)
-        return await self._ingest(request, parsed)
+        return await self._ingest(request, prepared)
 
     async def gateway_metrics(self, request: web.Request) -> web.Response:
         """GPUStack's gateway sends exactly one JSON object per call."""
@@ -102,7 +116,7 @@ class IngestHandlers(IngestEndpoint):
             return self._reject(request, BodyError(400, "bad_body", "body must be one JSON object"))
         if not any(k in parsed.items[0] for k in ("input_token", "output_token", "access_key")):
             parsed.items[0].setdefault("request_count", 1)  # route to the GPUStack adapter
-        return await self._ingest(request, parsed)
+        return await self._ingest(request, self._ingestor.prepare(parsed.items))
 
     def routes(self) -> list[Route]:
         return [

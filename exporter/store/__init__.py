@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from exporter.store import migrate
 from exporter.store.db import backend_name, create_engine, ping, redact_url
 from exporter.store.retention_schedule import RetentionSchedule
 from exporter.store.writer import StoreWriter, WriteResult
@@ -31,16 +30,32 @@ __all__ = [
 class Store:
     """One database: engine, writer, migrations, health and spend."""
 
-    def __init__(self, engine: AsyncEngine, *, promoted_tags: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        promoted_tags: Iterable[str] = (),
+        flush_process: bool = False,
+    ) -> None:
         self.engine = engine
         self.backend = backend_name(engine.url)
-        self.writer = StoreWriter(engine, promoted_tags=promoted_tags)
+        self.writer = StoreWriter(engine, promoted_tags=promoted_tags, flush_process=flush_process)
 
     @classmethod
     def from_url(
-        cls, url: str | URL, *, pool_size: int = 5, promoted_tags: Iterable[str] = ()
+        cls,
+        url: str | URL,
+        *,
+        pool_size: int = 5,
+        promoted_tags: Iterable[str] = (),
+        flush_process: bool = False,
     ) -> Store:
-        return cls(create_engine(url, pool_size=pool_size), promoted_tags=promoted_tags)
+        """`flush_process`: SQLite flushes in a child process (Settings.sqlite_flush_process)."""
+        return cls(
+            create_engine(url, pool_size=pool_size),
+            promoted_tags=promoted_tags,
+            flush_process=flush_process,
+        )
 
     @property
     def safe_url(self) -> str:
@@ -48,6 +63,8 @@ class Store:
         return redact_url(self.engine.url)
 
     async def upgrade(self, revision: str = "head") -> str | None:
+        from exporter.store import migrate  # Alembic: not imported by the flush process
+
         return await migrate.upgrade(self.engine, revision)
 
     async def ping(self, within: float = 2.0) -> bool:
@@ -59,4 +76,7 @@ class Store:
         return RetentionSchedule(self.engine, retention_days)
 
     async def close(self) -> None:
-        await self.engine.dispose()
+        try:
+            await self.writer.close()
+        finally:
+            await self.engine.dispose()

@@ -66,6 +66,12 @@ def _dec_add(a: Any, b: Any) -> str | None:
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+    configure_sqlite(dbapi_connection)
+
+
+def configure_sqlite(dbapi_connection: Any) -> None:
+    """The pragmas and functions of every SQLite connection we open (the engine's, and the
+    flush process's own sqlite3 connection: exporter/store/flush_child.py)."""
     # Let SQLAlchemy's "begin" hook emit BEGIN itself (pysqlite's implicit transactions are
     # broken for DDL and for SAVEPOINT); documented recipe for aiosqlite.
     dbapi_connection.isolation_level = None

@@ -1,7 +1,7 @@
 """The exactly-once batch write on Postgres: binary COPY into a staging table, then ONE statement.
 
 Rows are prepared in worker threads by the same value rules as SQLite (`copy_rows`), in steps
-of COPY_STEP reports, the next step while this one is sent, so no per-report Python runs on
+of COPY_STEP reports, each once the previous one is sent, so no per-report Python runs on
 the event loop; asyncpg's `copy_records_to_table` sends them in the binary COPY format (its
 compiled codecs, the one per-row cost left on the loop) to `usage_staging`, a session-lived
 temporary table emptied at every commit (no WAL, no indexes, no constraints). One statement
@@ -134,8 +134,8 @@ SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM up)
 #: The statement without promoted tags (dims '{}' for every report).
 PG_MERGE_SQL = pg_merge_sql()
 
-#: Reports prepared per step of the COPY stream: the next step is prepared in a thread while
-#: asyncpg encodes and Postgres stores this one.
+#: Reports prepared per step of the COPY stream (in a thread, once the previous step is sent):
+#: bounds the rows held in memory at once.
 COPY_STEP = 4096
 #: asyncpg encodes COPY rows on the event loop (~6 µs each, bench/RESULTS.md): hand the loop
 #: back every this many rows, so ingest never waits more than a few milliseconds.
@@ -157,9 +157,12 @@ def _steps(payloads: Sequence[bytes]) -> list[Sequence[bytes]]:
 
 
 class _Stream:
-    """The COPY records of a batch as an async iterator: step k+1 is prepared in a worker
-    thread while step k is encoded and sent, so Postgres stores rows while Python still
-    prepares the rest, and the event loop only ever runs asyncpg's encoding of a few rows."""
+    """The COPY records of a batch as an async iterator, prepared in a worker thread one step
+    at a time, each step only once the previous one has been encoded and sent: a thread busy
+    with Python while asyncpg encodes on the loop would take the GIL at every yield of the
+    stream, and the loop waits up to the interpreter's switch interval (5 ms) to get it back
+    (bench/RESULTS.md, `## Limits: Postgres flush pipelined`). The event loop only ever runs
+    asyncpg's encoding of a few rows at a time."""
 
     def __init__(self, payloads: Sequence[bytes]) -> None:
         self.received = 0
@@ -168,27 +171,14 @@ class _Stream:
         self._now = datetime.now(UTC)
 
     async def __aiter__(self) -> AsyncIterator[tuple[Any, ...]]:
-        pending = None
         for k in range(len(self._steps)):
-            if pending is None:
-                pending = asyncio.ensure_future(self._prepare(k))
-            received, records = await pending
-            pending = (
-                asyncio.ensure_future(self._prepare(k + 1)) if k + 1 < len(self._steps) else None
-            )
-            try:
-                self.received += received
-                self.rows += len(records)
-                for n, record in enumerate(records, 1):
-                    yield record
-                    if not n % YIELD_EVERY:  # asyncpg encodes on the loop: let ingest in
-                        await asyncio.sleep(0)
-            except BaseException:
-                if pending is not None:
-                    pending.cancel()
-                    with contextlib.suppress(BaseException):
-                        await pending
-                raise
+            received, records = await self._prepare(k)
+            self.received += received
+            self.rows += len(records)
+            for n, record in enumerate(records, 1):
+                yield record
+                if not n % YIELD_EVERY:  # asyncpg encodes on the loop: let ingest in
+                    await asyncio.sleep(0)
 
     async def _prepare(self, k: int) -> tuple[int, list[tuple[Any, ...]]]:
         # arrival numbers only need to grow: step k's start above all of step k-1's

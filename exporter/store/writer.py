@@ -16,14 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.money import json_default
 from exporter.store.db import backend_name
 from exporter.store.dims import dims_keys
+from exporter.store.flush_process import FlushProcess
 from exporter.store.write_postgres import probe_postgres, write_postgres
 from exporter.store.write_sqlite import probe_sqlite, write_sqlite
 
@@ -48,6 +51,10 @@ class StoreWriter:
 
     `fault` is a test hook (never set by the service): called with each batch inside the
     write path, it lets a test raise the kind of error a bug in this code would.
+
+    `flush_process` (SQLite only): write in a child process (`store.flush_process`), so the
+    flush's CPU does not hold this process's GIL; `close()` stops it. `probe` checks the
+    schema here, then sends the child an empty write (starting it if need be).
     """
 
     def __init__(
@@ -56,12 +63,17 @@ class StoreWriter:
         *,
         promoted_tags: Iterable[str] = (),
         fault: Callable[[Sequence[bytes]], None] | None = None,
+        flush_process: bool = False,
     ) -> None:
         self._engine = engine
         #: the rollup key's `dims` holds these tags (exporter.store.dims)
         self.dims_keys = dims_keys(promoted_tags)
         self.backend = backend_name(engine.url)
         self.fault = fault
+        self.process: FlushProcess | None = None
+        if flush_process and self.backend == "sqlite":
+            path = str(Path(make_url(engine.url).database or "").expanduser())
+            self.process = FlushProcess(path, self.dims_keys)
 
     async def write(self, reports: Iterable[Mapping[str, Any]]) -> WriteResult:
         """Store report dicts (UsageReport fields, JSON-ready or Python values) at once."""
@@ -76,6 +88,8 @@ class StoreWriter:
             received, inserted, rollups = await write_postgres(
                 self._engine, payloads, self.dims_keys
             )
+        elif self.process is not None:
+            received, inserted, rollups = await self.process.write(payloads)
         else:
             received, inserted, rollups = await write_sqlite(self._engine, payloads, self.dims_keys)
         return WriteResult(received, inserted, rollups)
@@ -88,3 +102,10 @@ class StoreWriter:
             await probe_postgres(self._engine, self.dims_keys)
         else:
             await probe_sqlite(self._engine)
+            if self.process is not None:  # started at the flusher's first pass, up and able
+                await self.process.write([])  # to open the file: an empty write commits nothing
+
+    async def close(self) -> None:
+        """Stop the flush process, if any (after the write in progress)."""
+        if self.process is not None:
+            await self.process.close()

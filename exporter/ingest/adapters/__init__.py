@@ -40,6 +40,7 @@ __all__ = [
     "from_openai_chat",
     "from_openai_responses",
     "from_otel_attributes",
+    "inferred",
 ]
 
 #: key an adapter sets for a client-computed cost that counts only when we cannot price
@@ -67,15 +68,20 @@ def adapt(
         out = {**out, "status": normalize_status(status)}
     model = out.get("model")
     provider = out.get("provider", "")
-    if (
-        type(model) is str
-        and type(provider) is str
-        and (provider not in _CANONICAL_PROVIDERS or "/" in model)
-    ):
-        new_model, new_provider = infer(model, provider)
-        if (new_model, new_provider) != (model, provider):
-            out = {**out, "model": new_model, "provider": new_provider}
+    if type(model) is str and type(provider) is str:
+        changed = inferred(model, provider)
+        if changed is not None:
+            out = {**out, "model": changed[0], "provider": changed[1]}
     return out
+
+
+def inferred(model: str, provider: str) -> tuple[str, str] | None:
+    """The (model, provider) inferred from the model id, or None when they stay as sent (the
+    hot path: a canonical provider spelling and no prefix in the model id)."""
+    if provider in _CANONICAL_PROVIDERS and "/" not in model:
+        return None
+    new = infer(model, provider)
+    return None if new == (model, provider) else new
 
 
 def _adapt(
