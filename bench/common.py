@@ -174,18 +174,26 @@ def idlest_cpu(seconds: float = 1.0) -> int:
     return min(after, key=lambda c: after[c] - before.get(c, 0))
 
 
-def pin(pid: int, cpu: int | None, *, away: bool = False) -> None:
+def pin(pid: int, cpu: int | None, *, away: bool = False, loop_only: bool = False) -> None:
     """Every thread of `pid` on `cpu` (`away`: on every CPU but `cpu`; None: on every CPU
-    again); threads it starts later inherit the mask of the thread that starts them."""
+    again; `loop_only`: the main thread, which runs the event loop, on `cpu` and every other
+    thread of `pid` on the other CPUs); threads it starts later inherit the mask of the thread
+    that starts them (so pin again before each round)."""
     n = os.cpu_count() or 1
+    others = ",".join(str(c) for c in range(n) if c != cpu) if n > 1 else str(cpu)
     if cpu is None:
         cpus = f"0-{n - 1}"
-    elif away and n > 1:
-        cpus = ",".join(str(c) for c in range(n) if c != cpu)
+    elif away:
+        cpus = others
     else:
         cpus = str(cpu)
     subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], check=True,
                    stdout=subprocess.DEVNULL)  # fmt: skip
+    if loop_only and cpu is not None:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            mask = str(cpu) if int(task.name) == pid else others
+            subprocess.run(["taskset", "-p", "-c", mask, task.name], check=False,
+                           stdout=subprocess.DEVNULL)  # fmt: skip
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
