@@ -8,7 +8,8 @@ scan of every budget (the baseline, measured in the same run).
    `--requests` sequential `GET /v1/budgets/check` for random user/team/key/model: p50/p99.
    Then `wrk -t1 -c1` rounds on the same server, interleaved with `/healthz` and a bare
    aiohttp handler: unpinned, then pinned (each server's threads and wrk on one CPU, with
-   `taskset`); the < 1 ms target is judged on the pinned rounds.
+   `taskset`), then with only the event loop's thread and wrk on that CPU (the server's other
+   threads on the other one); the < 1 ms target is judged on both pinned placements.
 2. **In process**: `BudgetTracker.check` (the handler's work without HTTP) and
    `BudgetTracker.on_durable` per report, indexed vs a scan of all budgets.
 
