@@ -5,7 +5,7 @@ Under `wrk -c32` single reports, py-spy --gil on the server put `ThreadPoolExecu
 ~10 % of the event loop's GIL-held samples, for one call per ~15 requests: not the executor's
 bookkeeping but the wake-up (the woken worker preempted the loop thread, which still held the
 GIL the worker then waited for). Here a call is a `deque.append` + `Condition.notify` and one
-`call_soon_threadsafe` back, and the thread runs as SCHED_BATCH (`_no_wakeup_preemption`), so
+`call_soon_threadsafe` back, and the thread runs as SCHED_BATCH (`sched.no_wakeup_preemption`), so
 waking it no longer descheduled the loop (`notify` 2 % of those samples).
 
 Calls run one at a time, in submission order (the WAL's writer awaits each one); a call whose
@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from exporter.sched import no_wakeup_preemption
 
 __all__ = ["FileThread"]
 
@@ -35,18 +36,6 @@ def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) ->
         fut.set_exception(exc)
     else:
         fut.set_result(result)
-
-
-def _no_wakeup_preemption() -> None:
-    """SCHED_BATCH for the calling thread (Linux): same share of CPU, but waking it does not
-    preempt the waker. Without it the loop thread, holding the GIL, was descheduled at every
-    `notify` for the woken file thread, which then only waited for that GIL (py-spy --gil:
-    `Condition.notify` 12 % of the loop's samples; 2 % with it)."""
-    policy = getattr(os, "SCHED_BATCH", None)
-    if policy is None:
-        return
-    with contextlib.suppress(OSError):
-        os.sched_setscheduler(0, policy, os.sched_param(0))
 
 
 class FileThread:
@@ -83,7 +72,7 @@ class FileThread:
             self._thread = None
 
     def _main(self) -> None:
-        _no_wakeup_preemption()
+        no_wakeup_preemption()
         jobs, cv = self._jobs, self._cv
         while True:
             with cv:

@@ -26,6 +26,7 @@ from exporter.flusher import Flusher
 from exporter.selfmetrics import SelfMetrics
 from exporter.store import Store
 from exporter.store.errors import ErrorKind, RowRefused, classify, describe_error, is_schema_missing
+from exporter.store.flush_child import FLUSH_NICE
 from exporter.store.flush_wire import FlushProcessDied, error_from_json, error_to_json
 from exporter.wal import WriteAheadLog
 
@@ -286,3 +287,14 @@ def test_the_wire_keeps_what_classify_and_describe_read(tmp_path: Path) -> None:
     assert kinds == [ErrorKind.BUG, ErrorKind.BUG, ErrorKind.UNAVAILABLE, ErrorKind.UNAVAILABLE,
                      ErrorKind.REFUSED, ErrorKind.UNAVAILABLE, ErrorKind.UNAVAILABLE,
                      *[ErrorKind.BUG] * 3]  # fmt: skip
+
+
+async def test_the_flush_process_runs_as_background_work(proc_store: Store) -> None:
+    """SCHED_BATCH and a lower CPU share than the serving process: its CPU yields to ingest."""
+    await proc_store.writer.write([report(0)])
+    process = proc_store.writer.process
+    assert process is not None and process.pid is not None
+    fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    nice, policy = int(fields[16]), int(fields[38])  # stat fields 19 and 41
+    assert policy == os.SCHED_BATCH
+    assert nice == os.getpriority(os.PRIO_PROCESS, 0) + FLUSH_NICE

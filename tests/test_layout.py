@@ -34,6 +34,7 @@ GROUPS: dict[str, str] = {
     "exporter.redact": "shared",
     "exporter.httputil": "shared",
     "exporter.selfmetrics": "shared",
+    "exporter.sched": "shared",  # the CPU policy of our background threads and processes
     "exporter.usage": "usage",
     "exporter.pricing": "pricing",
     "exporter.live": "live",
