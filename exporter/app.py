@@ -168,7 +168,8 @@ def create_app(settings: Settings) -> web.Application:
         store.writer,
         self_metrics,
         settings,
-        on_dropped=budgets.on_dropped,
+        on_committed=budgets.on_committed,
+        before_drop=budgets.before_drop,
         commit_lock=budgets.db_lock,
         retention=store.retention_schedule(settings.retention_days),
     )

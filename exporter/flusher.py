@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -81,7 +81,8 @@ class Flusher:
         self_metrics: SelfMetrics,
         settings: Settings,
         *,
-        on_dropped: Callable[[int], None] | None = None,
+        on_committed: Callable[[int], None] | None = None,
+        before_drop: Callable[[], Awaitable[None]] | None = None,
         commit_lock: asyncio.Lock | None = None,
         retention: RetentionSchedule | None = None,
         write_timeout: float = WRITE_TIMEOUT_S,
@@ -94,9 +95,12 @@ class Flusher:
         self.max_backoff = settings.flush_max_backoff
         self.write_timeout = write_timeout
         self.unready_after_failures = settings.flush_unready_after_failures
-        self.on_dropped = on_dropped
+        #: each committed segment is told to `on_committed`, then `before_drop` is awaited,
+        #: then the segments leave the WAL (budgets: their spend is in the state file first)
+        self.on_committed = on_committed
+        self.before_drop = before_drop
         #: held from each write until its segments are dropped (budgets: no spend query sees
-        #: a commit that on_dropped has not reported yet)
+        #: a commit that on_committed has not reported yet)
         self.commit_lock = commit_lock or asyncio.Lock()
         self.retention = retention
         self.quarantine = Quarantine(wal.directory.parent / "quarantine")
@@ -183,6 +187,20 @@ class Flusher:
             self._on_success(flushed)
             return flushed
 
+    async def _committed(self, group: Sequence[Segment]) -> None:
+        """Tell the hooks; a failing hook is logged, never keeps committed segments."""
+        if self.on_committed is not None:
+            for seg in group:
+                try:
+                    self.on_committed(seg.seq)
+                except Exception:
+                    log.exception("flush: on_committed hook failed for segment %d", seg.seq)
+        if self.before_drop is not None:
+            try:
+                await self.before_drop()
+            except Exception:
+                log.exception("flush: before_drop hook failed")
+
     async def _inserted(self, payloads: Sequence[bytes]) -> int:
         return (await self.writer.write_payloads(payloads)).inserted
 
@@ -212,14 +230,10 @@ class Flusher:
                 else:
                     self.metrics.flush_duration.observe(time.perf_counter() - started)
                 self.metrics.flushed.inc(inserted)
-                for seg in group:  # committed: now, and only now, the segments may go
+                await self._committed(group)
+                for seg in group:  # committed and recorded: now, and only now, they may go
                     self.wal.drop(seg)
                     flushed += seg.reports
-                    if self.on_dropped is not None:
-                        try:
-                            self.on_dropped(seg.seq)
-                        except Exception:
-                            log.exception("flush: on_dropped hook failed for segment %d", seg.seq)
             log.debug(
                 "flush: committed %d segment(s), %d report(s), %d new",
                 len(group),

@@ -127,7 +127,7 @@ async def test_windows_and_templates_match_the_oracle(tmp_path: Path) -> None:
             if seq <= 5:
                 async with tracker.db_lock:
                     await store.writer.write([r.model_dump(mode="json") for r in batch])
-                    tracker.on_dropped(seq)
+                    tracker.on_committed(seq)
         times = sorted(
             {f + timedelta(minutes=m) for f in FOCUS for m in (-61, -1, 0, 31, 600)}
             | {f + timedelta(minutes=m + 60) for f in FOCUS for m in (0, 1)}

@@ -156,7 +156,7 @@ async def test_state_file_encoded_and_written_off_the_loop(tmp_path: Path) -> No
         try:
             async with tracker.db_lock:  # as the flusher: commit, then drop
                 await store.writer.write([r.model_dump(mode="json") for r in reports[:150]])
-                tracker.on_dropped(1)
+                tracker.on_committed(1)
             await tracker.refresh()
             await tracker.close()
         finally:

@@ -21,8 +21,8 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter import money
 from exporter.app import create_app
-from exporter.live import usage_metrics
 from exporter.logevents import EVENT_CLASSES
 from exporter.selfmetrics import REJECT_REASONS, SelfMetrics
 from exporter.store import tables
@@ -532,10 +532,6 @@ async def test_histogram_sums_render_without_float_noise(make_client: MakeClient
     assert line.rsplit(" ", 1)[1] == repr(float(exact)), line
 
 
-def test_live_costs_count_in_the_stores_quantum() -> None:
-    assert usage_metrics.COST_SCALE == tables.COST_SCALE
-
-
 def test_live_cost_units_round_like_the_store() -> None:
     """The fast float path and the Decimal fallback give the store's per-report rounding."""
     import random
@@ -549,6 +545,6 @@ def test_live_cost_units_round_like_the_store() -> None:
     for cost in tricky + randoms + halves:
         if cost > 1e6:
             continue
-        expected = tables.to_decimal(cost).scaleb(usage_metrics.COST_SCALE)
-        assert usage_metrics.cost_units(cost) == int(expected), cost
-        assert usage_metrics.cost_units(Decimal(repr(cost))) == int(expected), cost
+        expected = tables.to_decimal(cost).scaleb(money.COST_SCALE)
+        assert money.cost_units(cost) == int(expected), cost
+        assert money.cost_units(Decimal(repr(cost))) == int(expected), cost

@@ -379,7 +379,7 @@ async def test_flusher_moves_the_wal_into_the_database(store: Store, tmp_path: P
     wal = await _open_wal(tmp_path / "wal")
     metrics = SelfMetrics()
     dropped: list[int] = []
-    flusher = Flusher(wal, store.writer, metrics, _settings(tmp_path), on_dropped=dropped.append)
+    flusher = Flusher(wal, store.writer, metrics, _settings(tmp_path), on_committed=dropped.append)
     sent = [report(i) for i in range(250)]
     seqs = [await _append(wal, sent[i : i + 50]) for i in range(0, 250, 50)]
     await _append(wal, sent[:30])  # a retry of already accepted reports

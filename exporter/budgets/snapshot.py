@@ -91,9 +91,12 @@ class Encoder:
                 else:
                     keys = by_key
                 unseen.extend([b.name, value, k.isoformat(), str(v)] for k, v in keys.items())
-        content = orjson.dumps({"budgets": specs, "dropped": unseen})
+        #: WAL segments whose spend `dropped` holds: a restart skips them if the WAL still has
+        #: them (killed after this write, before their unlink) instead of counting them twice
+        segments = sorted(seg.seq for seg in state.dropped if seg.seq >= 0)
+        content = orjson.dumps({"budgets": specs, "dropped": unseen, "segments": segments})
         whole = orjson.dumps({"version": VERSION, "budgets": specs, "dropped": unseen,
-                              "refreshed_at": refreshed})  # fmt: skip
+                              "segments": segments, "refreshed_at": refreshed})  # fmt: skip
         return content, whole
 
 
@@ -106,14 +109,15 @@ def write(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def load(path: Path, by_name: Mapping[str, Budget], ledger: Ledger) -> int:
+def load(path: Path, by_name: Mapping[str, Budget], ledger: Ledger) -> tuple[int, set[int]]:
     """Restore into the budgets (epoch 0) and one ledger segment that every later landed
-    query has seen (dropped at epoch 0); returns how many budgets were restored."""
+    query has seen (dropped at epoch 0); returns how many budgets were restored and the WAL
+    segments whose spend that holds."""
     if not path.exists():
-        return 0
+        return 0, set()
     data = orjson.loads(path.read_bytes())
     if data.get("version") not in (1, VERSION):
-        return 0
+        return 0, set()
     refreshed = data.get("refreshed_at", {})
     restored = 0
     for name, s in data["budgets"].items():
@@ -135,4 +139,4 @@ def load(path: Path, by_name: Mapping[str, Budget], ledger: Ledger) -> int:
         if b is not None:
             ledger.add(seg, (b.index, value), datetime.fromisoformat(at), Decimal(amount))
     ledger.mark_dropped(-1, 0)  # seen by every query that lands from now on
-    return restored
+    return restored, {int(seq) for seq in data.get("segments", ())}

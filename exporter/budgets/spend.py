@@ -32,9 +32,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from exporter.money import from_units
 from exporter.store.tables import to_decimal, usage_details, usage_rollups
 
-__all__ = ["Filters", "SpendQuery", "SpendReader", "stored_spend"]
+__all__ = ["Filters", "SpendQuery", "SpendReader", "split_rows", "stored_spend"]
 
 
 #: field → the values to keep (a superset is fine: results are keyed by the grouped fields)
@@ -189,7 +190,7 @@ async def _spend_on(
         if rows is not None and not any(r[n + 1] for r in rows):
             for r in rows:
                 if r[n] is not None:
-                    add(r[:n], Decimal(r[n]).scaleb(-10))
+                    add(r[:n], from_units(r[n]))
             continue
         result = await conn.stream(_statement(granularity, shape, fields, "rows"), params)
         async for part in result.partitions(500):  # yield between slices
@@ -227,3 +228,15 @@ class SpendQuery:
         self, since: datetime, until: datetime, filters: Filters, group: Sequence[str]
     ) -> dict[tuple[str, ...], Decimal]:
         return await stored_spend(self._engine, since, until, filters, group)
+
+
+def split_rows(
+    rows: Mapping[tuple[str, ...], Decimal], n: int
+) -> dict[tuple[str, ...], dict[str, Decimal]]:
+    """Grouped rows by their first `n` fields (a budget's fixed values) → template value
+    (the last field, or '') → spend."""
+    out: dict[tuple[str, ...], dict[str, Decimal]] = {}
+    for key, amount in rows.items():
+        value = key[n] if len(key) > n else ""
+        out.setdefault(key[:n], {})[value] = amount
+    return out

@@ -61,6 +61,11 @@ class StateWriter:
         finally:
             self._thread.shutdown(wait=False)
 
+    async def written(self) -> None:
+        """Wait until every request made so far is on disk (or has failed, logged)."""
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+
     async def _drain(self) -> None:
         await asyncio.sleep(0)  # the other requests of this loop pass (a flush's drops)
         while self._dirty:

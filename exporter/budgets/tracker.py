@@ -21,7 +21,7 @@ from exporter.budgets import snapshot
 from exporter.budgets.index import SpecIndex
 from exporter.budgets.ledger import Ledger, Segment
 from exporter.budgets.model import Budget, BudgetView, cost_decimal
-from exporter.budgets.spend import SpendQuery, SpendReader
+from exporter.budgets.spend import SpendQuery, SpendReader, split_rows
 from exporter.budgets.statefile import StateWriter
 from exporter.budgets.walread import WalReader, read_segments
 from exporter.budgets.window import HOUR
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 #: a hung database must not hold `db_lock` (and so the flusher's commits) for long
 QUERY_TIMEOUT_S = 30.0
+#: how long a flush waits for the state file before unlinking committed segments
+STATE_WAIT_S = 5.0
 
 
 class _Report(Protocol):
@@ -78,6 +80,7 @@ class BudgetTracker:
         self.db_lock = asyncio.Lock()
         self._epoch = 0  # spend queries started so far
         self._failing = False
+        self._in_file: set[int] = set()  # WAL segments the state file read at start holds
         now = clock()
         for b in self.budgets:
             b.roll(now)
@@ -178,7 +181,9 @@ class BudgetTracker:
         before the flusher starts); returns the reports read."""
         if not self.budgets:
             return 0
-        segments = wal.sealed_segments()
+        # a segment the state file holds as dropped was committed, and killed before its
+        # unlink: its spend is in the ledger already (and its rows in the database)
+        segments = [seg for seg in wal.sealed_segments() if seg.seq not in self._in_file]
         rows = await asyncio.to_thread(read_segments, wal, segments)
         n = 0
         for seq, reports in rows:
@@ -193,11 +198,25 @@ class BudgetTracker:
             log.info("budgets: %d unflushed report(s) read back from the WAL", n)
         return n
 
-    def on_dropped(self, seq: int) -> None:
-        """The flusher committed segment `seq` and dropped it from the WAL."""
+    def on_committed(self, seq: int) -> None:
+        """The flusher committed segment `seq` (under `db_lock`); it unlinks it from the WAL
+        after `before_drop`."""
         self._drain()  # the segment's spend is in the ledger before it is marked
         if self._ledger.mark_dropped(seq, self._epoch):
             self._save()
+
+    async def before_drop(self) -> None:
+        """Wait for the state file to hold the committed segments' spend before the WAL
+        forgets them: a restart with the database down then finds that spend in one of the
+        two. A write stalled past STATE_WAIT_S only delays that (logged), never the drop."""
+        if self._state is None:
+            return
+        try:
+            async with asyncio.timeout(STATE_WAIT_S):
+                await self._state.written()
+        except TimeoutError:
+            log.warning("budgets: %s not written after %.0f s; dropping WAL segments anyway",
+                        self._state.path, STATE_WAIT_S)  # fmt: skip
 
     # -- stored spend ------------------------------------------------------------------------
     async def refresh(self) -> None:
@@ -255,7 +274,7 @@ class BudgetTracker:
             head = {}
             if rolling:
                 head = await read(start, start + HOUR, filters, group)
-        stored_by, head_by = _split(stored, len(fields)), _split(head, len(fields))
+        stored_by, head_by = split_rows(stored, len(fields)), split_rows(head, len(fields))
         for b in members:
             prefix = tuple(str(b.fixed[i]) for i in fixed)
             new, new_head = stored_by.get(prefix, {}), head_by.get(prefix, {})
@@ -366,7 +385,7 @@ class BudgetTracker:
 
     def _restore(self, path: Path) -> None:
         try:
-            loaded = snapshot.load(path, self._by_name, self.ledger)
+            loaded, self._in_file = snapshot.load(path, self._by_name, self.ledger)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("budgets: ignoring unreadable %s (%s)", path, exc)
             return
@@ -376,15 +395,3 @@ class BudgetTracker:
 
 _DIMS = ("user", "team", "api_key_id", "model")
 _DIM = {d: i for i, d in enumerate(_DIMS)}
-
-
-def _split(
-    rows: Mapping[tuple[str, ...], Decimal], n: int
-) -> dict[tuple[str, ...], dict[str, Decimal]]:
-    """Grouped rows by their first `n` fields (a budget's fixed values) → template value
-    (the last field, or '') → spend."""
-    out: dict[tuple[str, ...], dict[str, Decimal]] = {}
-    for key, amount in rows.items():
-        value = key[n] if len(key) > n else ""
-        out.setdefault(key[:n], {})[value] = amount
-    return out

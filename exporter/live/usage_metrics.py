@@ -14,13 +14,13 @@ import re
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 from itertools import chain
 from operator import itemgetter
 
 from prometheus_client.utils import floatToGoString
 
 from exporter.live.labels import OVERFLOW, BoundedLabel, escape
+from exporter.money import UNITS_PER_USD, cost_units
 from exporter.usage import Status, UsageReport
 
 #: (metric base name, help); the order is the order of `Series.values`.
@@ -50,29 +50,7 @@ def tag_label(key: str) -> str:
 _COST = len(COUNTER_FAMILIES) - 1
 #: series per rendered piece (~1 MB of text): bounds a scrape's transient memory
 CHUNK_SERIES = 10_000
-#: live costs count in the quantum the store keeps (store.tables.COST_SCALE; a test checks)
-COST_SCALE = 10
-_COST_UNITS_PER_USD: int = 10**COST_SCALE
 _NS_PER_S = 10**9
-
-
-def cost_units(cost: float | Decimal) -> int:
-    """USD → integer units of 1e-10, rounded half-even from the value's shortest decimal (the
-    store's rule). Below 2**40 units a float product is within 3e-4 of the decimal's, so when
-    it is not near a half its rounding is the same and Decimal (~1 µs) is skipped."""
-    if isinstance(cost, float):
-        units = cost * _COST_UNITS_PER_USD
-        if units < _FAST_LIMIT:
-            nearest = round(units)
-            if abs(units - nearest) < 0.499:
-                return nearest
-        return round(Decimal(repr(cost)).scaleb(COST_SCALE))
-    if type(cost) is Decimal:
-        return round(cost.scaleb(COST_SCALE))
-    return round(Decimal(cost).scaleb(COST_SCALE))
-
-
-_FAST_LIMIT = float(2**40)
 
 
 def exact_text(units: int, per_unit: int) -> str:
@@ -236,9 +214,7 @@ class UsageMetrics:
             v[5] += creation
             v[6] += reasoning
             if cost:
-                # cost_units, inlined for the Decimal a report carries after validation
-                v[_COST] += round(cost.scaleb(COST_SCALE)) if type(cost) is Decimal else (
-                    cost_units(cost))  # fmt: skip
+                v[_COST] += cost_units(cost)
             if dur is not None:
                 hist = index_d.get((model, op))
                 if hist is None:
@@ -297,7 +273,7 @@ class UsageMetrics:
                 part = series[j : j + step]
                 if i == _COST:
                     yield [
-                        f"{prefix}{s.labels}}} {exact_text(s.values[i], _COST_UNITS_PER_USD)}\n"
+                        f"{prefix}{s.labels}}} {exact_text(s.values[i], UNITS_PER_USD)}\n"
                         for s in part
                     ]
                 else:

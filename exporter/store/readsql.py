@@ -18,7 +18,7 @@ import orjson
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from exporter.money import COST_QUANTUM, COST_SCALE
+from exporter.money import COST_QUANTUM, COST_SCALE, UNITS_PER_USD, from_units
 
 __all__ = [
     "DIMENSIONS",
@@ -35,7 +35,6 @@ __all__ = [
 DIMENSIONS = ("model", "user", "team", "operation", "provider", "api_key_id", "node")
 #: What a promoted tag key may look like (it ends up inside a JSON path).
 TAG_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_UNITS = 10**COST_SCALE
 
 
 class ReadError(Exception):
@@ -145,7 +144,7 @@ class Sql:
         c = column
         dot = f"instr({c} || '.', '.')"
         sign = f"(CASE WHEN substr({c}, 1, 1) = '-' THEN -1 ELSE 1 END)"
-        whole = f"abs(CAST(substr({c}, 1, {dot} - 1) AS INTEGER)) * {_UNITS}"
+        whole = f"abs(CAST(substr({c}, 1, {dot} - 1) AS INTEGER)) * {UNITS_PER_USD}"
         zeros = "0" * COST_SCALE
         frac = f"CAST(substr(substr({c}, {dot} + 1) || '{zeros}', 1, {COST_SCALE}) AS INTEGER)"
         return f"coalesce(sum({sign} * ({whole} + {frac})), 0)"
@@ -199,4 +198,4 @@ def cost_from_sum(value: Any, pg: bool) -> Decimal:
         return Decimal(0).quantize(COST_QUANTUM)
     if pg:
         return Decimal(value).quantize(COST_QUANTUM)
-    return Decimal(int(value)).scaleb(-COST_SCALE).quantize(COST_QUANTUM)
+    return from_units(int(value))

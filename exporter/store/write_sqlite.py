@@ -34,7 +34,7 @@ from typing import Any, TypeVar, cast
 import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from exporter.money import from_units, money_text
+from exporter.money import UNITS_PER_USD, from_units, money_text
 from exporter.store.dims import dims_text
 from exporter.store.rollup_sums import ROLLUP_SPECS
 from exporter.store.rows import DERIVED_KEY, DETAIL_COLUMNS, DIMENSIONS, ROLLUP_COLUMNS
@@ -46,7 +46,6 @@ __all__ = ["SQLITE_MAX_VARIABLES", "prepare", "probe_sqlite", "write_sqlite"]
 _T = TypeVar("_T")
 
 SQLITE_MAX_VARIABLES = 32766  # SQLite's default limit since 3.32
-_UNITS = 10**10  # cost units per USD (exporter.money.COST_SCALE)
 
 
 def _chunks(rows: Sequence[Any], width: int) -> Iterable[Sequence[Any]]:
@@ -176,7 +175,7 @@ def _rollup_row(granularity: str, selected: Sequence[Any]) -> tuple[Any, ...]:
         key[at] = value
     sums = list(selected[_N_KEY:])
     whole, fraction = sums[_COST_AT], sums[_COST_AT + 1]
-    sums[_COST_AT : _COST_AT + 2] = [money_text(from_units(whole * _UNITS + fraction))]
+    sums[_COST_AT : _COST_AT + 2] = [money_text(from_units(whole * UNITS_PER_USD + fraction))]
     return (*key, *sums)
 
 
