@@ -161,7 +161,9 @@ def create_app(settings: Settings) -> web.Application:
     store = open_store(settings)
     self_metrics.registry.register(UnknownUsageCollector())
 
-    budgets = BudgetTracker.from_settings(settings, SpendQuery(store.engine), self_metrics)
+    budgets = BudgetTracker.from_settings(
+        settings, SpendQuery(store.background_engine), self_metrics
+    )
     ingestor.on_durable.append(budgets.on_durable)
     flusher = Flusher(
         wal,

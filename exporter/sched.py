@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import os
 
-__all__ = ["background_process", "no_wakeup_preemption"]
+__all__ = ["BACKGROUND_NICE", "background_process", "idle_thread", "no_wakeup_preemption"]
+
+#: niceness added to background work (the SQLite flush process)
+BACKGROUND_NICE = 5
 
 
 def no_wakeup_preemption() -> None:
@@ -31,3 +34,15 @@ def background_process(nice: int) -> None:
     no_wakeup_preemption()
     with contextlib.suppress(OSError):
         os.nice(nice)
+
+
+def idle_thread() -> None:
+    """SCHED_IDLE for the calling thread (Linux schedules threads one by one): it runs only
+    on CPU time no other thread wants, and the kernel preempts it the moment any normal
+    thread (the event loop, woken by a request) becomes runnable on its CPU. For work that
+    may wait: nice and SCHED_BATCH still let it hold a shared CPU for a 3 ms slice."""
+    policy = getattr(os, "SCHED_IDLE", None)
+    if policy is None:
+        return
+    with contextlib.suppress(OSError):
+        os.sched_setscheduler(0, policy, os.sched_param(0))

@@ -23,10 +23,10 @@ from storecheck import assert_stored_exactly, report
 
 from exporter.config import Settings
 from exporter.flusher import Flusher
+from exporter.sched import BACKGROUND_NICE
 from exporter.selfmetrics import SelfMetrics
 from exporter.store import Store
 from exporter.store.errors import ErrorKind, RowRefused, classify, describe_error, is_schema_missing
-from exporter.store.flush_child import FLUSH_NICE
 from exporter.store.flush_wire import FlushProcessDied, error_from_json, error_to_json
 from exporter.wal import WriteAheadLog
 
@@ -297,4 +297,4 @@ async def test_the_flush_process_runs_as_background_work(proc_store: Store) -> N
     fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
     nice, policy = int(fields[16]), int(fields[38])  # stat fields 19 and 41
     assert policy == os.SCHED_BATCH
-    assert nice == os.getpriority(os.PRIO_PROCESS, 0) + FLUSH_NICE
+    assert nice == os.getpriority(os.PRIO_PROCESS, 0) + BACKGROUND_NICE

@@ -40,6 +40,19 @@ class Store:
         self.engine = engine
         self.backend = backend_name(engine.url)
         self.writer = StoreWriter(engine, promoted_tags=promoted_tags, flush_process=flush_process)
+        self._background: AsyncEngine | None = None
+
+    @property
+    def background_engine(self) -> AsyncEngine:
+        """For reads that may wait (the budget refresh): on SQLite one more connection whose
+        thread runs SCHED_IDLE, so its queries never hold a CPU the event loop wants (with
+        them on the loop's CPU a refresh put 3-4 ms into a budget check's p99: bench/RESULTS.md,
+        `## Budgets`); on Postgres the engine itself."""
+        if self.backend != "sqlite":
+            return self.engine
+        if self._background is None:
+            self._background = create_engine(self.engine.url, pool_size=1, idle=True)
+        return self._background
 
     @classmethod
     def from_url(
@@ -79,4 +92,6 @@ class Store:
         try:
             await self.writer.close()
         finally:
+            if self._background is not None:
+                await self._background.dispose()
             await self.engine.dispose()

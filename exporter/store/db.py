@@ -19,6 +19,7 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from exporter.sched import idle_thread
 from exporter.store.errors import redact_text as redact_text  # re-exported (app, migrate)
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,23 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> N
     configure_sqlite(dbapi_connection)
 
 
+def _sqlite_on_connect_idle(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+    """aiosqlite runs each connection on its own thread, and a registered function runs on
+    that thread: make it SCHED_IDLE (`sched.idle_thread`)."""
+    configure_sqlite(dbapi_connection)
+    dbapi_connection.create_function("exporter_idle_thread", 0, _idle_thread)
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SELECT exporter_idle_thread()")
+    finally:
+        cursor.close()
+
+
+def _idle_thread() -> int:
+    idle_thread()
+    return 0
+
+
 def configure_sqlite(dbapi_connection: Any) -> None:
     """The pragmas and functions of every SQLite connection we open (the engine's, and the
     flush process's own sqlite3 connection: exporter/store/flush_child.py)."""
@@ -89,8 +107,12 @@ def _sqlite_on_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN")
 
 
-def create_engine(url: str | URL, *, pool_size: int = 5, echo: bool = False) -> AsyncEngine:
-    """An AsyncEngine for postgresql+asyncpg or sqlite+aiosqlite (its directory is created)."""
+def create_engine(
+    url: str | URL, *, pool_size: int = 5, echo: bool = False, idle: bool = False
+) -> AsyncEngine:
+    """An AsyncEngine for postgresql+asyncpg or sqlite+aiosqlite (its directory is created).
+    `idle`: SQLite's connection threads run SCHED_IDLE (background reads; no-op on Postgres,
+    whose work runs in its own processes)."""
     u = make_url(url)
     backend = backend_name(u)
     if backend == "sqlite":
@@ -101,7 +123,8 @@ def create_engine(url: str | URL, *, pool_size: int = 5, echo: bool = False) -> 
         engine = create_async_engine(
             u, echo=echo, pool_size=pool_size, max_overflow=2, pool_pre_ping=True
         )
-        event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+        on_connect = _sqlite_on_connect_idle if idle else _sqlite_on_connect
+        event.listen(engine.sync_engine, "connect", on_connect)
         event.listen(engine.sync_engine, "begin", _sqlite_on_begin)
         return engine
     return create_async_engine(

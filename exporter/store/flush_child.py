@@ -29,7 +29,7 @@ from multiprocessing.connection import Connection
 
 import orjson
 
-from exporter.sched import background_process
+from exporter.sched import BACKGROUND_NICE, background_process
 from exporter.store.db import configure_sqlite
 from exporter.store.flush_wire import error_to_json, unpack_request
 from exporter.store.write_sqlite import _write_rows, prepare
@@ -39,8 +39,6 @@ __all__ = ["main", "serve", "write"]
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-#: niceness added to the flush process (0 = the serving process's own share)
-FLUSH_NICE = 5
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -109,7 +107,7 @@ def serve(conn: Connection, path: str, dims_keys: tuple[str, ...]) -> None:
 def main(argv: Sequence[str]) -> int:
     fd, parent_pid, path, dims = argv
     _die_with_parent(int(parent_pid))
-    background_process(FLUSH_NICE)  # its CPU yields to ingest (docs/operations.md)
+    background_process(BACKGROUND_NICE)  # its CPU yields to ingest (docs/operations.md)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
