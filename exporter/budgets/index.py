@@ -4,11 +4,12 @@ that can match it: O(matching budgets), not O(all budgets)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Generic, Protocol, TypeVar
+from datetime import datetime
+from typing import Any, Generic, Protocol, TypeVar
 
-__all__ = ["SpecIndex"]
+from exporter.budgets.model import Budget
 
-DIMENSIONS = ("user", "team", "api_key_id", "model")
+__all__ = ["QueryKinds", "SpecIndex"]
 
 
 class _Matchable(Protocol):
@@ -49,3 +50,26 @@ class SpecIndex(Generic[T]):
                     if not rest or all(key[j] == f for j, f in rest):
                         out.append(s)
         return out
+
+
+class QueryKinds:
+    """Budgets by what one grouped spend query reads (`Budget.query_kind`), regrouped only
+    when a window moved (hashing 1,000 aware datetimes took ~2-3 ms of the loop at every
+    refresh)."""
+
+    def __init__(self, budgets: Sequence[Budget]) -> None:
+        self._budgets = budgets
+        self._moves: list[int] = []
+        self._kinds: dict[tuple[Any, ...], list[Budget]] = {}
+
+    def at(self, now: datetime) -> dict[tuple[Any, ...], list[Budget]]:
+        """Every budget rolled to `now`, grouped."""
+        for b in self._budgets:
+            b.roll(now)
+        moves = [b.moves for b in self._budgets]  # a check may have rolled some since
+        if moves != self._moves:
+            self._moves = moves
+            self._kinds = {}
+            for b in self._budgets:
+                self._kinds.setdefault(b.query_kind, []).append(b)
+        return self._kinds

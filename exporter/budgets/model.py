@@ -9,8 +9,7 @@ from typing import Any, Literal
 
 from exporter.budgets.window import HOUR, WindowKind, parse_window
 from exporter.config import BudgetSpec
-from exporter.money import stored_money
-from exporter.store.tables import COST_QUANTUM
+from exporter.money import COST_QUANTUM, stored_money
 
 __all__ = ["Budget", "BudgetView", "cost_decimal"]
 
@@ -51,6 +50,7 @@ class Budget:
     static_json: dict[str, Any] = field(init=False)
     match_json: dict[str, str] = field(init=False)
     window_json: dict[str, str] = field(init=False)
+    moves: int = -1  # windows moved so far (the tracker regroups its queries when one did)
 
     def __post_init__(self) -> None:
         s = self.spec
@@ -65,6 +65,7 @@ class Budget:
 
     def _set_window(self, start: datetime, end: datetime) -> None:
         self.start, self.end = start, end
+        self.moves += 1
         end_text = end.isoformat()
         self.window_json = {"window_start": start.isoformat(), "window_end": end_text,
                             "resets_at": end_text}  # fmt: skip
@@ -72,6 +73,12 @@ class Budget:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def query_kind(self) -> tuple[Any, ...]:
+        """What one grouped spend query reads: window, fixed fields, template field."""
+        fixed = tuple(i for i, v in enumerate(self.fixed) if v is not None)
+        return (self.start, self.end, self.kind.rolling is not None, fixed, self.spec.per)
 
     def roll(self, now: datetime) -> None:
         # a rolling window is the same only within its current hour

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from exporter.budgets import snapshot
-from exporter.budgets.index import SpecIndex
+from exporter.budgets.index import QueryKinds, SpecIndex
 from exporter.budgets.ledger import Ledger, Segment
-from exporter.budgets.model import Budget, BudgetView, cost_decimal
+from exporter.budgets.model import DIMS, Budget, BudgetView, cost_decimal
 from exporter.budgets.spend import SpendQuery, SpendReader, split_rows
 from exporter.budgets.statefile import StateWriter
 from exporter.budgets.walread import WalReader, read_segments
@@ -61,6 +61,7 @@ class BudgetTracker:
         self.budgets = [Budget(i, s) for i, s in enumerate(specs)]
         self._by_name = {b.name: b for b in self.budgets}
         self._index = SpecIndex(self.budgets)
+        self._kinds = QueryKinds(self.budgets)
         self._spend = spend
         self._clock = clock
         self._caps = dict(gauge_caps or {})
@@ -225,12 +226,7 @@ class BudgetTracker:
         now = self._clock()
         refreshed = now.isoformat()
         error: Exception | None = None
-        kinds: dict[tuple[Any, ...], list[Budget]] = {}
-        for b in self.budgets:
-            b.roll(now)
-            fixed = tuple(i for i, v in enumerate(b.fixed) if v is not None)
-            sig = (b.start, b.end, b.kind.rolling is not None, fixed, b.spec.per)
-            kinds.setdefault(sig, []).append(b)
+        kinds = self._kinds.at(now)
         try:  # the database may be down: keep serving the last values
             async with contextlib.AsyncExitStack() as stack:
                 read = self._spend
@@ -264,9 +260,9 @@ class BudgetTracker:
         refreshed: str,
     ) -> None:  # fmt: skip
         start, end, rolling, fixed, per = sig
-        fields = [_DIMS[i] for i in fixed]
+        fields = [DIMS[i] for i in fixed]
         group = [*fields, per] if per else fields
-        filters = {_DIMS[i]: sorted({str(b.fixed[i]) for b in members}) for i in fixed}
+        filters = {DIMS[i]: sorted({str(b.fixed[i]) for b in members}) for i in fixed}
         async with self.db_lock, asyncio.timeout(QUERY_TIMEOUT_S):
             self._epoch += 1
             epoch = self._epoch
@@ -393,5 +389,4 @@ class BudgetTracker:
             log.info("budgets: stored spend of %d budget(s) restored from %s", loaded, path)
 
 
-_DIMS = ("user", "team", "api_key_id", "model")
-_DIM = {d: i for i, d in enumerate(_DIMS)}
+_DIM = {d: i for i, d in enumerate(DIMS)}
