@@ -20,9 +20,13 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     ColumnElement,
     Integer,
+    Numeric,
+    Text,
     and_,
+    any_,
     bindparam,
     case,
     cast,
@@ -45,6 +49,7 @@ SpendReader = Callable[
     [datetime, datetime, Filters, Sequence[str]], Awaitable[dict[tuple[str, ...], Decimal]]
 ]
 MAX_IN = 5000  # past this many values a filter is dropped: the grouping still separates them
+ROWS_PER_PASS = 500  # result rows summed per event-loop pass
 
 
 _ZERO = Decimal(0)
@@ -105,30 +110,38 @@ def _shape(filters: Filters) -> tuple[_Shape, dict[str, Any]]:
 
 
 @lru_cache(maxsize=256)
-def _where(granularity: str, shape: _Shape) -> Any:
+def _where(granularity: str, shape: _Shape, pg: bool) -> Any:
     """The span's table and WHERE, values bound at execution: a refresh builds no statement
-    once each shape has been seen (building one with `_units_select` took ~1 ms of the loop)."""
+    once each shape has been seen (building one with `_units_select` took ~1 ms of the loop).
+    Postgres gets a list as one array (`= ANY($1)`): an expanding IN is re-rendered with a
+    placeholder per value (700 user ids) at every execution."""
     t = usage_details if granularity == "detail" else usage_rollups
     time_col = t.c.completed_at if granularity == "detail" else t.c.bucket_start
     conds: list[ColumnElement[bool]] = [time_col >= bindparam("lo"), time_col < bindparam("hi")]
     if granularity != "detail":
         conds.append(t.c.granularity == granularity)
     for d, single in shape:
-        p: Any = bindparam(f"f_{d}", expanding=not single)
-        conds.append(t.c[d] == p if single else t.c[d].in_(p))
+        if single:
+            conds.append(t.c[d] == bindparam(f"f_{d}"))
+        elif pg:
+            conds.append(t.c[d] == any_(bindparam(f"f_{d}", type_=ARRAY(Text))))
+        else:
+            conds.append(t.c[d].in_(bindparam(f"f_{d}", expanding=True)))
     return t, and_(*conds)
 
 
 @lru_cache(maxsize=256)
 def _statement(granularity: str, shape: _Shape, group: tuple[str, ...], kind: str) -> Any:
     """`kind`: "pg" (NUMERIC sum), "units" (SQLite, `_units_select`) or "rows" (every cost)."""
-    t, where = _where(granularity, shape)
+    t, where = _where(granularity, shape, kind == "pg")
     cols = [t.c[d] for d in group]
     if kind == "units":
         return _units_select(t, where, group)
     if kind == "rows":
         return select(*cols, t.c.cost_usd).where(where)
-    stmt = select(*cols, func.sum(t.c.cost_usd)).where(where)
+    # plain NUMERIC: asyncpg's Decimals as they are (the column's `Money` would re-quantize
+    # each row in Python; `to_decimal` below applies the one rule once)
+    stmt = select(*cols, func.sum(t.c.cost_usd, type_=Numeric(asdecimal=True))).where(where)
     return stmt.group_by(*cols) if cols else stmt
 
 
@@ -174,9 +187,11 @@ async def _spend_on(
         params = {**bound, "lo": start, "hi": end}
         if is_pg:
             stmt = _statement(granularity, shape, fields, "pg")
-            for row in await conn.execute(stmt, params):
+            for i, row in enumerate(await conn.execute(stmt, params), 1):
                 if row[n] is not None:
                     add(row[:n], to_decimal(row[n]))
+                if i % ROWS_PER_PASS == 0:  # 2,000 template values: slices of the loop
+                    await asyncio.sleep(0)
             continue
         try:
             stmt = _statement(granularity, shape, fields, "units")
@@ -193,7 +208,7 @@ async def _spend_on(
                     add(r[:n], from_units(r[n]))
             continue
         result = await conn.stream(_statement(granularity, shape, fields, "rows"), params)
-        async for part in result.partitions(500):  # yield between slices
+        async for part in result.partitions(ROWS_PER_PASS):  # yield between slices
             for r in part:
                 if r[n] is not None:
                     add(r[:n], r[n] if isinstance(r[n], Decimal) else to_decimal(r[n]))
