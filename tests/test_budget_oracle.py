@@ -1,7 +1,8 @@
-"""Budget windows and templates against an independent oracle on a real SQLite store: calendar
-windows in time zones with DST changes (New York, Berlin, Lord Howe's 30-minute shift), a
-:45 offset (Kathmandu), month and year ends, a leap day, rolling windows, and per-user/team/key
-templates, read before any refresh, after a refresh, and an hour later with no refresh."""
+"""Budget windows and templates against an independent oracle on a real store (SQLite and
+Postgres): calendar windows in time zones with DST changes (New York, Berlin, Lord Howe's
+30-minute shift), a :45 offset (Kathmandu), month and year ends, a leap day, rolling windows,
+and per-user/team/key templates, read before any refresh, after a refresh, and an hour later
+with no refresh."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
 from budget_support import cost_of
 
 from exporter.budgets import BudgetTracker, SpendQuery
@@ -101,7 +103,10 @@ def make_reports(rng: random.Random) -> list[dict[str, Any]]:
     return out
 
 
-async def test_windows_and_templates_match_the_oracle(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_windows_and_templates_match_the_oracle(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
     rng = random.Random(11)
     raw = make_reports(rng)
     reports = [
@@ -112,7 +117,12 @@ async def test_windows_and_templates_match_the_oracle(tmp_path: Path) -> None:
     exact = {r["request_id"]: cost_of(r["cost_usd"]) for r in raw}
     for r in raw:
         r["periods"] = periods(r["completed_at"])
-    store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'u.db'}")
+    url = (
+        request.getfixturevalue("pg_url")
+        if backend == "postgres"
+        else f"sqlite+aiosqlite:///{tmp_path / 'u.db'}"
+    )
+    store = Store.from_url(url)
     await store.upgrade()
     now = [FOCUS[0] - timedelta(days=3)]
     tracker = BudgetTracker(specs(), SpendQuery(store.engine), clock=lambda: now[0])

@@ -33,6 +33,7 @@ from sqlalchemy import (
     func,
     select,
     type_coerce,
+    union_all,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -110,14 +111,17 @@ def _shape(filters: Filters) -> tuple[_Shape, dict[str, Any]]:
 
 
 @lru_cache(maxsize=256)
-def _where(granularity: str, shape: _Shape, pg: bool) -> Any:
+def _where(granularity: str, shape: _Shape, pg: bool, piece: int = 0) -> Any:
     """The span's table and WHERE, values bound at execution: a refresh builds no statement
     once each shape has been seen (building one with `_units_select` took ~1 ms of the loop).
     Postgres gets a list as one array (`= ANY($1)`): an expanding IN is re-rendered with a
     placeholder per value (700 user ids) at every execution."""
     t = usage_details if granularity == "detail" else usage_rollups
     time_col = t.c.completed_at if granularity == "detail" else t.c.bucket_start
-    conds: list[ColumnElement[bool]] = [time_col >= bindparam("lo"), time_col < bindparam("hi")]
+    conds: list[ColumnElement[bool]] = [
+        time_col >= bindparam(f"lo{piece}"),
+        time_col < bindparam(f"hi{piece}"),
+    ]
     if granularity != "detail":
         conds.append(t.c.granularity == granularity)
     for d, single in shape:
@@ -132,16 +136,28 @@ def _where(granularity: str, shape: _Shape, pg: bool) -> Any:
 
 @lru_cache(maxsize=256)
 def _statement(granularity: str, shape: _Shape, group: tuple[str, ...], kind: str) -> Any:
-    """`kind`: "pg" (NUMERIC sum), "units" (SQLite, `_units_select`) or "rows" (every cost)."""
-    t, where = _where(granularity, shape, kind == "pg")
-    cols = [t.c[d] for d in group]
+    """SQLite, one span: `kind` "units" (`_units_select`) or "rows" (every cost)."""
+    t, where = _where(granularity, shape, False)
     if kind == "units":
         return _units_select(t, where, group)
-    if kind == "rows":
-        return select(*cols, t.c.cost_usd).where(where)
-    # plain NUMERIC: asyncpg's Decimals as they are (the column's `Money` would re-quantize
-    # each row in Python; `to_decimal` below applies the one rule once)
-    stmt = select(*cols, func.sum(t.c.cost_usd, type_=Numeric(asdecimal=True))).where(where)
+    return select(*[t.c[d] for d in group], t.c.cost_usd).where(where)
+
+
+@lru_cache(maxsize=256)
+def _pg_statement(pieces: tuple[str, ...], shape: _Shape, group: tuple[str, ...]) -> Any:
+    """Postgres: every span of a window in one statement (a UNION ALL of the spans' rows,
+    summed as NUMERIC): one round trip per read instead of one per span. Plain NUMERIC:
+    asyncpg's Decimals as they are (the column's `Money` would re-quantize each row in
+    Python; `to_decimal` applies the one rule once)."""
+    parts = []
+    for k, granularity in enumerate(pieces):
+        t, where = _where(granularity, shape, True, k)
+        parts.append(
+            select(*[t.c[d].label(d) for d in group], t.c.cost_usd.label("cost")).where(where)
+        )
+    src = (union_all(*parts) if len(parts) > 1 else parts[0]).subquery("spans")
+    cols = [src.c[d] for d in group]
+    stmt = select(*cols, func.sum(src.c.cost, type_=Numeric(asdecimal=True)))
     return stmt.group_by(*cols) if cols else stmt
 
 
@@ -183,16 +199,20 @@ async def _spend_on(
 
     shape, bound = _shape(filters)
     fields = tuple(group)
-    for granularity, start, end in spans(since, until):
-        params = {**bound, "lo": start, "hi": end}
-        if is_pg:
-            stmt = _statement(granularity, shape, fields, "pg")
-            for i, row in enumerate(await conn.execute(stmt, params), 1):
-                if row[n] is not None:
-                    add(row[:n], to_decimal(row[n]))
-                if i % ROWS_PER_PASS == 0:  # 2,000 template values: slices of the loop
-                    await asyncio.sleep(0)
-            continue
+    pieces = spans(since, until)
+    if is_pg:
+        params = dict(bound)
+        for k, (_, start, end) in enumerate(pieces):
+            params[f"lo{k}"], params[f"hi{k}"] = start, end
+        stmt = _pg_statement(tuple(g for g, _, _ in pieces), shape, fields)
+        for i, row in enumerate(await conn.execute(stmt, params), 1):
+            if row[n] is not None:
+                add(row[:n], to_decimal(row[n]))
+            if i % ROWS_PER_PASS == 0:  # 2,000 template values: slices of the loop
+                await asyncio.sleep(0)
+        return totals
+    for granularity, start, end in pieces:
+        params = {**bound, "lo0": start, "hi0": end}
         try:
             stmt = _statement(granularity, shape, fields, "units")
             rows = (await conn.execute(stmt, params)).all()
