@@ -200,6 +200,8 @@ async def _spend_on(
     shape, bound = _shape(filters)
     fields = tuple(group)
     pieces = spans(since, until)
+    if not pieces:  # an empty or inverted window holds nothing
+        return totals
     if is_pg:
         params = dict(bound)
         for k, (_, start, end) in enumerate(pieces):
