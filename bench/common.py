@@ -156,6 +156,19 @@ def system_busy() -> tuple[float, float]:
     return float("nan"), float("nan")
 
 
+def steal_jiffies(cpu: int | None = None) -> tuple[int, int]:
+    """(steal, total) jiffies of one CPU (or the whole machine) from /proc/stat: the time the
+    hypervisor ran something else while this guest wanted the CPU (a VM's neighbours)."""
+    name = "cpu" if cpu is None else f"cpu{cpu}"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/stat").read_text().splitlines():
+            parts = line.split()
+            if parts and parts[0] == name:
+                values = [int(x) for x in parts[1:9]]
+                return values[7], sum(values)
+    return 0, 0
+
+
 def idlest_cpu(seconds: float = 1.0) -> int:
     """The CPU with the least busy time over `seconds` (from /proc/stat's per-CPU lines)."""
 
