@@ -9,8 +9,11 @@ of the stored reports. Real Postgres, a real lock and a real pg_terminate_backen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -67,66 +70,36 @@ def expected(stored: list[dict[str, Any]]) -> dict[tuple[str, str], Decimal]:
     return out
 
 
-async def test_a_read_killed_mid_query_keeps_the_last_values_and_the_next_refresh_is_exact(
-    pg_url: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    store = Store.from_url(pg_url)
-    await store.upgrade()
-    specs = [
-        BudgetSpec(name="team-red", team="red", window="day", limit_usd=10),
-        BudgetSpec(name="per-user", per="user", window="day", limit_usd=5),
-    ]
-    tracker = BudgetTracker(specs, SpendQuery(store.engine), clock=lambda: NOW)
-    blocker = await asyncpg.connect(pg_url.replace("+asyncpg", ""))
-    try:
-        stored = reports(0, 150)
-        await store.writer.write(stored)
-        await tracker.refresh()
-        first = spent(tracker)
-        assert first == expected(stored)
-        assert all(v > 0 for v in first.values())
+@dataclass
+class Setup:
+    store: Store
+    tracker: BudgetTracker
+    blocker: Any  # an asyncpg connection of its own: the lock, the kill
+    stored: list[dict[str, Any]]  # what the database holds
+    first: dict[tuple[str, str], Decimal]  # the spend its first refresh read
 
-        stored += reports(150, 60)  # stored, but the next refresh will not get to read it
-        await store.writer.write(stored[150:])
-        lock = blocker.transaction()
+    async def store_more(self, first: int, n: int) -> None:
+        """Stored, but the next refresh will not get to read it."""
+        more = reports(first, n)
+        await self.store.writer.write(more)
+        self.stored += more
+
+    async def lock_rollups(self) -> Any:
+        lock = self.blocker.transaction()
         await lock.start()
-        await blocker.execute("LOCK TABLE usage_rollups IN ACCESS EXCLUSIVE MODE")
-        refresh = asyncio.create_task(tracker.refresh())
-        waiting: list[Any] = []
-        for _ in range(200):  # the refresh's read, queued behind the lock
-            waiting = await blocker.fetch(
-                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND datname = current_database() AND pid <> pg_backend_pid()"
-            )
-            if waiting:
-                break
-            await asyncio.sleep(0.05)
-        assert len(waiting) == 1, waiting
-        with caplog.at_level(logging.WARNING, logger="exporter.budgets.tracker"):
-            assert await blocker.fetchval("SELECT pg_terminate_backend($1)", waiting[0]["pid"])
-            await lock.rollback()
-            await asyncio.wait_for(refresh, 30)
-        assert "spend query failed" in caplog.text
-        assert spent(tracker) == first  # the last values, not zero and not half a refresh
+        await self.blocker.execute("LOCK TABLE usage_rollups IN ACCESS EXCLUSIVE MODE")
+        return lock
 
-        for _ in range(8):  # every connection the pool hands out works
-            async with store.engine.connect() as conn:
+    async def pool_works(self, times: int) -> None:
+        for _ in range(times):  # every connection the pool hands out answers
+            async with asyncio.timeout(5), self.store.engine.connect() as conn:
                 assert (await conn.execute(text("SELECT 1"))).scalar() == 1
-        await tracker.refresh()
-        assert spent(tracker) == expected(stored) != first
-    finally:
-        await blocker.close()
-        await store.close()
 
 
-async def test_a_read_past_its_timeout_ends_the_refresh_and_frees_the_lock(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A read stuck behind a lock is cancelled at QUERY_TIMEOUT_S (here 0.5 s): the refresh
-    returns with the last values and `db_lock` free (the flusher's commits wait on it), the
-    cancelled connection is not reused, and the next refresh is exact."""
-    monkeypatch.setattr(tracker_module, "QUERY_TIMEOUT_S", 0.5)
-    store = Store.from_url(pg_url, pool_size=1)
+@contextlib.asynccontextmanager
+async def refreshed(pg_url: str, pool_size: int = 5) -> AsyncIterator[Setup]:
+    """A store with 120 reports, a tracker that has read them once (exactly), a blocker."""
+    store = Store.from_url(pg_url, pool_size=pool_size)
     await store.upgrade()
     specs = [
         BudgetSpec(name="team-red", team="red", window="day", limit_usd=10),
@@ -140,22 +113,57 @@ async def test_a_read_past_its_timeout_ends_the_refresh_and_frees_the_lock(
         await tracker.refresh()
         first = spent(tracker)
         assert first == expected(stored)
-        stored += reports(150, 40)
-        await store.writer.write(stored[120:])
-        lock = blocker.transaction()
-        await lock.start()
-        await blocker.execute("LOCK TABLE usage_rollups IN ACCESS EXCLUSIVE MODE")
-        started = time.monotonic()
-        await asyncio.wait_for(tracker.refresh(), 10)
-        assert time.monotonic() - started < 5
-        assert not tracker.db_lock.locked()
-        assert spent(tracker) == first
-        await lock.rollback()
-        for _ in range(4):  # the one pooled connection works
-            async with asyncio.timeout(5), store.engine.connect() as conn:
-                assert (await conn.execute(text("SELECT 1"))).scalar() == 1
-        await tracker.refresh()
-        assert spent(tracker) == expected(stored) != first
+        assert all(v > 0 for v in first.values())
+        yield Setup(store, tracker, blocker, stored, first)
     finally:
         await blocker.close()
         await store.close()
+
+
+async def test_a_read_killed_mid_query_keeps_the_last_values_and_the_next_refresh_is_exact(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with refreshed(pg_url) as s:
+        await s.store_more(150, 60)
+        lock = await s.lock_rollups()
+        refresh = asyncio.create_task(s.tracker.refresh())
+        waiting: list[Any] = []
+        for _ in range(200):  # the refresh's read, queued behind the lock
+            waiting = await s.blocker.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.05)
+        assert len(waiting) == 1, waiting
+        with caplog.at_level(logging.WARNING, logger="exporter.budgets.tracker"):
+            assert await s.blocker.fetchval("SELECT pg_terminate_backend($1)", waiting[0]["pid"])
+            await lock.rollback()
+            await asyncio.wait_for(refresh, 30)
+        assert "spend query failed" in caplog.text
+        assert spent(s.tracker) == s.first  # the last values, not zero and not half a refresh
+        await s.pool_works(8)
+        await s.tracker.refresh()
+        assert spent(s.tracker) == expected(s.stored) != s.first
+
+
+async def test_a_read_past_its_timeout_ends_the_refresh_and_frees_the_lock(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read stuck behind a lock is cancelled at QUERY_TIMEOUT_S (here 0.5 s): the refresh
+    returns with the last values and `db_lock` free (the flusher's commits wait on it), the
+    cancelled connection is not reused, and the next refresh is exact."""
+    monkeypatch.setattr(tracker_module, "QUERY_TIMEOUT_S", 0.5)
+    async with refreshed(pg_url, pool_size=1) as s:
+        await s.store_more(150, 40)
+        lock = await s.lock_rollups()
+        started = time.monotonic()
+        await asyncio.wait_for(s.tracker.refresh(), 10)
+        assert time.monotonic() - started < 5
+        assert not s.tracker.db_lock.locked()
+        assert spent(s.tracker) == s.first
+        await lock.rollback()
+        await s.pool_works(4)  # the one pooled connection
+        await s.tracker.refresh()
+        assert spent(s.tracker) == expected(s.stored) != s.first
