@@ -145,12 +145,11 @@ def _statement(granularity: str, shape: _Shape, group: tuple[str, ...], kind: st
     return select(*[t.c[d] for d in group], t.c.cost_usd).where(where)
 
 
-@lru_cache(maxsize=256)
 def _pg_statement(pieces: tuple[str, ...], shape: _Shape, group: tuple[str, ...]) -> Any:
-    """Postgres: every span of a window in one statement (a UNION ALL of the spans' rows,
-    summed as NUMERIC): one round trip per read instead of one per span. Plain NUMERIC:
-    asyncpg's Decimals as they are (the column's `Money` would re-quantize each row in
-    Python; `to_decimal` applies the one rule once)."""
+    """Postgres (compiled once per shape by `_pg_sql`): every span of a window in one
+    statement (a UNION ALL of the spans' rows, summed as NUMERIC): one round trip per read
+    instead of one per span. Plain NUMERIC: asyncpg's Decimals as they are (the column's
+    `Money` would re-quantize each row in Python; `to_decimal` applies the one rule once)."""
     parts = []
     for k, granularity in enumerate(pieces):
         t, where = _where(granularity, shape, True, k)
