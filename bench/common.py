@@ -146,26 +146,35 @@ def children_cpu_seconds(pid: int) -> dict[int, float]:
     return out
 
 
+def cpu_jiffies() -> dict[str, list[int]]:
+    """/proc/stat's CPU lines: "cpu" (the machine) and "cpuN" → user, nice, system, idle,
+    iowait, irq, softirq, steal (jiffies since boot). Raises OSError without /proc."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu"):
+            out[name] = [int(x) for x in fields[:8]]
+    return out
+
+
+def _busy(j: list[int]) -> int:
+    return sum(j) - j[3] - j[4]  # all but idle and iowait
+
+
 def system_busy() -> tuple[float, float]:
     """(busy, total) jiffies of the whole machine, from /proc/stat."""
     with contextlib.suppress(OSError):
-        parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = parts[3] + parts[4]
-        total = sum(parts[:8])
-        return total - idle, total
+        j = cpu_jiffies()["cpu"]
+        return _busy(j), sum(j)
     return float("nan"), float("nan")
 
 
 def steal_jiffies(cpu: int | None = None) -> tuple[int, int]:
     """(steal, total) jiffies of one CPU (or the whole machine) from /proc/stat: the time the
     hypervisor ran something else while this guest wanted the CPU (a VM's neighbours)."""
-    name = "cpu" if cpu is None else f"cpu{cpu}"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/stat").read_text().splitlines():
-            parts = line.split()
-            if parts and parts[0] == name:
-                values = [int(x) for x in parts[1:9]]
-                return values[7], sum(values)
+    with contextlib.suppress(OSError, KeyError):
+        j = cpu_jiffies()["cpu" if cpu is None else f"cpu{cpu}"]
+        return j[7], sum(j)
     return 0, 0
 
 
@@ -173,13 +182,7 @@ def idlest_cpu(seconds: float = 1.0) -> int:
     """The CPU with the least busy time over `seconds` (from /proc/stat's per-CPU lines)."""
 
     def per_cpu() -> dict[int, int]:
-        out = {}
-        for line in Path("/proc/stat").read_text().splitlines():
-            name, *fields = line.split()
-            if name.startswith("cpu") and name != "cpu":
-                parts = [int(x) for x in fields]
-                out[int(name[3:])] = sum(parts[:8]) - parts[3] - parts[4]
-        return out
+        return {int(n[3:]): _busy(j) for n, j in cpu_jiffies().items() if n != "cpu"}
 
     before = per_cpu()
     time.sleep(seconds)
