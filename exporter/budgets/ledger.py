@@ -11,10 +11,11 @@ the two, and nothing is counted twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from typing import Protocol
 
 __all__ = ["EntryKey", "Ledger", "Segment"]
 
@@ -22,6 +23,14 @@ _ZERO = Decimal("0E-10")  # the store's cost quantum, so sums print with ten dec
 
 #: (spec index, template value or '') → ledger key (window start, or hour for rolling)
 EntryKey = tuple[int, str]
+
+
+class _Landed(Protocol):
+    """What `collect_seen` reads of a budget: its window and its last landed query."""
+
+    start: datetime
+    epoch: int
+    covered: tuple[datetime, datetime] | None
 
 
 @dataclass(slots=True)
@@ -129,3 +138,20 @@ class Ledger:
             seg = self._dropped.pop(seq, None)
             if seg is not None:
                 del self._segments[seq]
+
+    def collect_seen(self, budgets: Sequence[_Landed]) -> None:
+        """Forget the dropped segments every budget's stored spend now holds (`budgets` by
+        spec index): seen by its last landed query, or outside its current window."""
+        done = []
+        for seg in self.dropped():
+            assert seg.dropped is not None
+            for (i, _value), by_key in seg.entries.items():
+                b = budgets[i]
+                if b.epoch <= seg.dropped or b.covered is None:
+                    if any(k >= b.start for k in by_key):
+                        break
+                elif any(k >= b.start and not b.covered[0] <= k < b.covered[1] for k in by_key):
+                    break
+            else:
+                done.append(seg.seq)
+        self.collect(done)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -42,7 +43,7 @@ from exporter.money import from_units
 from exporter.store.tables import to_decimal, usage_details, usage_rollups
 from exporter.timeutil import as_utc
 
-__all__ = ["Filters", "SpendQuery", "SpendReader", "split_rows", "stored_spend"]
+__all__ = ["Filters", "SpendQuery", "SpendReader", "SpendSession", "split_rows", "stored_spend"]
 
 
 #: field → the values to keep (a superset is fine: results are keyed by the grouped fields)
@@ -261,6 +262,48 @@ async def _spend_on(
     return totals
 
 
+class SpendSession:
+    """A refresh's reads on one connection (a pool checkout with its ping per query was most
+    of a refresh's event-loop callbacks on SQLite). Each read ends its transaction (on
+    Postgres it has none: one statement on the driver's connection), so the next one, started
+    later, sees every commit made in between."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    async def __call__(
+        self, since: datetime, until: datetime, filters: Filters, group: Sequence[str]
+    ) -> dict[tuple[str, ...], Decimal]:
+        try:
+            return await _spend_on(self._conn, since, until, filters, group)
+        finally:
+            await self._conn.rollback()
+
+    async def version(self) -> str:
+        """The database's state as text: equal at two calls only if no transaction committed
+        anything in between, so a read made between them still holds. Postgres: the
+        snapshot (xmin:xmax:running xids: a write takes an xid at or past xmax, a commit
+        leaves the running list). SQLite: `data_version` (others' commits) with
+        `total_changes()` (this connection's own), valid for this connection only."""
+        conn = self._conn
+        try:
+            if conn.dialect.name == "postgresql":
+                raw: Any = (await conn.get_raw_connection()).driver_connection
+                return str(await raw.fetchval(_PG_VERSION))
+            if _CONN_NUMBER not in conn.info:
+                conn.info[_CONN_NUMBER] = next(_CONN_NUMBERS)
+            row: Any = (await conn.exec_driver_sql(_SQLITE_VERSION)).one()
+            return f"{conn.info[_CONN_NUMBER]}:{row[0]}:{row[1]}"
+        finally:
+            await conn.rollback()
+
+
+_PG_VERSION = "SELECT pg_current_snapshot()::text"
+_SQLITE_VERSION = "SELECT data_version, total_changes() FROM pragma_data_version()"
+_CONN_NUMBER = "exporter.spend_version"  # the connection's number, in its `info`
+_CONN_NUMBERS = itertools.count(1)
+
+
 class SpendQuery:
     """What the tracker calls to read the database; the engine's owner closes it."""
 
@@ -268,22 +311,10 @@ class SpendQuery:
         self._engine = engine
 
     @contextlib.asynccontextmanager
-    async def session(self) -> AsyncIterator[SpendReader]:
-        """One connection for a refresh's queries (a pool checkout with its ping per query
-        was most of a refresh's event-loop callbacks on SQLite). Each read ends its
-        transaction (on Postgres it has none: one statement on the driver's connection), so
-        the next one, started later, sees every commit made in between."""
+    async def session(self) -> AsyncIterator[SpendSession]:
+        """One connection for a refresh's queries."""
         async with self._engine.connect() as conn:
-
-            async def read(
-                since: datetime, until: datetime, filters: Filters, group: Sequence[str]
-            ) -> dict[tuple[str, ...], Decimal]:
-                try:
-                    return await _spend_on(conn, since, until, filters, group)
-                finally:
-                    await conn.rollback()
-
-            yield read
+            yield SpendSession(conn)
 
     async def __call__(
         self, since: datetime, until: datetime, filters: Filters, group: Sequence[str]

@@ -80,6 +80,7 @@ class BudgetTracker:
         #: never runs between a commit and the ledger learning of it
         self.db_lock = asyncio.Lock()
         self._epoch = 0  # spend queries started so far
+        self._read_at: dict[tuple[Any, ...], str] = {}  # kind → database version it was read at
         self._failing = False
         self._in_file: set[int] = set()  # WAL segments the state file read at start holds
         now = clock()
@@ -221,29 +222,43 @@ class BudgetTracker:
 
     # -- stored spend ------------------------------------------------------------------------
     async def refresh(self) -> None:
-        """Re-read stored spend: one grouped query per (window, fixed fields, template field)."""
+        """Re-read stored spend: one grouped query per (window, fixed fields, template field),
+        except for the kinds read since the database last changed (`SpendSession.version`:
+        an idle database costs one probe per refresh, not a query per kind)."""
         self._drain()
         now = self._clock()
         refreshed = now.isoformat()
         error: Exception | None = None
         kinds = self._kinds.at(now)
+        read_at, self._read_at = self._read_at, {}  # kinds read at the version they hold
         try:  # the database may be down: keep serving the last values
             async with contextlib.AsyncExitStack() as stack:
-                read = self._spend
+                read, version, probed = self._spend, None, 0
                 if isinstance(read, SpendQuery):  # one connection for every kind
                     async with asyncio.timeout(QUERY_TIMEOUT_S):
-                        read = await stack.enter_async_context(read.session())
+                        session = await stack.enter_async_context(read.session())
+                    async with self.db_lock, asyncio.timeout(QUERY_TIMEOUT_S):
+                        self._epoch += 1
+                        read, probed, version = session, self._epoch, await session.version()
                 for sig, members in kinds.items():
+                    if version is not None and read_at.get(sig) == version:
+                        for b in members:  # nothing committed since: as read at the probe
+                            b.epoch, b.refreshed_at, b.refreshed_json = probed, now, refreshed
+                        self._read_at[sig] = version
+                        continue
                     try:
                         await self._refresh_kind(read, sig, members, now, refreshed)
                     except Exception as exc:
                         error = exc
                         if read is not self._spend:
                             break  # its connection is likely gone: the next round has a new one
+                    else:
+                        if version is not None:  # read after the probe: holds while it does
+                            self._read_at[sig] = version
                     await asyncio.sleep(0)  # this kind's rows, the next query: separate passes
-        except Exception as exc:  # opening or closing the connection
+        except Exception as exc:  # opening or closing the connection, the probe
             error = exc
-        self._collect()
+        self._ledger.collect_seen(self.budgets)
         self._save()
         if error is not None and not self._failing:
             log.warning(
@@ -284,22 +299,6 @@ class BudgetTracker:
                 for value in b.stored:
                     if value not in b.gauge_values:
                         self._note_value(b, value)
-
-    def _collect(self) -> None:
-        """Forget dropped segments every budget's stored spend now holds."""
-        done = []
-        for seg in self._ledger.dropped():
-            assert seg.dropped is not None
-            for (i, _value), by_key in seg.entries.items():
-                b = self.budgets[i]
-                if b.epoch <= seg.dropped or b.covered is None:
-                    if any(k >= b.start for k in by_key):
-                        break
-                elif any(k >= b.start and not b.covered[0] <= k < b.covered[1] for k in by_key):
-                    break
-            else:
-                done.append(seg.seq)
-        self._ledger.collect(done)
 
     async def run(self, interval: float, stop: asyncio.Event) -> None:
         """Refresh until `stop` is set; stopped between rounds, never mid-query (a hung query
