@@ -142,6 +142,7 @@ async def test_a_read_killed_mid_query_keeps_the_last_values_and_the_next_refres
             await lock.rollback()
             await asyncio.wait_for(refresh, 30)
         assert "spend query failed" in caplog.text
+        assert s.tracker.queries["failed"] >= 1  # llm_usage_budget_spend_queries_total
         assert spent(s.tracker) == s.first  # the last values, not zero and not half a refresh
         await s.pool_works(8)
         await s.tracker.refresh()

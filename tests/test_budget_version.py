@@ -123,6 +123,7 @@ async def setup(url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Setu
         await store.writer.write(stored)
         s = Setup(store.backend, url, store, tracker, stored, reads)
         assert await s.refreshed() == 4  # three kinds, the rolling one with its head hour
+        assert tracker.queries == {"read": 3, "skipped": 0, "failed": 0}
         assert spent(tracker) == expected(stored)
         assert all(v > 0 for v in spent(tracker).values())
         yield s
@@ -137,6 +138,7 @@ async def test_an_idle_database_costs_no_spend_query_and_the_values_stay_exact(
         first = s.tracker.budgets[0].epoch
         for _ in range(3):
             assert await s.refreshed() == 0
+        assert s.tracker.queries == {"read": 3, "skipped": 9, "failed": 0}
         assert spent(s.tracker) == expected(s.stored)
         assert all(b.epoch > first for b in s.tracker.budgets)  # landed, as of the probe
         more = reports(90, 30)  # the refresh's own pooled connection commits them
@@ -226,3 +228,16 @@ async def test_a_transaction_open_at_the_probe_and_committed_after_it_is_read(
             assert spent(s.tracker) == want
         finally:
             close()
+
+
+async def test_without_the_snapshot_function_every_refresh_reads_everything(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Postgres < 13 has no pg_current_snapshot(): the probe says "unknown" (SQLSTATE 42883)
+    and each refresh reads every kind, as before the probe existed; nothing counts as failed."""
+    monkeypatch.setattr(spend_module, "_PG_VERSION", "SELECT pg_no_such_snapshot()::text")
+    async with setup(pg_url, monkeypatch) as s:
+        for _ in range(2):
+            assert await s.refreshed() == 4
+        assert spent(s.tracker) == expected(s.stored)
+        assert s.tracker.queries == {"read": 9, "skipped": 0, "failed": 0}

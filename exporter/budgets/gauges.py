@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ class BudgetCollector(Collector):
     def __init__(self, tracker: BudgetTracker) -> None:
         self._tracker = tracker
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         fams = {
             "limit": GaugeMetricFamily(
                 "llm_budget_limit_usd", "Budget limit for the current window.", labels=["budget"]
@@ -49,3 +49,11 @@ class BudgetCollector(Collector):
             fams["warn"].add_metric(label, spec.warn_ratios[0] if spec.warn_ratios else 1.0)
             fams["end"].add_metric(label, v.budget.end.timestamp())
         yield from fams.values()
+        queries = CounterMetricFamily(
+            "llm_usage_budget_spend_queries",
+            "Budget refresh spend queries per kind of budget, by result.",
+            labels=["result"],
+        )
+        for result, n in self._tracker.queries.items():
+            queries.add_metric([result], n)
+        yield queries

@@ -279,17 +279,23 @@ class SpendSession:
         finally:
             await self._conn.rollback()
 
-    async def version(self) -> str:
+    async def version(self) -> str | None:
         """The database's state as text: equal at two calls only if no transaction committed
         anything in between, so a read made between them still holds. Postgres: the
         snapshot (xmin:xmax:running xids: a write takes an xid at or past xmax, a commit
         leaves the running list). SQLite: `data_version` (others' commits) with
-        `total_changes()` (this connection's own), valid for this connection only."""
+        `total_changes()` (this connection's own), valid for this connection only. None: no
+        such function (Postgres < 13), every read is made."""
         conn = self._conn
         try:
             if conn.dialect.name == "postgresql":
                 raw: Any = (await conn.get_raw_connection()).driver_connection
-                return str(await raw.fetchval(_PG_VERSION))
+                try:
+                    return str(await raw.fetchval(_PG_VERSION))
+                except Exception as exc:
+                    if getattr(exc, "sqlstate", None) == "42883":  # undefined_function
+                        return None
+                    raise
             if _CONN_NUMBER not in conn.info:
                 conn.info[_CONN_NUMBER] = next(_CONN_NUMBERS)
             row: Any = (await conn.exec_driver_sql(_SQLITE_VERSION)).one()

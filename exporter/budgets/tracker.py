@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 QUERY_TIMEOUT_S = 30.0
 #: how long a flush waits for the state file before unlinking committed segments
 STATE_WAIT_S = 5.0
+QUERY_RESULTS = ("read", "skipped", "failed")  # llm_usage_budget_spend_queries_total
 
 
 class _Report(Protocol):
@@ -81,6 +82,8 @@ class BudgetTracker:
         self.db_lock = asyncio.Lock()
         self._epoch = 0  # spend queries started so far
         self._read_at: dict[tuple[Any, ...], str] = {}  # kind → database version it was read at
+        #: spend queries per kind of budget: run, skipped (read at the same version), failed
+        self.queries = dict.fromkeys(QUERY_RESULTS, 0)
         self._failing = False
         self._in_file: set[int] = set()  # WAL segments the state file read at start holds
         now = clock()
@@ -245,19 +248,23 @@ class BudgetTracker:
                         for b in members:  # nothing committed since: as read at the probe
                             b.epoch, b.refreshed_at, b.refreshed_json = probed, now, refreshed
                         self._read_at[sig] = version
+                        self.queries["skipped"] += 1
                         continue
                     try:
                         await self._refresh_kind(read, sig, members, now, refreshed)
                     except Exception as exc:
                         error = exc
+                        self.queries["failed"] += 1
                         if read is not self._spend:
                             break  # its connection is likely gone: the next round has a new one
                     else:
+                        self.queries["read"] += 1
                         if version is not None:  # read after the probe: holds while it does
                             self._read_at[sig] = version
                     await asyncio.sleep(0)  # this kind's rows, the next query: separate passes
         except Exception as exc:  # opening or closing the connection, the probe
             error = exc
+            self.queries["failed"] += 1
         self._ledger.collect_seen(self.budgets)
         self._save()
         if error is not None and not self._failing:
